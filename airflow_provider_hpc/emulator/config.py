@@ -1,0 +1,76 @@
+"""Settings of the local Muse + Rescale emulator, with zero-config defaults for the demo."""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class MuseUser:
+    """A Muse account: its password and access level (visitor, user, superuser, admin)."""
+
+    password: str
+    level: str = "user"
+
+
+@dataclass
+class EmulatorConfig:
+    """
+    What the emulator serves and how.
+
+    :param data_dir: where run folders, uploads and results live (one sub-folder per service).
+    :param muse_users: Muse accounts by username.
+    :param token_lifetime: seconds a Muse JWT stays valid.
+    :param rescale_api_keys: accepted Rescale API keys (``Authorization: Token <key>``).
+    :param time_scale: multiplies every emulated delay (queue wait, status steps); 0 makes them instant.
+    :param pending_seconds: how long a new run stays PENDING / Queued before it starts.
+    :param seed: seeds every random choice (faults, latencies) so a run can be repeated.
+    :param faults: fault rules applied from start (see ``faults.py``).
+    :param tls: serve HTTPS with a self-signed certificate made at start.
+    """
+
+    data_dir: Path
+    muse_users: dict[str, MuseUser] = field(default_factory=lambda: {"demo": MuseUser("demo", "user")})
+    token_lifetime: float = 3600.0
+    rescale_api_keys: frozenset[str] = frozenset({"demo"})
+    time_scale: float = 1.0
+    pending_seconds: float = 0.5
+    seed: int | None = None
+    faults: list[dict[str, Any]] = field(default_factory=list)
+    tls: bool = False
+
+    def delay(self, seconds: float) -> float:
+        """Return an emulated delay scaled by ``time_scale``."""
+        return max(0.0, seconds * self.time_scale)
+
+
+class Counters:
+    """Thread-safe counters the admin endpoint exposes: requests per route, submissions, stops..."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts: dict[str, Counter[str]] = {}
+
+    def incr(self, name: str, key: str = "") -> None:
+        """Add one to counter ``name`` under ``key`` (e.g. ``incr("requests", "GET /api/...")``)."""
+        with self._lock:
+            self._counts.setdefault(name, Counter())[key] += 1
+
+    def get(self, name: str, key: str = "") -> int:
+        """Return one count."""
+        with self._lock:
+            return self._counts.get(name, Counter())[key]
+
+    def snapshot(self) -> dict[str, dict[str, int]]:
+        """Return every counter as plain dicts."""
+        with self._lock:
+            return {name: dict(counts) for name, counts in self._counts.items()}
+
+    def reset(self) -> None:
+        """Forget every count."""
+        with self._lock:
+            self._counts.clear()

@@ -1,0 +1,491 @@
+"""MuseHook: the INRAE Muse cluster web service (submit a software run, follow its state, get results)."""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from typing import TYPE_CHECKING, Any
+
+import requests
+
+from airflow_provider_hpc.exceptions import MuseApiError
+from airflow_provider_hpc.hooks._base import HpcHttpHook, mask
+from airflow_provider_hpc.hooks._http import (
+    optional_int,
+    MAX_JSON_BYTES,
+    CHUNK_SIZE,
+    RetryPolicy,
+    UploadFile,
+    read_capped,
+    server_error_fields,
+    validate_segment,
+)
+from airflow_provider_hpc.storage import StoredFile, as_storage_path, write_atomically
+
+if TYPE_CHECKING:
+    from airflow.sdk import Connection, ObjectStoragePath
+
+RETURNED_TYPES = ("stdout", "stdout.txt", "run.zip")
+_KEY_IN_URL = re.compile(r"/([0-9a-fA-F-]{8,64})/?$")
+_DOWNLOAD_KEY = re.compile(r"[?&]key=([A-Za-z0-9_.:-]+)")
+
+
+class MuseCr(str, Enum):
+    """The report's ``cr``: ``WAIT`` while the job runs, ``OK`` when results may be asked, ``NOK`` when it failed."""
+
+    WAIT = "WAIT"
+    OK = "OK"
+    NOK = "NOK"
+
+
+@dataclass(frozen=True)
+class MuseReport:
+    """
+    The state of a Muse run, as ``GET software/muse/state/{name}/{key}/`` reports it.
+
+    :param name: the software name.
+    :param cr: ``WAIT``, ``OK`` or ``NOK``.
+    :param latest_cr: ``process.latest_cr`` (``IN_PROGRESS``, ``ENDED_OK``, ``ENDED_NOK``...).
+    :param latest_state: ``process.latest_state``, a SLURM job state (``PENDING``, ``RUNNING``, ``COMPLETED``...).
+    :param job_id: the SLURM job id.
+    :param jobname: the SLURM job name, like ``114-ws-sw_example``.
+    :param request: the request the service echoes back (cmd, returned_type, todownload...).
+    """
+
+    name: str
+    cr: MuseCr
+    latest_cr: str | None = None
+    latest_state: str | None = None
+    job_id: int | None = None
+    jobname: str | None = None
+    request: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_terminal(self) -> bool:
+        """Whether the run has ended (well or badly)."""
+        return self.cr is not MuseCr.WAIT
+
+    @property
+    def is_successful(self) -> bool:
+        """Whether the run ended well and its results may be asked."""
+        return self.cr is MuseCr.OK
+
+    @property
+    def state(self) -> str:
+        """The most telling state word: the SLURM state when known, else ``cr``."""
+        return self.latest_state or self.latest_cr or self.cr.value
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a JSON-able dict (trigger events, XCom)."""
+        data = asdict(self)
+        data["cr"] = self.cr.value
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> MuseReport:
+        """Rebuild a report from :meth:`to_dict` output."""
+        return cls(**{**data, "cr": MuseCr(data["cr"])})
+
+    @classmethod
+    def from_answer(cls, answer: Any, endpoint: str = "") -> MuseReport:
+        """Parse a state (or result) answer; a missing ``report`` or an unknown ``cr`` is a :class:`MuseApiError`."""
+        info = answer.get("info") if isinstance(answer, dict) else None
+        report = info.get("report") if isinstance(info, dict) else None
+        if not isinstance(report, dict):
+            raise MuseApiError("The answer holds no info.report", endpoint=endpoint, excerpt=_short(answer))
+        try:
+            cr = MuseCr(report.get("cr"))
+        except ValueError:
+            raise MuseApiError(
+                f"Unknown cr value {report.get('cr')!r} (expected WAIT, OK or NOK)", endpoint=endpoint
+            ) from None
+        process = report.get("process") if isinstance(report.get("process"), dict) else {}
+        request = report.get("request") if isinstance(report.get("request"), dict) else {}
+        return cls(
+            name=str(report.get("name") or ""),
+            cr=cr,
+            latest_cr=_text(process.get("latest_cr")),
+            latest_state=_text(process.get("latest_state")),
+            job_id=optional_int(process.get("job_id")),
+            jobname=_text(process.get("jobname")),
+            request=request,
+        )
+
+
+@dataclass(frozen=True)
+class MuseSubmission:
+    """
+    What a submit answered.
+
+    :param name: the software name.
+    :param key: the run's key (a UUID), the last path segment of ``url``.
+    :param state_url: the URL to follow the run's state.
+    :param message: the service's ``msg``.
+    """
+
+    name: str
+    key: str
+    state_url: str
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class MuseResult:
+    """
+    The result of a run, in one of three forms depending on ``returned_type`` and ``todownload``.
+
+    :param kind: ``stdout`` (the text is in ``stdout``), ``file`` (written to ``file``) or
+        ``download`` (a download key to fetch later, in ``download_key``/``download_url``).
+    :param report: the run's report, when the answer carries it.
+    """
+
+    kind: str
+    stdout: str | None = None
+    file: StoredFile | None = None
+    download_key: str | None = None
+    download_url: str | None = None
+    report: MuseReport | None = None
+
+
+class MuseHook(HpcHttpHook):
+    """
+    Talk to the Muse web service: token, submit, state, result, content and download.
+
+    Connection (type ``muse``): ``host`` is the service's base URL (e.g. ``http://147.100.179.250/api/``);
+    ``login``/``password`` obtain a JWT from ``jwt/obtain/``, or a ready token goes in the ``token`` extra
+    (or the password field with no login). Extras: ``verify``, ``connect_timeout``, ``read_timeout``,
+    ``max_attempts``.
+
+    :param muse_conn_id: the Airflow connection id.
+    :param retry: a retry policy overriding the connection's.
+    """
+
+    conn_name_attr = "muse_conn_id"
+    default_conn_name = "muse_default"
+    conn_type = "muse"
+    hook_name = "Muse (INRAE cluster web service)"
+    error_class = MuseApiError
+    default_path = "api"
+
+    def __init__(self, muse_conn_id: str = default_conn_name, *, retry: RetryPolicy | None = None, **kwargs: Any) -> None:
+        super().__init__(muse_conn_id, retry=retry, **kwargs)
+        self.muse_conn_id = muse_conn_id
+        self._token: str | None = None
+        self._token_lock = threading.Lock()
+
+    @classmethod
+    def get_ui_field_behaviour(cls) -> dict[str, Any]:
+        """Return the connection form's custom behaviour (for forms that read it from the hook)."""
+        return {
+            "hidden_fields": ["schema", "port"],
+            "relabeling": {"host": "Base URL", "login": "Username"},
+            "placeholders": {
+                "host": "http://147.100.179.250/api/",
+                "extra": '{"token": "<ready JWT, instead of login/password>", "verify": true}',
+            },
+        }
+
+    # ----- token --------------------------------------------------------------------------------
+
+    def _secrets_of(self, conn: Connection) -> list[str]:
+        return super()._secrets_of(conn) + ([self._token] if self._token else [])
+
+    def get_token(self, *, refresh: bool = False) -> str:
+        """Return a JWT: the connection's ready token, or one obtained (once, then cached) from ``jwt/obtain/``."""
+        with self._token_lock:
+            if self._token and not refresh:
+                return self._token
+            conn = self.connection
+            ready = (conn.extra_dejson or {}).get("token") or (None if conn.login else conn.password)
+            if ready:
+                if refresh:
+                    raise MuseApiError(
+                        "The service refused the connection's ready token (expired or invalid); "
+                        "put a new one in the connection, or give login/password so one can be obtained"
+                    )
+                self._token = ready
+            elif conn.login and conn.password:
+                self._token = self._obtain_token(conn.login, conn.password)
+            else:
+                raise MuseApiError(
+                    f"Connection {self.muse_conn_id!r} gives neither login/password nor a token: running software needs one"
+                )
+            mask(self._token)
+            self.transport.add_secret(self._token)
+            return self._token
+
+    def _obtain_token(self, username: str, password: str) -> str:
+        # A failed login is not retried beyond the transport's own policy: it is not idempotent work,
+        # but obtaining a token creates nothing, so it may be repeated safely.
+        answer = self.transport.request_json(
+            "POST", "jwt/obtain/", data={"username": username, "password": password}, idempotent=True
+        )
+        self._raise_for_error_body(answer, "POST jwt/obtain/")
+        token = _token_from(answer)
+        if not token:
+            raise MuseApiError("jwt/obtain/ answered without a token", endpoint="POST jwt/obtain/")
+        self.log.info("Obtained a Muse token for user %s", username)
+        return token
+
+    def verify_token(self) -> bool:
+        """Ask ``jwt/verify/`` whether the current token is still good."""
+        token = self.get_token()
+        try:
+            answer = self.transport.request_json("POST", "jwt/verify/", data={"jwt": token}, idempotent=True)
+        except MuseApiError as exc:
+            if exc.status in (400, 401, 403):
+                return False
+            raise
+        if isinstance(answer, dict) and ("error" in answer or answer.get("valid") is False):
+            return False
+        return True
+
+    def _with_token(self, call: Any) -> Any:
+        """Run ``call(token)``; on an expired/invalid-token answer, obtain a new token and run it once more."""
+        try:
+            return call(self.get_token())
+        except MuseApiError as exc:
+            if not _is_token_error(exc):
+                raise
+            self.log.info("The Muse token was refused (%s); obtaining a new one and trying once more", exc.error or exc.status)
+            return call(self.get_token(refresh=True))
+
+    # ----- runs ---------------------------------------------------------------------------------
+
+    def submit(
+        self,
+        name: str,
+        *,
+        cmd: str = "",
+        cmd_option: str = "",
+        returned_type: str = "stdout",
+        todownload: bool = False,
+        files: Sequence[str | ObjectStoragePath] = (),
+        files_order: Sequence[str] | None = None,
+        sbatch_list: Sequence[str] | None = None,
+        module_list: Sequence[str] | None = None,
+    ) -> MuseSubmission:
+        """
+        Launch ``name`` on the Muse cluster (``POST software/muse/run/{name}/``) and return its key.
+
+        :param cmd: the command run in the software's container (e.g. ``python /add.py 4 5``).
+        :param cmd_option: options inserted as ``singularity exec {cmd_option} {image} {cmd}``.
+        :param returned_type: ``stdout``, ``stdout.txt`` or ``run.zip``.
+        :param todownload: for ``stdout.txt``/``run.zip``: answer a download key instead of the file.
+        :param files: input files (local paths or ``ObjectStoragePath``), sent as multipart ``file`` parts.
+        :param files_order: the order the files are given to the command.
+        :param sbatch_list: SLURM sbatch options (under construction at Muse).
+        :param module_list: modules to load (under construction at Muse).
+        """
+        name = validate_segment(name, "Software name")
+        fields = self._run_fields(cmd, cmd_option, returned_type, todownload, files_order)
+        if sbatch_list:
+            fields["sbatch_list"] = json.dumps(list(sbatch_list))
+        if module_list:
+            fields["module_list"] = json.dumps(list(module_list))
+        uploads = _uploads(files)
+        path = f"software/muse/run/{name}/"
+
+        def post(token: str) -> Any:
+            # Not idempotent: a retry happens only when the request surely never reached the server.
+            answer = self.transport.request_json(
+                "POST", path, data={**fields, "jwt": token}, files=uploads, idempotent=False
+            )
+            self._raise_for_error_body(answer, f"POST {path}")
+            return answer
+
+        answer = self._with_token(post)
+        url = answer.get("url") if isinstance(answer, dict) else None
+        match = _KEY_IN_URL.search(str(url or ""))
+        if not match:
+            raise MuseApiError("The submit answer has no url ending with the run key", endpoint=f"POST {path}", excerpt=_short(answer))
+        submission = MuseSubmission(name=name, key=match.group(1), state_url=str(url), message=str(answer.get("msg", "")))
+        self.log.info("Submitted %s to Muse: key %s (state: %s)", name, submission.key, submission.state_url)
+        return submission
+
+    def run(
+        self,
+        name: str,
+        *,
+        cmd: str = "",
+        cmd_option: str = "",
+        returned_type: str = "stdout",
+        todownload: bool = False,
+        files: Sequence[str | ObjectStoragePath] = (),
+        files_order: Sequence[str] | None = None,
+        dest: ObjectStoragePath | None = None,
+        max_bytes: int | None = None,
+    ) -> MuseResult:
+        """
+        Run ``name`` off-cluster (``POST software/run/{name}/``): the answer is the result itself.
+
+        :param dest: where a file result (``stdout.txt``, ``run.zip``) is written.
+        """
+        name = validate_segment(name, "Software name")
+        fields = self._run_fields(cmd, cmd_option, returned_type, todownload, files_order)
+        uploads = _uploads(files)
+        path = f"software/run/{name}/"
+
+        def post(token: str) -> MuseResult:
+            return self.transport.fetch(
+                "POST", path, lambda r: self._read_result(r, f"POST {path}", dest, max_bytes),
+                data={**fields, "jwt": token}, files=uploads, idempotent=False,
+            )
+
+        return self._with_token(post)
+
+    @staticmethod
+    def _run_fields(
+        cmd: str, cmd_option: str, returned_type: str, todownload: bool, files_order: Sequence[str] | None
+    ) -> dict[str, str]:
+        if returned_type not in RETURNED_TYPES:
+            raise MuseApiError(f"returned_type {returned_type!r} is not one of {', '.join(RETURNED_TYPES)}")
+        if todownload and returned_type == "stdout":
+            raise MuseApiError("todownload applies to returned_type 'stdout.txt' or 'run.zip' only")
+        fields = {
+            "cmd": cmd or "",
+            "cmd_option": cmd_option or "",
+            "returned_type": returned_type,
+            "todownload": "yes" if todownload else "no",
+        }
+        if files_order:
+            fields["files_order"] = json.dumps(list(files_order))
+        return fields
+
+    def get_state(self, name: str, key: str) -> MuseReport:
+        """Return the run's report (``GET software/muse/state/{name}/{key}/``)."""
+        path = self._state_path(name, key)
+        answer = self.transport.get_json(path)
+        self._raise_for_error_body(answer, f"GET {path}")
+        return MuseReport.from_answer(answer, f"GET {path}")
+
+    async def a_get_state(self, name: str, key: str) -> MuseReport:
+        """Return the run's report without blocking the event loop (for triggers)."""
+        path = self._state_path(name, key)
+        transport = await self.async_transport()
+        answer = await transport.get_json(path)
+        self._raise_for_error_body(answer, f"GET {path}")
+        return MuseReport.from_answer(answer, f"GET {path}")
+
+    def state_url(self, name: str, key: str) -> str:
+        """Return the absolute URL of the run's state (shown in the UI and XCom)."""
+        return self.base_url + self._state_path(name, key)
+
+    @staticmethod
+    def _state_path(name: str, key: str) -> str:
+        return f"software/muse/state/{validate_segment(name, 'Software name')}/{validate_segment(key, 'Run key')}/"
+
+    def get_result(
+        self, name: str, key: str, dest: ObjectStoragePath | None = None, *, max_bytes: int | None = None
+    ) -> MuseResult:
+        """
+        Fetch the results of a run whose ``cr`` is ``OK`` (``GET software/muse/run/{name}/{key}/``).
+
+        :param dest: where a file result (``stdout.txt``, ``run.zip``) is written, atomically.
+        :param max_bytes: refuse a file result larger than this.
+        """
+        path = f"software/muse/run/{validate_segment(name, 'Software name')}/{validate_segment(key, 'Run key')}/"
+        return self.transport.fetch("GET", path, lambda r: self._read_result(r, f"GET {path}", dest, max_bytes))
+
+    def _read_result(
+        self, response: requests.Response, endpoint: str, dest: ObjectStoragePath | None, max_bytes: int | None
+    ) -> MuseResult:
+        if "json" in response.headers.get("Content-Type", ""):
+            answer = self.transport.parse_json(read_capped(response, MAX_JSON_BYTES + 1), endpoint, response.status_code)
+            return self._result_from_json(answer, endpoint)
+        if dest is None:
+            raise MuseApiError("The result is a file: give a destination path to write it to", endpoint=endpoint)
+        stored = write_atomically(response.iter_content(CHUNK_SIZE), as_storage_path(dest), max_bytes=max_bytes)
+        return MuseResult(kind="file", file=stored)
+
+    def _result_from_json(self, answer: Any, endpoint: str) -> MuseResult:
+        self._raise_for_error_body(answer, endpoint)
+        info = answer.get("info") if isinstance(answer, dict) else None
+        if isinstance(info, dict) and "stdout" in info:
+            report = MuseReport.from_answer(answer, endpoint) if isinstance(info.get("report"), dict) else None
+            return MuseResult(kind="stdout", stdout=_text(info.get("stdout")) or "", report=report)
+        url = answer.get("url") if isinstance(answer, dict) else None
+        match = _DOWNLOAD_KEY.search(str(url or ""))
+        if match:
+            return MuseResult(kind="download", download_key=match.group(1), download_url=str(url))
+        raise MuseApiError("The result answer is neither stdout nor a download key", endpoint=endpoint, excerpt=_short(answer))
+
+    def download(self, download_key: str, dest: ObjectStoragePath, *, max_bytes: int | None = None) -> StoredFile:
+        """Stream the file behind a download key (``GET download/?key=...``) to ``dest``."""
+        key = validate_segment(download_key, "Download key")
+        return self.transport.fetch(
+            "GET", "download/", lambda r: self._read_file(r, "GET download/", dest, max_bytes), params={"key": key}
+        )
+
+    def get_content(self, name: str, key: str, dest: ObjectStoragePath, *, max_bytes: int | None = None) -> StoredFile:
+        """Stream the run folder's zip (``GET software/muse/content/{name}/{key}/``) to ``dest``, to investigate."""
+        path = f"software/muse/content/{validate_segment(name, 'Software name')}/{validate_segment(key, 'Run key')}/"
+        return self.transport.fetch("GET", path, lambda r: self._read_file(r, f"GET {path}", dest, max_bytes))
+
+    def _read_file(self, response: requests.Response, endpoint: str, dest: ObjectStoragePath, max_bytes: int | None) -> StoredFile:
+        # The service answers its error shape as JSON even where a file is expected.
+        if "json" in response.headers.get("Content-Type", ""):
+            answer = self.transport.parse_json(read_capped(response, MAX_JSON_BYTES + 1), endpoint, response.status_code)
+            self._raise_for_error_body(answer, endpoint)
+            raise MuseApiError("Expected a file, the service answered JSON", endpoint=endpoint, excerpt=_short(answer))
+        return write_atomically(response.iter_content(CHUNK_SIZE), as_storage_path(dest), max_bytes=max_bytes)
+
+    def _raise_for_error_body(self, answer: Any, endpoint: str) -> None:
+        """Muse may answer its error shape with a 2xx status: the body's shape is the signal."""
+        if isinstance(answer, dict) and "error" in answer and "info" not in answer:
+            raise MuseApiError(
+                "The Muse service answered an error", endpoint=endpoint, **server_error_fields(answer, self.transport.secrets)
+            )
+        if not isinstance(answer, dict):
+            raise MuseApiError("The answer is not a JSON object", endpoint=endpoint, excerpt=_short(answer))
+
+    def test_connection(self) -> tuple[bool, str]:
+        """Check the base URL answers and the credentials give a token (the UI's Test button)."""
+        try:
+            self.get_token(refresh=False)
+            if not self.verify_token():
+                return False, "The service does not accept the token"
+        except Exception as exc:  # the UI shows the message, whatever went wrong
+            return False, str(exc)
+        return True, f"Connected to {self.base_url} and obtained a valid token"
+
+
+def _uploads(files: Sequence[str | ObjectStoragePath]) -> list[UploadFile]:
+    uploads = []
+    for item in files or ():
+        path = as_storage_path(item)
+        if not path.is_file():
+            raise MuseApiError(f"Input file {item} does not exist")
+        uploads.append(UploadFile("file", path.name, lambda p=path: p.open("rb")))
+    return uploads
+
+
+def _is_token_error(exc: MuseApiError) -> bool:
+    if exc.status in (401, 403):
+        return True
+    words = " ".join(str(v) for v in (exc.error, exc.error_type) if v).lower()
+    return any(word in words for word in ("token", "jwt", "authenticat", "expired", "signature"))
+
+
+def _token_from(answer: Any) -> str | None:
+    if isinstance(answer, str):
+        return answer.strip() or None
+    if isinstance(answer, dict):
+        for field_name in ("token", "jwt", "access"):
+            if isinstance(answer.get(field_name), str) and answer[field_name]:
+                return answer[field_name]
+    return None
+
+
+def _text(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+
+
+def _short(value: Any) -> str:
+    return json.dumps(value, default=str)[:300]

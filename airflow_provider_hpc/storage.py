@@ -1,0 +1,177 @@
+"""
+Writing remote bytes to object storage safely: atomic, verified, confined to a destination.
+
+Every file lands through :func:`write_atomically`: the bytes go to a temporary name beside the
+destination, are checked against the size and md5 the server announced, and only then are
+renamed to the final name (on object stores, where a rename is a copy, the copy of a complete
+object is itself atomic). A failed or interrupted transfer leaves nothing under the final name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import posixpath
+import uuid
+import zipfile
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from airflow.sdk import ObjectStoragePath
+
+from airflow_provider_hpc.exceptions import HpcApiError, TransferIntegrityError, UnsafePathError
+
+TEMP_PREFIX = ".hpc-partial-"
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    """
+    A file written to object storage.
+
+    :param path: where it is (``str`` of the ``ObjectStoragePath``, e.g. ``file:///...`` or ``s3://...``).
+    :param size: its size in bytes.
+    :param md5: its hex md5.
+    """
+
+    path: str
+    size: int
+    md5: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the JSON-able form used in XCom values and manifests."""
+        return asdict(self)
+
+
+def as_storage_path(value: str | ObjectStoragePath) -> ObjectStoragePath:
+    """Return ``value`` as an ``ObjectStoragePath``; a bare local path becomes ``file://``."""
+    if isinstance(value, ObjectStoragePath):
+        return value
+    text = str(value)
+    if "://" not in text:
+        text = "file://" + posixpath.abspath(text)
+    return ObjectStoragePath(text)
+
+
+def safe_join(root: ObjectStoragePath, relative: str) -> ObjectStoragePath:
+    """
+    Return ``root / relative``, refusing any ``relative`` that could land outside ``root``.
+
+    Absolute paths, drive letters, backslashes, ``..`` and empty segments are refused.
+    """
+    text = str(relative)
+    parts = text.split("/")
+    if (
+        not text
+        or text.startswith("/")
+        or "\\" in text
+        or "\x00" in text
+        or (len(parts[0]) >= 2 and parts[0][1] == ":")
+        or any(part in ("", ".", "..") for part in parts)
+    ):
+        raise UnsafePathError(f"Refusing path {relative!r}: it could write outside {root}")
+    return root.joinpath(*parts)
+
+
+def write_atomically(
+    chunks: Iterable[bytes],
+    dest: ObjectStoragePath,
+    *,
+    expected_size: int | None = None,
+    expected_md5: str | None = None,
+    max_bytes: int | None = None,
+) -> StoredFile:
+    """
+    Stream ``chunks`` to ``dest`` under a temporary name, verify, then move into place.
+
+    :param expected_size: the size the server announced; a mismatch raises and keeps nothing.
+    :param expected_md5: the md5 the server announced; a mismatch raises and keeps nothing.
+    :param max_bytes: refuse a body larger than this (raises, keeps nothing).
+    """
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    temp = dest.parent / f"{TEMP_PREFIX}{uuid.uuid4().hex}-{dest.name}"
+    digest = hashlib.md5(usedforsecurity=False)
+    size = 0
+    try:
+        with temp.open("wb") as out:
+            for chunk in chunks:
+                if not chunk:
+                    continue
+                size += len(chunk)
+                if max_bytes is not None and size > max_bytes:
+                    raise HpcApiError(f"Refusing {dest}: larger than the limit of {max_bytes} bytes")
+                digest.update(chunk)
+                out.write(chunk)
+        md5 = digest.hexdigest()
+        if expected_size is not None and size != int(expected_size):
+            raise TransferIntegrityError(f"{dest}: received {size} bytes, the server announced {expected_size}")
+        if expected_md5 and md5 != expected_md5.lower():
+            raise TransferIntegrityError(f"{dest}: md5 {md5} does not match the announced {expected_md5}")
+        temp.rename(dest)
+    except BaseException:
+        _remove_quietly(temp)
+        raise
+    return StoredFile(path=str(dest), size=size, md5=md5)
+
+
+def file_md5(path: ObjectStoragePath) -> str:
+    """Return the hex md5 of a stored file, read in chunks."""
+    digest = hashlib.md5(usedforsecurity=False)
+    with path.open("rb") as handle:
+        while chunk := handle.read(1024 * 1024):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def same_file_exists(path: ObjectStoragePath, size: int | None, md5: str | None) -> bool:
+    """Whether ``path`` already holds exactly the announced bytes (so a re-run can skip it)."""
+    try:
+        if not path.is_file():
+            return False
+        if size is not None and path.stat().st_size != int(size):
+            return False
+    except (OSError, ValueError):
+        return False
+    return bool(md5) and file_md5(path) == str(md5).lower()
+
+
+def extract_zip(
+    archive: ObjectStoragePath,
+    dest: ObjectStoragePath,
+    *,
+    max_total_bytes: int = 10 * 1024**3,
+    max_members: int = 100_000,
+) -> list[StoredFile]:
+    """
+    Extract a zip to ``dest`` safely: no member outside ``dest``, no links, bounded total size.
+
+    The limits stop zip bombs: the sizes the archive declares are checked first, and the bytes
+    actually written are counted again while extracting.
+    """
+    with archive.open("rb") as handle, zipfile.ZipFile(handle) as zipped:
+        members = [m for m in zipped.infolist() if not m.is_dir()]
+        if len(members) > max_members:
+            raise UnsafePathError(f"{archive} holds {len(members)} files, more than the limit of {max_members}")
+        if sum(m.file_size for m in members) > max_total_bytes:
+            raise UnsafePathError(f"{archive} would expand beyond the limit of {max_total_bytes} bytes")
+        targets = []
+        for member in members:
+            if (member.external_attr >> 16) & 0o170000 == 0o120000:
+                raise UnsafePathError(f"Refusing symbolic link {member.filename!r} in {archive}")
+            targets.append((member, safe_join(dest, member.filename)))
+        written: list[StoredFile] = []
+        budget = max_total_bytes
+        for member, target in targets:
+            with zipped.open(member) as source:
+                stored = write_atomically(iter(lambda: source.read(1024 * 1024), b""), target, max_bytes=budget)
+            budget -= stored.size
+            written.append(stored)
+        return written
+
+
+def _remove_quietly(path: ObjectStoragePath) -> None:
+    try:
+        if path.exists():
+            path.unlink()
+    except OSError:
+        pass
