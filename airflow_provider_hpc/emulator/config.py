@@ -31,6 +31,9 @@ class EmulatorConfig:
     :param seed: seeds every random choice (faults, latencies) so a run can be repeated.
     :param faults: fault rules applied from start (see ``faults.py``).
     :param tls: serve HTTPS with a self-signed certificate made at start.
+    :param software_dirs: extra Muse software catalogues: folders holding ``NAME/image/`` folders,
+        served beside the built-in ``sw_example``.
+    :param muse_max_running: Muse jobs running at once; later ones stay PENDING, as in a busy queue.
     """
 
     data_dir: Path
@@ -42,6 +45,8 @@ class EmulatorConfig:
     seed: int | None = None
     faults: list[dict[str, Any]] = field(default_factory=list)
     tls: bool = False
+    software_dirs: list[Path] = field(default_factory=list)
+    muse_max_running: int = 32
 
     def delay(self, seconds: float) -> float:
         """Return an emulated delay scaled by ``time_scale``."""

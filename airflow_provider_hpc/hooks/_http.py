@@ -45,7 +45,7 @@ ERROR_EXCERPT_CHARS = 300
 # A JSON answer larger than this is refused: every documented JSON answer is a few KiB.
 MAX_JSON_BYTES = 32 * 1024 * 1024
 CHUNK_SIZE = 1024 * 1024
-_SAFE_SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@+=~-]{0,254}$")
+_SAFE_SEGMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@+=~-]{0,254}")
 
 
 def validate_segment(value: Any, what: str) -> str:
@@ -56,7 +56,8 @@ def validate_segment(value: Any, what: str) -> str:
     :param what: what the value is, for the error message.
     """
     text = str(value) if isinstance(value, (str, int)) and not isinstance(value, bool) else None
-    if not text or not _SAFE_SEGMENT.match(text) or ".." in text:
+    # fullmatch, not match: "$" would let a trailing newline through ("key\n").
+    if not text or not _SAFE_SEGMENT.fullmatch(text) or ".." in text:
         raise InvalidIdentifierError(
             f"{what} {value!r} is not a valid identifier: use letters, digits and . _ - only "
             "(no '/', '..', '?', '#', spaces)"

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 RETURNED_TYPES = ("stdout", "stdout.txt", "run.zip")
 _KEY_IN_URL = re.compile(r"/([0-9a-fA-F-]{8,64})/?$")
 _DOWNLOAD_KEY = re.compile(r"[?&]key=([A-Za-z0-9_.:-]+)")
+_BARE_TOKEN = re.compile(r"[A-Za-z0-9._~+/=-]{8,8192}")
 
 
 class MuseCr(str, Enum):
@@ -221,13 +222,28 @@ class MuseHook(HpcHttpHook):
     def _obtain_token(self, username: str, password: str) -> str:
         # A failed login is not retried beyond the transport's own policy: it is not idempotent work,
         # but obtaining a token creates nothing, so it may be repeated safely.
-        answer = self.transport.request_json(
-            "POST", "jwt/obtain/", data={"username": username, "password": password}, idempotent=True
+        endpoint = "POST jwt/obtain/"
+
+        def read(response: requests.Response) -> Any:
+            # The service answers "the JWT value": a JSON object or string, or the bare token as text.
+            # The body is the token itself: it must never end up in an error excerpt.
+            body = read_capped(response, MAX_JSON_BYTES + 1)
+            try:
+                return json.loads(body)
+            except (ValueError, RecursionError):
+                text = body.decode("utf-8", errors="replace").strip()
+                if _BARE_TOKEN.fullmatch(text):
+                    return text
+                return self.transport.parse_json(body, endpoint, response.status_code)  # raises, with an excerpt
+
+        answer = self.transport.fetch(
+            "POST", "jwt/obtain/", read, data={"username": username, "password": password}, idempotent=True
         )
-        self._raise_for_error_body(answer, "POST jwt/obtain/")
+        if isinstance(answer, dict):
+            self._raise_for_error_body(answer, endpoint)
         token = _token_from(answer)
         if not token:
-            raise MuseApiError("jwt/obtain/ answered without a token", endpoint="POST jwt/obtain/")
+            raise MuseApiError("jwt/obtain/ answered without a token", endpoint=endpoint)
         self.log.info("Obtained a Muse token for user %s", username)
         return token
 
@@ -246,8 +262,10 @@ class MuseHook(HpcHttpHook):
 
     def _with_token(self, call: Any) -> Any:
         """Run ``call(token)``; on an expired/invalid-token answer, obtain a new token and run it once more."""
+        # Obtaining the first token stays outside the try: a refused login is not tried twice.
+        token = self.get_token()
         try:
-            return call(self.get_token())
+            return call(token)
         except MuseApiError as exc:
             if not _is_token_error(exc):
                 raise

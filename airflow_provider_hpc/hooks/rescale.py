@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -19,6 +20,8 @@ if TYPE_CHECKING:
 DEFAULT_PLATFORM_URL = "https://platform.rescale.com"
 # Statuses on the way to Completed that mean the job did not succeed, whatever the final reason says.
 FAILURE_STATUSES = frozenset({"stopping", "stopped", "failed", "terminated", "terminating"})
+_SUCCESS_WORD = re.compile(r"\bsuccess", re.IGNORECASE)
+_NEGATED_SUCCESS = re.compile(r"\b(?:not|no|never)\s+(?:\w+\s+)?success", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -178,7 +181,8 @@ class JobOutcome:
         if troubled:
             return cls(True, False, troubled[0].status_reason or troubled[0].status, history)
         reason = (final.status_reason or "").strip()
-        succeeded = not reason or "success" in reason.lower()
+        # "Completed successfully" is the good reason; "unsuccessfully" / "not successful" are not.
+        succeeded = not reason or (bool(_SUCCESS_WORD.search(reason)) and not _NEGATED_SUCCESS.search(reason))
         return cls(True, succeeded, reason or None, history)
 
 

@@ -1,0 +1,501 @@
+"""
+The Rescale emulator's engine: runs that really execute, output files and snapshots.
+
+Everything HTTP lives in ``rescale.py`` and the records in ``rescale_models.py``; this module
+holds the state and the threads. One re-entrant lock guards every job, run and file record; it is
+never held across a blocking wait (a process wait, a hash, a zip), only across short state
+changes, so request handlers never stall.
+
+On disk, under ``data_dir / "rescale"``::
+
+    jobs/{job_id}/runs/{run_id}/work/        the run's working folder (its command's cwd)
+    jobs/{job_id}/runs/{run_id}/snapshots/   snapshot archives, kept outside the work folder
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+import os
+import queue
+import secrets
+import signal
+import subprocess
+import threading
+import zipfile
+from collections.abc import Callable, Iterator, Sequence
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from airflow_provider_hpc.emulator.config import Counters, EmulatorConfig
+from airflow_provider_hpc.emulator.rescale_models import (
+    EngineError,
+    InvalidPathError,
+    Job,
+    JobSpec,
+    MissingFileError,
+    NotInProgressError,
+    OutputFile,
+    Run,
+    RunState,
+    StatusEntry,
+    display_value,
+    random_id,
+    unsorted_statuses,
+    utc_now,
+)
+
+log = logging.getLogger(__name__)
+
+LOG_NAME = "process_output.log"
+SUCCESS_REASON = "Completed successfully"
+STOP_REASON = "User requested stop"
+STOPPED_REASON = "Stopped by user"
+# Emulated durations in seconds, before ``time_scale``: the gaps between job statuses, the time a
+# snapshot takes to be "uploaded", the time the outputs take to be "uploaded" after a run ends.
+STEP_SECONDS = 0.2
+SNAPSHOT_SECONDS = 0.3
+UPLOAD_SECONDS = 0.2
+CHUNK = 1024 * 1024
+# A tail never reads more than this from the end of a file, whatever ``lines`` asks.
+MAX_TAIL_BYTES = 16 * 1024 * 1024
+
+
+def md5_of(path: Path) -> str:
+    """Return the hex md5 of a file, read in chunks."""
+    digest = hashlib.md5(usedforsecurity=False)
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def iter_work_files(work_dir: Path) -> Iterator[tuple[str, Path]]:
+    """Yield ``(relative posix path, path)`` for every regular file under ``work_dir``, sorted."""
+    for folder, subfolders, names in os.walk(work_dir):
+        subfolders.sort()
+        for name in sorted(names):
+            path = Path(folder, name)
+            # Symlinks are skipped: one could point anywhere on the emulator's host.
+            if not path.is_symlink() and path.is_file():
+                yield path.relative_to(work_dir).as_posix(), path
+
+
+def zip_folder(folder: Path, target: Path) -> None:
+    """Write every file of ``folder`` into the zip ``target``; files that vanish meanwhile are skipped."""
+    with zipfile.ZipFile(target, "w", compression=zipfile.ZIP_DEFLATED, allowZip64=True) as archive:
+        for relative, path in iter_work_files(folder):
+            try:
+                archive.write(path, relative)
+            except FileNotFoundError:
+                continue
+
+
+def describe_file_type(path: Path) -> str:
+    """Guess a file's type as the ``file`` command would word it, from its first bytes."""
+    with path.open("rb") as handle:
+        head = handle.read(64 * 1024)
+    if not head:
+        return "empty"
+    if head.startswith(b"PK\x03\x04"):
+        return "Zip archive data"
+    if b"\x00" in head:
+        return "data"
+    try:
+        head.decode("ascii")
+        return "ASCII text"
+    except UnicodeDecodeError:
+        pass
+    try:
+        # The head may cut a multi-byte character in two: ignore a broken last few bytes.
+        head[: len(head) - 3 if len(head) == 64 * 1024 else len(head)].decode("utf-8")
+        return "UTF-8 Unicode text"
+    except UnicodeDecodeError:
+        return "data"
+
+
+def tail_lines(path: Path, count: int) -> list[str]:
+    """Return the last ``count`` lines of a text file, reading backwards from its end."""
+    if count <= 0:
+        return []
+    with path.open("rb") as handle:
+        position = handle.seek(0, os.SEEK_END)
+        data = b""
+        # More than ``count`` newlines guarantee the first kept line is whole.
+        while position > 0 and data.count(b"\n") <= count and len(data) < MAX_TAIL_BYTES:
+            step = min(64 * 1024, position)
+            position -= step
+            handle.seek(position)
+            data = handle.read(step) + data
+    if not data:
+        return []
+    if data.endswith(b"\n"):
+        data = data[:-1]
+    lines = data.split(b"\n")
+    return [line.decode("utf-8", "replace").rstrip("\r") for line in lines[-count:]]
+
+
+class RescaleEngine:
+    """
+    Hold every emulated job, run and output file, and execute the runs.
+
+    :param config: the emulator settings (``data_dir``, ``time_scale``, ``pending_seconds``).
+    :param counters: where submissions and stops are counted.
+    """
+
+    def __init__(self, config: EmulatorConfig, counters: Counters) -> None:
+        self._config = config
+        self._counters = counters
+        self._root = Path(config.data_dir) / "rescale" / "jobs"
+        self._lock = threading.RLock()
+        self._jobs: dict[str, Job] = {}
+        self._files: dict[str, OutputFile] = {}
+        self._file_ids: set[str] = set()
+
+    # -- reading --------------------------------------------------------------------------------
+
+    def job(self, job_id: str) -> Job | None:
+        """Return a job, or None."""
+        with self._lock:
+            return self._jobs.get(job_id)
+
+    def run(self, job_id: str, run_id: str) -> Run | None:
+        """Return a run of a job, or None."""
+        with self._lock:
+            job = self._jobs.get(job_id)
+            # Run ids are "1".."N" in display order; "01" or "١" are not ids.
+            if job is None or not (run_id.isascii() and run_id.isdigit()) or str(int(run_id)) != run_id:
+                return None
+            index = int(run_id) - 1
+            return job.runs[index] if 0 <= index < len(job.runs) else None
+
+    def file(self, file_id: str) -> OutputFile | None:
+        """Return an uploaded output file, or None."""
+        with self._lock:
+            return self._files.get(file_id)
+
+    def read(self, reader: Callable[[], Any]) -> Any:
+        """Call ``reader`` under the engine lock, so it sees one consistent state."""
+        with self._lock:
+            return reader()
+
+    def job_files(self, job: Job) -> list[OutputFile]:
+        """Return the uploaded output files of every run of a job."""
+        with self._lock:
+            return [file for run in job.runs for file in run.files]
+
+    def statuses(self, job: Job) -> list[StatusEntry]:
+        """Return a job's statuses, deliberately not in date order."""
+        with self._lock:
+            return unsorted_statuses(job.id, job.statuses)
+
+    def work_files(self, run: Run) -> list[str]:
+        """Return the relative paths of the files in an in-progress run's working folder."""
+        self._require_in_progress(run)
+        return [relative for relative, _ in iter_work_files(run.work_dir)]
+
+    def work_file(self, run: Run, relative: str) -> Path:
+        """Return the path of a file in an in-progress run's working folder, refusing escapes."""
+        self._require_in_progress(run)
+        relative = relative.strip("/")
+        if not relative or "\x00" in relative:
+            raise InvalidPathError("Invalid path.")
+        root = run.work_dir.resolve()
+        candidate = (root / relative).resolve()
+        if not candidate.is_relative_to(root):
+            raise InvalidPathError("Invalid path.")
+        if not candidate.is_file():
+            raise MissingFileError("Not found.")
+        return candidate
+
+    def _require_in_progress(self, run: Run) -> None:
+        with self._lock:
+            if not run.in_progress:
+                raise NotInProgressError("This run is not in progress.")
+
+    # -- jobs -----------------------------------------------------------------------------------
+
+    def create_job(self, spec: JobSpec) -> Job:
+        """Create a job and its runs, not started, in status ``Pending``."""
+        with self._lock:
+            job_id = self._new_job_id()
+            job = Job(job_id, spec, utc_now())
+            job.runs = [
+                Run(job_id, str(order), order, run_spec, self._root / job_id / "runs" / str(order))
+                for order, run_spec in enumerate(spec.runs, start=1)
+            ]
+            self._jobs[job_id] = job
+            self._add_status(job, "Pending", None)
+        (self._root / job_id).mkdir(parents=True, exist_ok=True)
+        return job
+
+    def submit(self, job: Job) -> None:
+        """Start a job: ``Queued`` at once, then its life cycle in a background thread."""
+        with self._lock:
+            if job.submitted:
+                raise EngineError("This job has already been submitted.")
+            if job.finished:
+                raise EngineError("This job was stopped before it was submitted.")
+            job.submitted = True
+            self._add_status(job, "Queued", None)
+        self._counters.incr("rescale_jobs_submitted", job.id)
+        threading.Thread(target=self._execute_job, args=(job,), name=f"rescale-{job.id}", daemon=True).start()
+
+    def stop_job(self, job: Job) -> None:
+        """Stop every run of a job: ``Stopping`` now, ``Completed`` once the runs are down."""
+        self._counters.incr("rescale_job_stops", job.id)
+        with self._lock:
+            if job.finished or job.stop_requested:
+                return
+            self._begin_stopping(job)
+            for run in job.runs:
+                self._stop_run_locked(run)
+            if not job.submitted:
+                # No life-cycle thread exists to complete it.
+                self._complete_job(job)
+
+    def close(self) -> None:
+        """Kill every process still running (the server is going down)."""
+        with self._lock:
+            for job in self._jobs.values():
+                job.wake.set()
+                for run in job.runs:
+                    self._kill(run)
+
+    def _new_job_id(self) -> str:
+        while True:
+            job_id = random_id(5)
+            if job_id not in self._jobs and not (self._root / job_id).exists():
+                return job_id
+
+    def _new_file_id(self) -> str:
+        with self._lock:
+            while (file_id := random_id(6)) in self._file_ids:
+                continue
+            self._file_ids.add(file_id)
+            return file_id
+
+    def _add_status(self, job: Job, status: str, reason: str | None) -> None:
+        moment = utc_now()
+        if job.statuses and moment <= job.statuses[-1].date:
+            # Strictly increasing dates, so sorting by statusDate gives the true order.
+            moment = job.statuses[-1].date + timedelta(microseconds=1)
+        job.statuses.append(StatusEntry(status, moment, reason))
+
+    def _begin_stopping(self, job: Job) -> None:
+        job.stop_requested = True
+        job.wake.set()
+        self._add_status(job, "Stopping", STOP_REASON)
+
+    def _complete_job(self, job: Job) -> None:
+        for run in job.runs:
+            if run.state is RunState.PENDING:
+                self._finish_unstarted(run)
+        self._add_status(job, "Completed", self._final_reason(job))
+        job.finished = True
+
+    def _final_reason(self, job: Job) -> str:
+        if job.spec.completed_reason:
+            return job.spec.completed_reason
+        if job.stop_requested:
+            return STOPPED_REASON
+        for run in job.runs:
+            if run.stopped:
+                return f"Run {run.id} stopped by user"
+            if run.exit_code is not None and run.exit_code < 0:
+                return f"Run {run.id} was killed by signal {-run.exit_code}"
+            if run.exit_code:
+                return f"Run {run.id} failed with exit code {run.exit_code}"
+        return SUCCESS_REASON
+
+    def _pause(self, job: Job, seconds: float) -> None:
+        job.wake.wait(self._config.delay(seconds))
+
+    def _execute_job(self, job: Job) -> None:
+        try:
+            self._pause(job, self._config.pending_seconds)
+            if not job.spec.completed_reason:
+                self._start_and_execute(job)
+        except Exception:  # a bug must not leave the job hanging forever: log it, complete the job
+            log.exception("Rescale emulator: job %s failed inside the emulator", job.id)
+        with self._lock:
+            if not job.finished:
+                self._complete_job(job)
+
+    def _start_and_execute(self, job: Job) -> None:
+        for status in ("Started", "Validated", "Executing"):
+            with self._lock:
+                if job.stop_requested:
+                    return
+                self._add_status(job, status, None)
+            if status != "Executing":
+                self._pause(job, STEP_SECONDS)
+        pending: queue.SimpleQueue[Run] = queue.SimpleQueue()
+        for run in job.runs:
+            pending.put(run)
+        workers = [
+            threading.Thread(target=self._run_worker, args=(job, pending), daemon=True)
+            for _ in range(min(job.spec.max_concurrent_runs, len(job.runs)))
+        ]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+
+    # -- runs -----------------------------------------------------------------------------------
+
+    def stop_run(self, run: Run) -> None:
+        """Kill a run's process (its files so far become outputs); a finished run is left as is."""
+        self._counters.incr("rescale_stops", f"{run.job_id}/{run.id}")
+        with self._lock:
+            job = self._jobs[run.job_id]
+            if not self._stop_run_locked(run):
+                return
+            # A job with nothing left to run is being stopped as a whole.
+            if job.submitted and not job.finished and not job.stop_requested:
+                if not any(other.active for other in job.runs):
+                    self._begin_stopping(job)
+
+    def snapshot(self, run: Run) -> str | None:
+        """
+        Start archiving a running run's working folder; return the previous snapshot's file id.
+
+        The archive becomes the output file ``snapshots/snapshot-<file id>.zip`` shortly after.
+        """
+        with self._lock:
+            if run.state is not RunState.RUNNING:
+                raise NotInProgressError("Snapshots only apply to runs that are currently in progress.")
+            previous = run.snapshot_ids[-1] if run.snapshot_ids else None
+            file_id = self._new_file_id()
+            run.snapshot_ids.append(file_id)
+            thread = threading.Thread(target=self._take_snapshot, args=(run, file_id), daemon=True)
+            run.snapshot_threads.append(thread)
+            thread.start()
+        return previous
+
+    def _stop_run_locked(self, run: Run) -> bool:
+        if run.state is RunState.PENDING:
+            run.stopped = True
+            self._finish_unstarted(run)
+            return True
+        if run.state is RunState.RUNNING and not run.stopped:
+            run.stopped = True
+            self._kill(run)
+            return True
+        return False
+
+    def _finish_unstarted(self, run: Run) -> None:
+        run.stopped = run.stopped or self._jobs[run.job_id].stop_requested
+        run.state = RunState.COMPLETED
+        run.date_completed = utc_now()
+
+    def _kill(self, run: Run) -> None:
+        process = run.process
+        if process is not None and process.poll() is None:
+            try:
+                # The command runs in its own session: kill the shell and everything it started.
+                os.killpg(process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def _run_worker(self, job: Job, pending: queue.SimpleQueue[Run]) -> None:
+        while True:
+            try:
+                run = pending.get_nowait()
+            except queue.Empty:
+                return
+            self._execute_run(job, run)
+
+    def _execute_run(self, job: Job, run: Run) -> None:
+        with self._lock:
+            if run.state is not RunState.PENDING:
+                return
+            if job.stop_requested:
+                self._finish_unstarted(run)
+                return
+            process = self._spawn(job, run)
+        exit_code = process.wait() if process is not None else 127
+        with self._lock:
+            run.exit_code = exit_code
+            run.state = RunState.FINISHING
+            snapshots = list(run.snapshot_threads)
+        for thread in snapshots:
+            thread.join()
+        self._pause(job, UPLOAD_SECONDS)
+        outputs = self._upload_outputs(run)
+        with self._lock:
+            run.files = (*outputs, *run.files)
+            self._files.update((output.id, output) for output in outputs)
+            run.state = RunState.COMPLETED
+            run.date_completed = utc_now()
+
+    def _spawn(self, job: Job, run: Run) -> subprocess.Popen[bytes] | None:
+        run.work_dir.mkdir(parents=True, exist_ok=True)
+        run.snapshot_dir.mkdir(parents=True, exist_ok=True)
+        run.state = RunState.RUNNING
+        run.date_started = utc_now()
+        with (run.work_dir / LOG_NAME).open("ab") as output:
+            try:
+                run.process = subprocess.Popen(
+                    ["/bin/sh", "-c", _script(job.spec.commands)],
+                    cwd=run.work_dir,
+                    env=_environment(job, run),
+                    stdin=subprocess.DEVNULL,
+                    stdout=output,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            except OSError as exc:
+                output.write(f"emulator: cannot start the command: {exc}\n".encode())
+                return None
+        return run.process
+
+    def _upload_outputs(self, run: Run) -> list[OutputFile]:
+        return [
+            self._make_output(run, self._new_file_id(), relative, path)
+            for relative, path in iter_work_files(run.work_dir)
+        ]
+
+    def _make_output(self, run: Run, file_id: str, relative: str, path: Path) -> OutputFile:
+        return OutputFile(
+            id=file_id,
+            job_id=run.job_id,
+            run_id=run.id,
+            relative_path=relative,
+            disk_path=path,
+            size=path.stat().st_size,
+            md5=md5_of(path),
+            date_uploaded=utc_now(),
+            encryption_key=base64.b64encode(secrets.token_bytes(32)).decode(),
+        )
+
+    def _take_snapshot(self, run: Run, file_id: str) -> None:
+        job = self._jobs[run.job_id]
+        self._pause(job, SNAPSHOT_SECONDS)
+        target = run.snapshot_dir / f"snapshot-{file_id}.zip"
+        partial = target.with_name(target.name + ".part")
+        try:
+            zip_folder(run.work_dir, partial)
+            partial.replace(target)
+            output = self._make_output(run, file_id, f"snapshots/{target.name}", target)
+        except OSError:
+            log.exception("Rescale emulator: snapshot %s of run %s/%s failed", file_id, run.job_id, run.id)
+            return
+        with self._lock:
+            run.files = (*run.files, output)
+            self._files[file_id] = output
+
+
+def _script(commands: Sequence[str]) -> str:
+    # Each analysis runs in its own subshell, in order; the first failure ends the run with its
+    # exit code. The newline before ")" keeps a trailing "# comment" from eating the parenthesis.
+    return " && ".join(f"( {command}\n)" for command in commands)
+
+
+def _environment(job: Job, run: Run) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({name: display_value(value) for name, value in run.spec.variables})
+    env.update({"RESCALE_RUN_ID": run.id, "RESCALE_JOB_ID": job.id})
+    return env

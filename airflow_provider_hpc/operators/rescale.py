@@ -1,0 +1,389 @@
+"""
+Rescale operators that act on runs: stop one, snapshot one, list a job's runs.
+
+Harvesting a run's output files is :class:`~airflow_provider_hpc.operators.rescale_download.RescaleDownloadOutputsOperator`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from datetime import timedelta
+from functools import cached_property
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from airflow.sdk import BaseOperator, ObjectStoragePath
+
+from airflow_provider_hpc.exceptions import HpcApiError, JobTimeout, RescaleApiError
+from airflow_provider_hpc.hooks._http import RetryPolicy
+from airflow_provider_hpc.hooks.rescale import OutputFile, RescaleHook, RescaleRun
+from airflow_provider_hpc.links.rescale import RescaleJobLink
+from airflow_provider_hpc.results import resolve_output_path
+from airflow_provider_hpc.sensors.rescale import DEFERRAL_TIMEOUT_MARGIN, default_deferrable
+from airflow_provider_hpc.storage import safe_join
+from airflow_provider_hpc.triggers._polling import PollSchedule, deadline_from_timeout
+from airflow_provider_hpc.triggers.rescale import RescaleRunTrigger, RescaleSnapshotTrigger, pick_new_snapshot
+
+if TYPE_CHECKING:
+    from airflow.sdk import Context
+
+T = TypeVar("T")
+
+
+def poll_until(
+    probe: Callable[[], T | None], *, poll_interval: float, max_poll_interval: float, timeout: float | None, what: str
+) -> T:
+    """
+    Call ``probe`` until it returns something, backing off between calls; raise :class:`JobTimeout` past ``timeout``.
+
+    The worker-side twin of the triggers' loop, for ``deferrable=False``.
+
+    :param probe: returns ``None`` while the awaited thing has not happened.
+    :param poll_interval: seconds between the first calls.
+    :param max_poll_interval: the longest wait between two calls.
+    :param timeout: seconds to wait in all (``None``: forever).
+    :param what: what is awaited, for the timeout message.
+    """
+    schedule = PollSchedule(poll_interval, max_poll_interval, deadline=deadline_from_timeout(timeout))
+    while True:
+        found = probe()
+        if found is not None:
+            return found
+        if schedule.expired:
+            raise JobTimeout(f"Timed out after {timeout} s waiting for {what}")
+        time.sleep(schedule.next_wait(False))
+
+
+class _RescaleRunOperator(BaseOperator):
+    """
+    What the operators acting on one run share: ids, hook, link, waiting settings.
+
+    :param job_id: the Rescale job id (templated).
+    :param run_id: the run id within the job (templated).
+    :param rescale_conn_id: the Airflow connection id.
+    :param deferrable: wait in the triggerer instead of a worker slot.
+    :param poll_interval: seconds between polls at first and after each change.
+    :param max_poll_interval: the longest wait between two polls while nothing changes.
+    :param wait_timeout: seconds to wait in all before failing with :class:`JobTimeout`.
+    :param max_poll_failures: consecutive failed polls tolerated in the triggerer.
+    :param retry: the HTTP retry policy (default: the connection's).
+    """
+
+    template_fields: Sequence[str] = ("job_id", "run_id")
+    operator_extra_links = (RescaleJobLink(),)
+    ui_color = "#d8e8f5"
+
+    def __init__(
+        self,
+        *,
+        job_id: str,
+        run_id: str,
+        rescale_conn_id: str = RescaleHook.default_conn_name,
+        deferrable: bool | None = None,
+        poll_interval: float = 10.0,
+        max_poll_interval: float = 120.0,
+        wait_timeout: float = 24 * 3600.0,
+        max_poll_failures: int = 5,
+        retry: RetryPolicy | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.job_id = job_id
+        self.run_id = run_id
+        self.rescale_conn_id = rescale_conn_id
+        self.deferrable = default_deferrable() if deferrable is None else deferrable
+        self.poll_interval = float(poll_interval)
+        self.max_poll_interval = float(max_poll_interval)
+        self.wait_timeout = float(wait_timeout)
+        self.max_poll_failures = max_poll_failures
+        self.retry = retry
+
+    @cached_property
+    def hook(self) -> RescaleHook:
+        """The Rescale hook of this task."""
+        return RescaleHook(self.rescale_conn_id, retry=self.retry)
+
+    def _trigger_kwargs(self) -> dict[str, Any]:
+        return {
+            "job_id": self.job_id,
+            "run_id": self.run_id,
+            "rescale_conn_id": self.rescale_conn_id,
+            "poll_interval": self.poll_interval,
+            "max_poll_interval": self.max_poll_interval,
+            "deadline": time.time() + self.wait_timeout,
+            "max_poll_failures": self.max_poll_failures,
+            "retry": self.retry.to_dict() if self.retry else None,
+        }
+
+    def _defer_to(self, trigger: Any, method_name: str, kwargs: dict[str, Any]) -> None:
+        self.defer(
+            trigger=trigger,
+            method_name=method_name,
+            kwargs=kwargs,
+            timeout=timedelta(seconds=self.wait_timeout + DEFERRAL_TIMEOUT_MARGIN),
+        )
+
+    def _poll_until(self, probe: Callable[[], T | None], what: str) -> T:
+        return poll_until(
+            probe, poll_interval=self.poll_interval, max_poll_interval=self.max_poll_interval,
+            timeout=self.wait_timeout, what=what,
+        )
+
+    @staticmethod
+    def _raise_for_event(event: dict[str, Any]) -> None:
+        """Raise the error a non-success trigger event stands for."""
+        status = event.get("status")
+        message = str(event.get("message") or status)
+        if status == "timeout":
+            raise JobTimeout(message)
+        if status != "success":
+            raise RescaleApiError(message)
+
+
+class RescaleStopRunOperator(_RescaleRunOperator):
+    """
+    Stop a Rescale run: its processes are killed and the files it produced become its outputs.
+
+    Idempotent: a run that has already completed is not an error (it is logged), so a retry or a
+    second stop is harmless. With ``wait_for_completion``, the task then waits (in the triggerer by
+    default) until the run has completed, that is until Rescale has uploaded its output files.
+
+    The XCom value is ``{"job_id", "run_id", "stopped", "run"}``: ``stopped`` tells whether this task
+    asked for the stop (``False`` when the run had already completed), ``run`` is
+    :meth:`RescaleRun.to_dict` (after completion when waited for).
+
+    :param job_id: the Rescale job id (templated).
+    :param run_id: the run id within the job (templated).
+    :param rescale_conn_id: the Airflow connection id.
+    :param wait_for_completion: wait until the run has completed and its files are uploaded.
+    :param deferrable: wait in the triggerer instead of a worker slot.
+    :param poll_interval: seconds between polls at first and after each change.
+    :param max_poll_interval: the longest wait between two polls while nothing changes.
+    :param wait_timeout: seconds to wait in all before failing with :class:`JobTimeout`.
+    :param max_poll_failures: consecutive failed polls tolerated in the triggerer.
+    :param retry: the HTTP retry policy (default: the connection's).
+    """
+
+    def __init__(self, *, wait_for_completion: bool = False, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.wait_for_completion = wait_for_completion
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        """Stop the run unless it has completed; wait for its completion when asked."""
+        RescaleJobLink.persist(context, hook=self.hook, job_id=self.job_id)
+        run = self.hook.get_run(self.job_id, self.run_id)
+        stopped = False
+        if run.is_completed:
+            self.log.info(
+                "Run %s of Rescale job %s already completed at %s: nothing to stop", self.run_id, self.job_id, run.date_completed
+            )
+        else:
+            stopped = self._stop()
+        if not self.wait_for_completion or run.is_completed:
+            return self._result(stopped, run.to_dict())
+        if self.deferrable:
+            trigger = RescaleRunTrigger(**self._trigger_kwargs(), accept_any_completion=True, cancel_on_kill=False)
+            self._defer_to(trigger, "execute_complete", {"stopped": stopped})
+        final = self._poll_until(self._completed_run, f"run {self.run_id} of Rescale job {self.job_id} to complete")
+        return self._result(stopped, final.to_dict())
+
+    def _stop(self) -> bool:
+        try:
+            self.hook.stop_run(self.job_id, self.run_id)
+        except RescaleApiError as exc:
+            # The run may have completed between the read and the stop: then there was nothing to stop.
+            if exc.status not in (400, 409) or not self.hook.get_run(self.job_id, self.run_id).is_completed:
+                raise
+            self.log.info("Run %s of Rescale job %s completed meanwhile: nothing to stop (%s)", self.run_id, self.job_id, exc)
+            return False
+        return True
+
+    def _completed_run(self) -> RescaleRun | None:
+        run = self.hook.get_run(self.job_id, self.run_id)
+        return run if run.is_completed else None
+
+    def _result(self, stopped: bool, run: dict[str, Any] | None) -> dict[str, Any]:
+        return {"job_id": str(self.job_id), "run_id": str(self.run_id), "stopped": stopped, "run": run}
+
+    def execute_complete(self, context: Context, event: dict[str, Any], stopped: bool = False) -> dict[str, Any]:
+        """
+        Return the result once the trigger saw the run completed (safe to call twice with one event).
+
+        :param context: the running task's context.
+        :param event: the :class:`RescaleRunTrigger` event payload.
+        :param stopped: whether :meth:`execute` asked for the stop.
+        """
+        self._raise_for_event(event)
+        self.log.info("Run %s of Rescale job %s has completed after the stop", self.run_id, self.job_id)
+        return self._result(stopped, event.get("run"))
+
+
+class RescaleSnapshotRunOperator(_RescaleRunOperator):
+    """
+    Take a snapshot of an in-progress Rescale run (an archive of its working folder).
+
+    The XCom value is ``{"job_id", "run_id", "last_snapshot_id", "exitcode", "reason", "file",
+    "path"}``: ``last_snapshot_id`` is what Rescale answered (the file id of the *previous*
+    snapshot); with ``wait_for_file``, the task waits (in the triggerer by default) until the new
+    snapshot appears among the run's output files, and ``file`` is that file
+    (:meth:`OutputFile.to_dict`); with ``output_path`` too, it is downloaded there (checked against
+    its size and md5) and ``path`` is where it landed.
+
+    The snapshot request is never repeated on doubt (a repeat would take a second snapshot).
+
+    :param job_id: the Rescale job id (templated).
+    :param run_id: the run id within the job (templated).
+    :param rescale_conn_id: the Airflow connection id.
+    :param wait_for_file: wait until the snapshot is an output file of the run.
+    :param output_path: a folder (local path, fsspec URL or ``ObjectStoragePath``) to download the
+        snapshot to, once it appeared (templated; needs ``wait_for_file``).
+    :param deferrable: wait in the triggerer instead of a worker slot.
+    :param poll_interval: seconds between polls at first and after each change.
+    :param max_poll_interval: the longest wait between two polls while nothing changes.
+    :param wait_timeout: seconds to wait in all before failing with :class:`JobTimeout`.
+    :param max_poll_failures: consecutive failed polls tolerated in the triggerer.
+    :param retry: the HTTP retry policy (default: the connection's).
+    """
+
+    template_fields: Sequence[str] = ("job_id", "run_id", "output_path")
+
+    def __init__(
+        self,
+        *,
+        wait_for_file: bool = False,
+        output_path: str | ObjectStoragePath | None = None,
+        poll_interval: float = 5.0,
+        max_poll_interval: float = 60.0,
+        wait_timeout: float = 3600.0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(poll_interval=poll_interval, max_poll_interval=max_poll_interval, wait_timeout=wait_timeout, **kwargs)
+        if output_path and not wait_for_file:
+            raise ValueError("output_path needs wait_for_file=True: the snapshot is downloaded once it appeared")
+        self.wait_for_file = wait_for_file
+        self.output_path = output_path
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        """Ask for the snapshot; wait for its file (and download it) when asked."""
+        RescaleJobLink.persist(context, hook=self.hook, job_id=self.job_id)
+        run = self.hook.get_run(self.job_id, self.run_id)
+        if run.is_completed:
+            raise RescaleApiError(
+                f"Run {self.run_id} of Rescale job {self.job_id} has already completed: snapshots only apply to runs "
+                "in progress (its files are output files now)"
+            )
+        known = [f.id for f in self.hook.list_output_files(self.job_id, self.run_id)] if self.wait_for_file else []
+        snapshot = self.hook.snapshot_run(self.job_id, self.run_id)
+        if snapshot.exitcode not in (0, None):
+            raise RescaleApiError(
+                f"The snapshot of run {self.run_id} of Rescale job {self.job_id} failed: exit code {snapshot.exitcode}, "
+                f"reason {snapshot.reason!r}"
+            )
+        self.log.info("Asked for a snapshot of run %s of Rescale job %s: %s", self.run_id, self.job_id, snapshot.reason)
+        result = {
+            "job_id": str(self.job_id),
+            "run_id": str(self.run_id),
+            "last_snapshot_id": snapshot.last_snapshot_id,
+            "exitcode": snapshot.exitcode,
+            "reason": snapshot.reason,
+            "file": None,
+            "path": None,
+        }
+        if not self.wait_for_file:
+            return result
+        # The previous snapshot may still be uploading: its id must not be taken for the new one's.
+        if snapshot.last_snapshot_id:
+            known.append(snapshot.last_snapshot_id)
+        if self.deferrable:
+            trigger = RescaleSnapshotTrigger(**self._trigger_kwargs(), known_file_ids=known)
+            self._defer_to(trigger, "execute_complete", {"snapshot": result})
+        file = self._poll_until(
+            lambda: pick_new_snapshot(self.hook.list_output_files(self.job_id, self.run_id), known),
+            f"the snapshot of run {self.run_id} of Rescale job {self.job_id} to appear",
+        )
+        return self._with_file(context, result, file)
+
+    def execute_complete(self, context: Context, event: dict[str, Any], snapshot: dict[str, Any]) -> dict[str, Any]:
+        """
+        Record (and download) the snapshot file the trigger found (safe to call twice with one event).
+
+        :param context: the running task's context.
+        :param event: the :class:`RescaleSnapshotTrigger` event payload.
+        :param snapshot: the result :meth:`execute` built before deferring.
+        """
+        self._raise_for_event(event)
+        file = OutputFile(**event["file"])
+        return self._with_file(context, dict(snapshot), file)
+
+    def _with_file(self, context: Context, result: dict[str, Any], file: OutputFile) -> dict[str, Any]:
+        self.log.info("The snapshot is output file %s (%s, %s bytes)", file.id, file.relative_path, file.decrypted_size)
+        result["file"] = file.to_dict()
+        if self.output_path:
+            folder = resolve_output_path(self.output_path, context)
+            name = file.name or file.relative_path.rsplit("/", 1)[-1]
+            stored = self.hook.download_file(file, safe_join(folder, name))
+            self.log.info("Downloaded the snapshot to %s", stored.path)
+            result["path"] = stored.path
+        return result
+
+
+class RescaleListRunsOperator(BaseOperator):
+    """
+    List the runs of a Rescale job with their variables, for a DAG to pick one or map over them.
+
+    The XCom value is a list of :meth:`RescaleRun.to_dict` (``id``, ``date_started``,
+    ``date_completed``, ``is_optimal``, ``type``, ``output_file_count``, ``output_file_size``,
+    ``variables`` as ``{name: value}``...), in the API's display order. Pick the optimal run with
+    ``[r for r in runs if r["is_optimal"]]``, or map a sensor over the run ids with ``.expand``.
+
+    :param job_id: the Rescale job id (templated).
+    :param rescale_conn_id: the Airflow connection id.
+    :param completed_only: keep only the runs that have completed.
+    :param optimal_only: keep only the runs Rescale marks ``isOptimal``.
+    :param max_runs: refuse a job with more runs than this (the list lands in XCom).
+    :param page_size: runs asked per page.
+    :param retry: the HTTP retry policy (default: the connection's).
+    """
+
+    template_fields: Sequence[str] = ("job_id",)
+    operator_extra_links = (RescaleJobLink(),)
+    ui_color = "#d8e8f5"
+
+    def __init__(
+        self,
+        *,
+        job_id: str,
+        rescale_conn_id: str = RescaleHook.default_conn_name,
+        completed_only: bool = False,
+        optimal_only: bool = False,
+        max_runs: int = 10_000,
+        page_size: int = 100,
+        retry: RetryPolicy | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.job_id = job_id
+        self.rescale_conn_id = rescale_conn_id
+        self.completed_only = completed_only
+        self.optimal_only = optimal_only
+        self.max_runs = max_runs
+        self.page_size = page_size
+        self.retry = retry
+
+    @cached_property
+    def hook(self) -> RescaleHook:
+        """The Rescale hook of this task."""
+        return RescaleHook(self.rescale_conn_id, retry=self.retry)
+
+    def execute(self, context: Context) -> list[dict[str, Any]]:
+        """Return the job's runs (filtered) as plain dicts."""
+        RescaleJobLink.persist(context, hook=self.hook, job_id=self.job_id)
+        runs = self.hook.list_runs(self.job_id, page_size=self.page_size)
+        if len(runs) > self.max_runs:
+            raise HpcApiError(
+                f"Rescale job {self.job_id} has {len(runs)} runs, more than max_runs={self.max_runs}: "
+                "raise max_runs or filter the runs another way"
+            )
+        kept = [r for r in runs if (r.is_completed or not self.completed_only) and (r.is_optimal or not self.optimal_only)]
+        self.log.info("Rescale job %s has %d runs; returning %d", self.job_id, len(runs), len(kept))
+        return [r.to_dict() for r in kept]

@@ -1,0 +1,271 @@
+"""RescaleRunSensor: wait until a run of a Rescale job has completed, in the triggerer by default."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from datetime import timedelta
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
+
+from airflow.sdk import BaseSensorOperator, PokeReturnValue
+from airflow.sdk.exceptions import AirflowSensorTimeout
+
+from airflow_provider_hpc.exceptions import HpcApiError, RescaleApiError, RescaleRunFailed
+from airflow_provider_hpc.hooks._http import RetryPolicy
+from airflow_provider_hpc.hooks.rescale import RescaleHook, RescaleRun
+from airflow_provider_hpc.links.rescale import RescaleJobLink
+from airflow_provider_hpc.triggers.rescale import (
+    MAX_TAIL_LINES,
+    RescaleRunTrigger,
+    RunVerdict,
+    TailFollower,
+    judge_completed_run,
+    outcome_to_dict,
+    run_message,
+    tail_is_over,
+)
+
+if TYPE_CHECKING:
+    from airflow.sdk import Context
+
+#: Extra seconds Airflow's own deferral timeout allows beyond the trigger's deadline, so the
+#: trigger's clearer ``timeout`` event normally arrives first.
+DEFERRAL_TIMEOUT_MARGIN = 120.0
+
+
+def default_deferrable() -> bool:
+    """
+    Return whether Rescale waits defer by default: ``[operators] default_deferrable`` when set, else True.
+
+    Airflow's own default for that option is ``False``; these waits last hours, so unless the
+    deployment said otherwise (in ``airflow.cfg`` or ``AIRFLOW__OPERATORS__DEFAULT_DEFERRABLE``)
+    they free the worker slot.
+    """
+    from airflow.sdk.configuration import conf
+
+    try:
+        value, source = conf.as_dict(display_source=True, display_sensitive=False)["operators"]["default_deferrable"]
+    except (KeyError, TypeError, ValueError):
+        return True
+    if source == "default":
+        return True
+    return str(value).strip().lower() in ("true", "1", "yes", "on", "t", "y")
+
+
+def run_result(job_id: str, run_id: str, run: dict[str, Any] | None, verdict_outcome: dict[str, Any] | None,
+               status: str, reason: str | None, message: str) -> dict[str, Any]:
+    """
+    Return the XCom value of a finished wait: ``{"job_id", "run_id", "status", "run", "outcome", "reason", "message"}``.
+
+    :param job_id: the job id.
+    :param run_id: the run id.
+    :param run: :meth:`RescaleRun.to_dict` of the completed run.
+    :param verdict_outcome: the job outcome as :func:`outcome_to_dict` gives it.
+    :param status: ``success`` or ``failed``.
+    :param reason: the status reason that decided.
+    :param message: the one-line summary.
+    """
+    return {
+        "job_id": job_id,
+        "run_id": run_id,
+        "status": status,
+        "run": run,
+        "outcome": verdict_outcome,
+        "reason": reason,
+        "message": message,
+    }
+
+
+class RescaleRunSensor(BaseSensorOperator):
+    """
+    Wait until a Rescale run has completed (``dateCompleted`` set) and tell success from failure.
+
+    Success is read from the job's statuses sorted by date: a ``Stopping``/``Stopped`` on the way or
+    a failure ``statusReason`` (``Exceeded max number of restarts``...) fails the task with
+    :class:`RescaleRunFailed`, unless ``accept_any_completion``. The XCom value is
+    ``{"job_id", "run_id", "status", "run", "outcome", "reason", "message"}`` (``run`` is
+    :meth:`RescaleRun.to_dict`, ``outcome`` ``{"completed", "succeeded", "reason", "history"}``).
+
+    Deferrable by default (see :func:`default_deferrable`): the wait runs in the triggerer
+    (:class:`RescaleRunTrigger`) and frees the worker slot. With ``tail_path``, the new lines of that
+    file of the run's working folder are written to the task log while the run is in progress.
+    When the task is killed (marked failed or success, cleared, or its worker stopped), the run is
+    stopped, unless ``cancel_on_kill=False``.
+
+    :param job_id: the Rescale job id (templated).
+    :param run_id: the run id within the job (templated).
+    :param rescale_conn_id: the Airflow connection id.
+    :param poll_interval: seconds between polls at first and after each change.
+    :param max_poll_interval: the longest wait between two polls while nothing changes.
+    :param timeout: seconds to wait in all before failing with ``AirflowSensorTimeout``.
+    :param accept_any_completion: succeed on any completion, a stopped or failed run included.
+    :param outcome_wait: seconds to wait, once the run completed, for the job's ``Completed`` status.
+    :param tail_path: a file of the run's working folder to follow into the task log (templated).
+    :param tail_lines: how many lines each tail reads; more than the file grows between two polls.
+    :param cancel_on_kill: stop the run when the task is killed.
+    :param deferrable: wait in the triggerer instead of a worker slot.
+    :param max_poll_failures: consecutive failed polls tolerated in the triggerer.
+    :param retry: the HTTP retry policy (default: the connection's).
+    """
+
+    template_fields: Sequence[str] = ("job_id", "run_id", "tail_path")
+    operator_extra_links = (RescaleJobLink(),)
+    ui_color = "#d8e8f5"
+
+    def __init__(
+        self,
+        *,
+        job_id: str,
+        run_id: str,
+        rescale_conn_id: str = RescaleHook.default_conn_name,
+        poll_interval: float = 30.0,
+        max_poll_interval: float = 300.0,
+        accept_any_completion: bool = False,
+        outcome_wait: float = 60.0,
+        tail_path: str | None = None,
+        tail_lines: int = 100,
+        cancel_on_kill: bool = True,
+        deferrable: bool | None = None,
+        max_poll_failures: int = 5,
+        retry: RetryPolicy | None = None,
+        **kwargs: Any,
+    ) -> None:
+        kwargs.setdefault("poke_interval", poll_interval)
+        super().__init__(**kwargs)
+        self.job_id = job_id
+        self.run_id = run_id
+        self.rescale_conn_id = rescale_conn_id
+        self.poll_interval = float(poll_interval)
+        self.max_poll_interval = float(max_poll_interval)
+        self.accept_any_completion = accept_any_completion
+        self.outcome_wait = float(outcome_wait)
+        self.tail_path = tail_path
+        self.tail_lines = max(1, min(int(tail_lines), MAX_TAIL_LINES))
+        self.cancel_on_kill = cancel_on_kill
+        self.deferrable = default_deferrable() if deferrable is None else deferrable
+        self.max_poll_failures = max_poll_failures
+        self.retry = retry
+        self._tail: TailFollower | None = None
+        self._completed_seen_at: float | None = None
+        self._watching = False
+
+    @cached_property
+    def hook(self) -> RescaleHook:
+        """The Rescale hook of this task."""
+        return RescaleHook(self.rescale_conn_id, retry=self.retry)
+
+    def execute(self, context: Context) -> Any:
+        """Show the job's link, then wait: one poll here, the rest in the triggerer or in poke mode."""
+        RescaleJobLink.persist(context, hook=self.hook, job_id=self.job_id)
+        if not self.deferrable:
+            return super().execute(context)
+        done = self.poke(context)
+        if done:
+            return done.xcom_value if isinstance(done, PokeReturnValue) else None
+        self.defer(
+            trigger=self.make_trigger(),
+            method_name="execute_complete",
+            timeout=timedelta(seconds=self.timeout + DEFERRAL_TIMEOUT_MARGIN),
+        )
+
+    def make_trigger(self) -> RescaleRunTrigger:
+        """Return the trigger that waits for this run (plain values only, no secret)."""
+        return RescaleRunTrigger(
+            job_id=self.job_id,
+            run_id=self.run_id,
+            rescale_conn_id=self.rescale_conn_id,
+            poll_interval=self.poll_interval,
+            max_poll_interval=self.max_poll_interval,
+            deadline=time.time() + self.timeout,
+            max_poll_failures=self.max_poll_failures,
+            retry=self.retry.to_dict() if self.retry else None,
+            accept_any_completion=self.accept_any_completion,
+            outcome_wait=self.outcome_wait,
+            tail_path=self.tail_path,
+            tail_lines=self.tail_lines,
+            cancel_on_kill=self.cancel_on_kill,
+        )
+
+    def poke(self, context: Context) -> bool | PokeReturnValue:
+        """
+        Read the run once: ``False`` while it goes on (new tail lines logged), its result once completed.
+
+        :param context: the running task's context.
+        """
+        run = self.hook.get_run(self.job_id, self.run_id)
+        if not run.is_completed:
+            self._watching = True
+            self._follow_tail()
+            self.log.info("Run %s of Rescale job %s is %s", self.run_id, self.job_id, "running" if run.date_started else "waiting to start")
+            return False
+        self._watching = False
+        if self._completed_seen_at is None:
+            self._completed_seen_at = time.monotonic()
+        verdict = judge_completed_run(
+            self.hook.get_job_statuses(self.job_id),
+            accept_any_completion=self.accept_any_completion,
+            waited_for_job=time.monotonic() - self._completed_seen_at,
+            outcome_wait=self.outcome_wait,
+        )
+        if verdict is None:
+            self.log.info("Run %s completed; waiting for job %s to report its final status", self.run_id, self.job_id)
+            return False
+        return PokeReturnValue(True, self._verdict_result(run, verdict))
+
+    def _verdict_result(self, run: RescaleRun, verdict: RunVerdict) -> dict[str, Any]:
+        message = run_message(self.job_id, self.run_id, verdict)
+        if verdict.status != "success":
+            raise RescaleRunFailed(message)
+        self.log.info("%s", message)
+        return run_result(self.job_id, self.run_id, run.to_dict(), outcome_to_dict(verdict.outcome), verdict.status, verdict.reason, message)
+
+    def _follow_tail(self) -> None:
+        if not self.tail_path:
+            return
+        tail = self._tail = self._tail or TailFollower(self.tail_path, self.tail_lines)
+        try:
+            if not tail.found:
+                tail.found = any(e.path == tail.path for e in self.hook.get_directory_contents(self.job_id, self.run_id))
+                if not tail.found:
+                    return
+            new, gap = tail.take(self.hook.tail(self.job_id, self.run_id, tail.path, tail.lines))
+        except HpcApiError as exc:
+            if not tail_is_over(exc):
+                self.log.warning("Could not tail %s of run %s: %s", tail.path, self.run_id, exc)
+            return
+        if gap:
+            self.log.info("[%s] ... (more than %d lines since the last poll; some were skipped)", tail.path, tail.lines)
+        for line in new:
+            self.log.info("[%s] %s", tail.path, line)
+
+    def execute_complete(self, context: Context, event: dict[str, Any]) -> dict[str, Any]:
+        """
+        Turn the trigger's event into the task's result or error (safe to call twice with one event).
+
+        :param context: the running task's context.
+        :param event: the :class:`RescaleRunTrigger` event payload.
+        """
+        status = event.get("status")
+        message = str(event.get("message") or f"Rescale run {self.run_id} of job {self.job_id}: {status}")
+        if status == "success":
+            self.log.info("%s", message)
+            return run_result(
+                str(event.get("job_id", self.job_id)), str(event.get("run_id", self.run_id)), event.get("run"),
+                event.get("outcome"), "success", event.get("reason"), message,
+            )
+        if status == "failed":
+            raise RescaleRunFailed(message)
+        if status == "timeout":
+            raise AirflowSensorTimeout(message)
+        raise RescaleApiError(message)
+
+    def on_kill(self) -> None:
+        """Stop the run when the task is killed while this worker is waiting on it (poke mode)."""
+        if not self.cancel_on_kill or not self._watching:
+            return
+        self.log.info("The task was killed: stopping run %s of Rescale job %s", self.run_id, self.job_id)
+        try:
+            self.hook.stop_run(self.job_id, self.run_id)
+        except HpcApiError as exc:
+            self.log.warning("Could not stop run %s of Rescale job %s: %s", self.run_id, self.job_id, exc)

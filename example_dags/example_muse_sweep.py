@@ -1,0 +1,62 @@
+"""
+A parameter sweep on Muse: one cluster run per input, mapped dynamically, then a reduce.
+
+``make_inputs`` writes one ``stdin.txt`` per case to object storage (under ``[hpc] results_base``,
+which may be ``s3://...``); each mapped ``MuseRunOperator`` uploads its file and runs
+``python /add.py``, which reads the numbers from it; ``total`` adds the results up.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from airflow.sdk import DAG, Param, task
+
+from airflow_provider_hpc.operators.muse import MuseRunOperator
+from airflow_provider_hpc.results import results_base
+
+with DAG(
+    dag_id="example_muse_sweep",
+    schedule=None,
+    start_date=datetime(2025, 1, 1),
+    catchup=False,
+    tags=["example", "muse"],
+    doc_md=__doc__,
+    params={"cases": Param([[1, 2], [3, 4], [5, 6.5]], type="array", description="numbers added by each run")},
+):
+
+    @task
+    def make_inputs(params: dict[str, Any], run_id: str) -> list[list[str]]:
+        """Write one stdin.txt per case to object storage; return each run's list of files."""
+        folder = results_base() / "example_muse_sweep" / run_id.replace(":", "_").replace("+", "_") / "inputs"
+        inputs = []
+        for index, numbers in enumerate(params["cases"]):
+            path = folder / f"case_{index}" / "stdin.txt"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(" ".join(str(n) for n in numbers) + "\n")
+            inputs.append([str(path)])
+        return inputs
+
+    runs = MuseRunOperator.partial(
+        task_id="add",
+        name="sw_example",
+        cmd="python /add.py",
+        files_order=["stdin.txt"],
+        returned_type="stdout",
+        poll_interval=2,
+        max_poll_interval=30,
+        timeout=3600,
+        map_index_template="{{ task.files[0] | replace('/stdin.txt', '') | truncate(60, True, '') }}",
+    ).expand(files=make_inputs())
+
+    @task
+    def total(results: list[dict[str, Any]]) -> float:
+        """Add the sums of every case up."""
+        sums = [float(result["stdout"]) for result in results]
+        for result, value in zip(results, sums):
+            print(f"case run {result['key']}: {value}")
+        print(f"total of {len(sums)} runs: {sum(sums)}")
+        return sum(sums)
+
+    total(runs.output)
