@@ -9,24 +9,18 @@ by a tiny aiohttp server bound to 127.0.0.1 inside the test.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
-# A private AIRFLOW_HOME keeps the tests from reading (or writing) the user's own Airflow set-up.
-os.environ.setdefault("AIRFLOW_HOME", tempfile.mkdtemp(prefix="hpc-unit-airflow-home-"))
-os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
+import pytest
+import tenacity.nap
+from airflow.sdk import ObjectStoragePath
 
-import pytest  # noqa: E402
-import tenacity.nap  # noqa: E402
-from airflow.sdk import ObjectStoragePath  # noqa: E402
-
-from airflow_provider_hpc.hooks._http import RetryPolicy  # noqa: E402
-from airflow_provider_hpc.hooks.muse import MuseHook  # noqa: E402
-from airflow_provider_hpc.hooks.rescale import RescaleHook  # noqa: E402
+from airflow_provider_hpc.hooks._http import RetryPolicy
+from airflow_provider_hpc.hooks.muse import MuseHook
+from airflow_provider_hpc.hooks.rescale import RescaleHook
 
 MUSE_URL = "http://muse.test/api/"
 RESCALE_URL = "https://platform.rescale.com/"
