@@ -2,97 +2,71 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 __version__ = "0.1.0"
 
-_TIMEOUT_FIELDS = {
-    "connect_timeout": {
-        "label": "Connect timeout (s)",
-        "schema": {"type": ["number", "null"], "default": 10},
-        "description": "Seconds to wait for a TCP/TLS connection.",
-    },
-    "read_timeout": {
-        "label": "Read timeout (s)",
-        "schema": {"type": ["number", "null"], "default": 60},
-        "description": "Seconds to wait for the server between two bytes of an answer.",
-    },
-    "verify": {
-        "label": "Verify TLS certificate",
-        "schema": {"type": ["boolean", "null"], "default": True},
-        "description": "Leave on unless the service uses a self-signed certificate you trust.",
-    },
-    "max_attempts": {
-        "label": "Attempts per request",
-        "schema": {"type": ["integer", "null"], "default": 5},
-        "description": "Bounded retries on connection errors, 429 and 5xx answers.",
-    },
-}
+_PACKAGE = "airflow_provider_hpc"
 
 
-def get_provider_info() -> dict:
-    """Describe the provider to Airflow's providers manager (entry point ``apache_airflow_provider``)."""
+def _modules(kind: str, *names: str) -> list[str]:
+    return [f"{_PACKAGE}.{kind}.{name}" for name in names]
+
+
+def get_provider_info() -> dict[str, Any]:
+    """
+    Describe the provider to Airflow's providers manager (entry point ``apache_airflow_provider``).
+
+    Lists every hook, operator, sensor and trigger module, the extra links, both connection types
+    with their form (``conn-fields``, ``ui-field-behaviour``), and the ``[hpc]`` configuration section.
+    Imports nothing heavy: Airflow calls it while starting.
+    """
+    from airflow_provider_hpc.hooks._forms import MUSE_DOC_URL, RESCALE_PLATFORM_URL, connection_types
+
     return {
         "package-name": "airflow-provider-hpc",
         "name": "HPC (Muse, Rescale)",
         "description": "Run simulations on HPC services (INRAE Muse cluster, Rescale) and chain their results.",
         "versions": [__version__],
         "integrations": [
-            {
-                "integration-name": "Muse",
-                "external-doc-url": "http://147.100.179.250/api/",
-                "tags": ["service"],
-            },
-            {
-                "integration-name": "Rescale",
-                "external-doc-url": "https://platform.rescale.com/",
-                "tags": ["service"],
-            },
+            {"integration-name": "Muse", "external-doc-url": MUSE_DOC_URL, "tags": ["service"]},
+            {"integration-name": "Rescale", "external-doc-url": f"{RESCALE_PLATFORM_URL}/", "tags": ["service"]},
         ],
         "hooks": [
-            {"integration-name": "Muse", "python-modules": ["airflow_provider_hpc.hooks.muse"]},
-            {"integration-name": "Rescale", "python-modules": ["airflow_provider_hpc.hooks.rescale"]},
+            {"integration-name": "Muse", "python-modules": _modules("hooks", "muse")},
+            {"integration-name": "Rescale", "python-modules": _modules("hooks", "rescale")},
         ],
-        "connection-types": [
-            {
-                "connection-type": "muse",
-                "hook-class-name": "airflow_provider_hpc.hooks.muse.MuseHook",
-                "hook-name": "Muse (INRAE cluster web service)",
-                "conn-fields": {
-                    "token": {
-                        "label": "Ready JWT (instead of login/password)",
-                        "schema": {"type": ["string", "null"], "format": "password"},
-                    },
-                    **_TIMEOUT_FIELDS,
-                },
-                "ui-field-behaviour": {
-                    "hidden-fields": ["schema", "port", "extra"],
-                    "relabeling": {"host": "Base URL", "login": "Username"},
-                    "placeholders": {
-                        "host": "http://147.100.179.250/api/",
-                        "login": "your Muse username",
-                        "password": "your Muse password (or leave empty and give a ready token)",
+        "operators": [
+            {"integration-name": "Muse", "python-modules": _modules("operators", "muse")},
+            {"integration-name": "Rescale", "python-modules": _modules("operators", "rescale", "rescale_download")},
+        ],
+        "sensors": [
+            {"integration-name": "Muse", "python-modules": _modules("sensors", "muse")},
+            {"integration-name": "Rescale", "python-modules": _modules("sensors", "rescale")},
+        ],
+        "triggers": [
+            {"integration-name": "Muse", "python-modules": _modules("triggers", "muse")},
+            {"integration-name": "Rescale", "python-modules": _modules("triggers", "rescale")},
+        ],
+        "extra-links": [
+            f"{_PACKAGE}.links.muse.MuseJobStateLink",
+            f"{_PACKAGE}.links.rescale.RescaleJobLink",
+        ],
+        "connection-types": connection_types(),
+        "config": {
+            "hpc": {
+                "description": "Settings of the HPC provider (Muse, Rescale).",
+                "options": {
+                    "results_base": {
+                        "description": "The folder under which task results are written, one sub-folder per "
+                        "DAG, run and task: a local path or any fsspec URL (s3://bucket/prefix, gs://...). "
+                        "Empty means {AIRFLOW_HOME}/hpc-results.",
+                        "version_added": "0.1.0",
+                        "type": "string",
+                        "example": "s3://my-bucket/hpc-results",
+                        "default": None,
                     },
                 },
             },
-            {
-                "connection-type": "rescale",
-                "hook-class-name": "airflow_provider_hpc.hooks.rescale.RescaleHook",
-                "hook-name": "Rescale",
-                "conn-fields": {
-                    "api_version": {
-                        "label": "API version",
-                        "schema": {"type": ["string", "null"], "default": "v1", "enum": ["v1", "v2"]},
-                        "description": "v1 uses /api/jobs/...; v2 uses /api/v2/jobs/...",
-                    },
-                    **_TIMEOUT_FIELDS,
-                },
-                "ui-field-behaviour": {
-                    "hidden-fields": ["schema", "port", "login", "extra"],
-                    "relabeling": {"host": "Platform URL", "password": "API key"},
-                    "placeholders": {
-                        "host": "https://platform.rescale.com (or eu.rescale.com, platform.rescale.jp, ...)",
-                        "password": "your Rescale API key",
-                    },
-                },
-            },
-        ],
+        },
     }

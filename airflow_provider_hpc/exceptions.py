@@ -44,10 +44,21 @@ class HpcApiError(AirflowException):
         self.excerpt = excerpt
         self.retryable = retryable
         self.retry_after = retry_after
+        self.attempts: int | None = None
         super().__init__(self._render())
+
+    def note_attempts(self, attempts: int) -> None:
+        """Record that the request was tried ``attempts`` times before this error was raised."""
+        self.attempts = attempts
+        self.args = (self._render(),)
+
+    def __str__(self) -> str:
+        return self._render()
 
     def _render(self) -> str:
         parts = [self.message]
+        if self.attempts and self.attempts > 1:
+            parts[0] += f" (gave up after {self.attempts} attempts)"
         if self.endpoint:
             parts.append(f"endpoint: {self.endpoint}")
         if self.status is not None:

@@ -10,9 +10,11 @@ object is itself atomic). A failed or interrupted transfer leaves nothing under 
 from __future__ import annotations
 
 import hashlib
+import os
 import posixpath
 import uuid
 import zipfile
+import zlib
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -70,7 +72,19 @@ def safe_join(root: ObjectStoragePath, relative: str) -> ObjectStoragePath:
         or any(part in ("", ".", "..") for part in parts)
     ):
         raise UnsafePathError(f"Refusing path {relative!r}: it could write outside {root}")
-    return root.joinpath(*parts)
+    target = root.joinpath(*parts)
+    _confine_locally(root, target, relative)
+    return target
+
+
+def _confine_locally(root: ObjectStoragePath, target: ObjectStoragePath, relative: str) -> None:
+    """On local storage, refuse a target whose folder a symbolic link already there leads outside ``root``."""
+    if getattr(root, "protocol", None) not in ("file", "local", ""):
+        return  # object stores have no symbolic links
+    base = os.path.realpath(root.path)
+    folder = os.path.realpath(target.parent.path)
+    if folder != base and not folder.startswith(base + os.sep):
+        raise UnsafePathError(f"Refusing path {relative!r}: a symbolic link under {root} leads outside it")
 
 
 def write_atomically(
@@ -88,30 +102,48 @@ def write_atomically(
     :param expected_md5: the md5 the server announced; a mismatch raises and keeps nothing.
     :param max_bytes: refuse a body larger than this (raises, keeps nothing).
     """
+    announced = None if expected_size is None else int(expected_size)
     dest.parent.mkdir(parents=True, exist_ok=True)
+    # Beside the destination, so the final move stays within one folder (one filesystem, one bucket).
     temp = dest.parent / f"{TEMP_PREFIX}{uuid.uuid4().hex}-{dest.name}"
     digest = hashlib.md5(usedforsecurity=False)
     size = 0
     try:
-        with temp.open("wb") as out:
+        out = temp.open("wb")
+        try:
             for chunk in chunks:
                 if not chunk:
                     continue
                 size += len(chunk)
                 if max_bytes is not None and size > max_bytes:
                     raise HpcApiError(f"Refusing {dest}: larger than the limit of {max_bytes} bytes")
+                if announced is not None and size > announced:
+                    # No need to store the rest of a body already longer than announced.
+                    raise TransferIntegrityError(f"{dest}: received more than the {announced} bytes the server announced")
                 digest.update(chunk)
                 out.write(chunk)
+        except BaseException:
+            _close_quietly(out)
+            raise
+        out.close()
         md5 = digest.hexdigest()
-        if expected_size is not None and size != int(expected_size):
-            raise TransferIntegrityError(f"{dest}: received {size} bytes, the server announced {expected_size}")
-        if expected_md5 and md5 != expected_md5.lower():
+        if announced is not None and size != announced:
+            raise TransferIntegrityError(f"{dest}: received {size} bytes, the server announced {announced}")
+        if expected_md5 and md5 != expected_md5.strip().lower():
             raise TransferIntegrityError(f"{dest}: md5 {md5} does not match the announced {expected_md5}")
         temp.rename(dest)
     except BaseException:
         _remove_quietly(temp)
         raise
     return StoredFile(path=str(dest), size=size, md5=md5)
+
+
+def _close_quietly(handle: Any) -> None:
+    """Close a half-written temporary file (it is removed next); the original error matters more."""
+    try:
+        handle.close()
+    except Exception:
+        pass
 
 
 def file_md5(path: ObjectStoragePath) -> str:
@@ -146,8 +178,20 @@ def extract_zip(
     Extract a zip to ``dest`` safely: no member outside ``dest``, no links, bounded total size.
 
     The limits stop zip bombs: the sizes the archive declares are checked first, and the bytes
-    actually written are counted again while extracting.
+    actually written are counted again while extracting. A broken archive (not a zip, truncated,
+    a member whose bytes do not match its header) is an :class:`HpcApiError` naming the archive.
     """
+    try:
+        return _extract_zip(archive, dest, max_total_bytes=max_total_bytes, max_members=max_members)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, zlib.error, NotImplementedError, RuntimeError) as exc:
+        raise HpcApiError(f"{archive} is not a zip archive that can be extracted: {exc}") from None
+    except (FileExistsError, NotADirectoryError, IsADirectoryError) as exc:
+        raise UnsafePathError(f"{archive} holds members that clash (a file and a folder of one name): {exc}") from None
+
+
+def _extract_zip(
+    archive: ObjectStoragePath, dest: ObjectStoragePath, *, max_total_bytes: int, max_members: int
+) -> list[StoredFile]:
     with archive.open("rb") as handle, zipfile.ZipFile(handle) as zipped:
         members = [m for m in zipped.infolist() if not m.is_dir()]
         if len(members) > max_members:
@@ -170,8 +214,9 @@ def extract_zip(
 
 
 def _remove_quietly(path: ObjectStoragePath) -> None:
+    """Remove a temporary file if it is there; a failed clean-up must not hide the original error."""
     try:
         if path.exists():
             path.unlink()
-    except OSError:
+    except Exception:
         pass

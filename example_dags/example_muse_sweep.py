@@ -47,7 +47,8 @@ with DAG(
         poll_interval=2,
         max_poll_interval=30,
         timeout=3600,
-        map_index_template="{{ task.files[0] | replace('/stdin.txt', '') | truncate(60, True, '') }}",
+        # Label each mapped run in the UI by its case folder ("case_0", "case_1", ...).
+        map_index_template="{{ task.files[0].rstrip('/').split('/')[-2] }}",
     ).expand(files=make_inputs())
 
     @task

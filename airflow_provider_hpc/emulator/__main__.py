@@ -8,8 +8,10 @@ variables, then serves until Ctrl-C.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import shlex
+import shutil
 import signal
 import sys
 import tempfile
@@ -49,7 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hpc-emulator", description=__doc__.strip().splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, loopback only)")
     parser.add_argument("--port", type=int, default=8000, help="port to bind; 0 picks a free one (default: 8000)")
-    parser.add_argument("--data-dir", type=Path, help="where runs and results live (default: a temporary folder)")
+    parser.add_argument(
+        "--data-dir", type=Path, help="where runs and results live (default: a temporary folder, removed on exit)"
+    )
     parser.add_argument("--tls", action="store_true", help="serve HTTPS with a certificate made at start")
     parser.add_argument("--time-scale", type=float, default=1.0, help="multiplies every emulated delay")
     parser.add_argument("--pending-seconds", type=float, default=0.5, help="how long a new run waits in the queue")
@@ -87,17 +91,33 @@ def config_from(args: argparse.Namespace) -> EmulatorConfig:
     return config
 
 
+def is_loopback(host: str) -> bool:
+    """Tell whether ``host`` is a loopback address or ``localhost``."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def banner(server: EmulatorServer) -> str:
     """Return what a user needs to point Airflow at the emulator."""
     users = ", ".join(f"{name}/{user.password} ({user.level})" for name, user in server.config.muse_users.items())
     keys = ", ".join(sorted(server.config.rescale_api_keys))
     lines = [
-        f"HPC emulator listening on {server.base_url} (data: {server.config.data_dir})",
+        f"HPC emulator listening on {server.base_url} (data: {server.config.data_dir}"
+        f"{', removed on exit' if server.deletes_data_dir else ''})",
         f"  Muse     {server.muse_url}   users: {users}",
         f"  Rescale  {server.rescale_url}   API keys: {keys}",
     ]
     if server.ca_path:
         lines.append(f"  TLS CA   {server.ca_path}")
+    if not is_loopback(server.host):
+        lines.append(
+            f"  WARNING  {server.host} is reachable from other machines: anyone who reaches it can run "
+            "commands with your rights, with the demo credentials above."
+        )
     lines.append("Airflow connections (paste into your shell):")
     lines += [f"  export {name}={shlex.quote(value)}" for name, value in server.airflow_conn_env().items()]
     lines.append("Admin: GET /_emulator/counters, POST /_emulator/faults, POST /_emulator/reset. Ctrl-C stops.")
@@ -105,13 +125,22 @@ def banner(server: EmulatorServer) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Start the emulator and serve until interrupted (Ctrl-C or SIGTERM)."""
+    """Start the emulator and serve until interrupted (Ctrl-C or SIGTERM); return the exit status."""
     args = build_parser().parse_args(argv)
     # SIGTERM ends the process the way Ctrl-C does, so the cleanup below always runs.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    server = EmulatorServer(config_from(args), host=args.host, port=args.port).start()
-    print(banner(server), flush=True)
+    config = config_from(args)
     try:
+        # A data folder made here is temporary: the server removes it when it stops.
+        server = EmulatorServer(config, host=args.host, port=args.port, delete_data_dir=args.data_dir is None)
+    except OSError as exc:
+        if args.data_dir is None:
+            shutil.rmtree(config.data_dir, ignore_errors=True)
+        print(f"hpc-emulator: error: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
+        return 1
+    try:
+        server.start()
+        print(banner(server), flush=True)
         server.wait()
     except KeyboardInterrupt:
         pass

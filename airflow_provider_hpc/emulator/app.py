@@ -21,7 +21,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -38,9 +38,12 @@ from airflow_provider_hpc.emulator.faults import (
 )
 from airflow_provider_hpc.emulator.muse import MuseEngine, MuseError, create_muse_router, muse_error_response
 
+if TYPE_CHECKING:
+    from airflow_provider_hpc.emulator.rescale_runs import RescaleEngine
+
 log = logging.getLogger(__name__)
 
-RESCALE_MODULE = "airflow_provider_hpc.emulator.rescale"
+RESCALE_MODULES = ("airflow_provider_hpc.emulator.rescale", "airflow_provider_hpc.emulator.rescale_runs")
 
 
 def create_app(config: EmulatorConfig, counters: Counters | None = None) -> FastAPI:
@@ -56,6 +59,7 @@ def create_app(config: EmulatorConfig, counters: Counters | None = None) -> Fast
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        """Serve; on the way out, end every Muse job and its command."""
         yield
         # Stopping: no job command outlives the server.
         await engine.shutdown()
@@ -76,7 +80,8 @@ def create_app(config: EmulatorConfig, counters: Counters | None = None) -> Fast
     app.state.started_at = time.time()
     app.add_exception_handler(MuseError, muse_error_response)
     app.include_router(create_muse_router(engine))
-    app.state.rescale = _include_rescale(app, config, counters)
+    app.state.rescale_engine = _include_rescale(app, config, counters)
+    app.state.rescale = app.state.rescale_engine is not None
     app.include_router(_admin_router(app))
     quiet_dropped_answers()
     # Added last = outermost: counting sees every request, faulted ones included.
@@ -85,17 +90,37 @@ def create_app(config: EmulatorConfig, counters: Counters | None = None) -> Fast
     return app
 
 
-def _include_rescale(app: FastAPI, config: EmulatorConfig, counters: Counters) -> bool:
-    """Include the Rescale router when its module is there; return whether it was."""
+def _include_rescale(app: FastAPI, config: EmulatorConfig, counters: Counters) -> RescaleEngine | None:
+    """Include the Rescale router when its module is there; return its engine, or ``None``."""
     try:
         from airflow_provider_hpc.emulator.rescale import create_rescale_router
+        from airflow_provider_hpc.emulator.rescale_runs import RescaleEngine
     except ModuleNotFoundError as exc:
-        if exc.name != RESCALE_MODULE:
+        if exc.name not in RESCALE_MODULES:
             raise
-        log.warning("Rescale emulator not available (%s is missing): serving Muse only", RESCALE_MODULE)
-        return False
-    app.include_router(create_rescale_router(config, counters))
-    return True
+        log.warning("Rescale emulator not available (%s is missing): serving Muse only", exc.name)
+        return None
+    engine = RescaleEngine(config, counters)
+    app.include_router(create_rescale_router(config, counters, engine))
+    return engine
+
+
+def close_engines(app: FastAPI, wait: float = 0.0) -> None:
+    """
+    Refuse new runs and kill every command the emulator started, from any thread.
+
+    The server calls it before it stops serving, so a request waiting on a command ends at once
+    and nothing starts afterwards, and again after, as a safety net.
+
+    :param wait: seconds to wait for the Rescale engine's threads to end (they write into the
+        data folder, which may be removed next).
+    """
+    app.state.muse.close()
+    engine = app.state.rescale_engine
+    if engine is not None:
+        engine.close()
+        if wait > 0 and not engine.wait_closed(wait):
+            log.warning("Rescale emulator threads still running after %.1f s", wait)
 
 
 class RequestCountingMiddleware:

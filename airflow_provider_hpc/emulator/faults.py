@@ -280,6 +280,7 @@ class _DropNoiseFilter(logging.Filter):
     """Hide uvicorn's error line for answers a ``drop`` fault cut on purpose; the fault logs its own."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        """Keep every record but uvicorn's complaint about an unfinished answer."""
         return record.getMessage() != _DROP_LOG_MESSAGE
 
 
@@ -345,6 +346,7 @@ async def _collect(app: ASGIApp, scope: Scope, receive: Receive) -> tuple[Messag
     chunks: list[bytes] = []
 
     async def capture(message: Message) -> None:
+        """Keep the start message and the body pieces instead of sending them."""
         nonlocal start
         if message["type"] == "http.response.start":
             start = message
@@ -396,6 +398,7 @@ def _corrupting(send: Send) -> Send:
     done = False
 
     async def corrupt_send(message: Message) -> None:
+        """Send ``message``, the first non-empty body piece with one byte flipped."""
         nonlocal done
         if not done and message["type"] == "http.response.body" and message.get("body"):
             message = {**message, "body": _flip_one_byte(message["body"])}

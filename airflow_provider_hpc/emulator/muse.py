@@ -367,7 +367,7 @@ def parse_walltime(sbatch_list: list[str]) -> float | None:
 
 
 def slurm_duration(text: str) -> float | None:
-    """Return a SLURM time specification in seconds (``None`` for unlimited), or raise a 400 error."""
+    """Return a SLURM time specification in seconds (``None`` for unlimited or 0), or raise a 400 error."""
     if text.upper() in ("UNLIMITED", "INFINITE"):
         return None
     days = 0
@@ -389,7 +389,9 @@ def slurm_duration(text: str) -> float | None:
         hours, minutes, seconds = parts
     else:
         raise _invalid_time(text)
-    return float(((days * 24 + hours) * 60 + minutes) * 60 + seconds)
+    total = float(((days * 24 + hours) * 60 + minutes) * 60 + seconds)
+    # As sbatch says: "A time limit of zero requests that no time limit be imposed."
+    return total or None
 
 
 def _duration_number(part: str, text: str) -> int:
@@ -563,6 +565,8 @@ class MuseEngine:
         self._next_run_number = FIRST_RUN_NUMBER
         self._next_job_id = FIRST_JOB_ID
         self._slots: asyncio.Semaphore | None = None
+        # Set once the server is stopping: no command starts after that.
+        self._closed = False
 
     # ----- lookups
 
@@ -614,6 +618,7 @@ class MuseEngine:
 
     async def submit(self, software: Software, request: RunRequest, uploads: list[UploadFile]) -> MuseJob:
         """Stage the uploads into a new run folder, register the job and start its life."""
+        self._refuse_when_closed()
         walltime = parse_walltime(request.sbatch_list)
         key = str(uuid.uuid4())
         folder = self.root / "jobs" / key
@@ -638,16 +643,32 @@ class MuseEngine:
 
     async def run_now(self, software: Software, request: RunRequest, uploads: list[UploadFile]) -> LocalRun:
         """Run off-cluster: stage the uploads, run the command at once and wait for its end."""
+        self._refuse_when_closed()
         folder = self.root / "local" / uuid.uuid4().hex
         ordered = await self._prepare_folder(folder, request, uploads)
         self.counters.incr("muse_offcluster_runs", request.cmd)
         process = await self._spawn(folder / "run", software, request.cmd, {})
         self._local_processes[process.pid] = process
         try:
+            if self._closed:
+                # The server began stopping while the command was being started.
+                await self._kill(process, grace=0)
             exit_code = await process.wait()
         finally:
+            # A client gone or the server stopping cancels the wait: the command must not outlive it.
+            if process.returncode is None:
+                _signal_group(process.pid, signal.SIGKILL)
             self._local_processes.pop(process.pid, None)
         return LocalRun(software, request, ordered, folder, exit_code)
+
+    def _refuse_when_closed(self) -> None:
+        if self._closed:
+            raise MuseError(
+                503,
+                "The service is stopping: no new run is accepted.",
+                "ServiceUnavailable",
+                ["Try again once the service is back."],
+            )
 
     def _next_numbers(self) -> tuple[int, int]:
         run_number, job_id = self._next_run_number, self._next_job_id
@@ -721,10 +742,12 @@ class MuseEngine:
             "SLURM_SUBMIT_DIR": str(job.run_dir),
             "SLURMD_NODENAME": NODE_NAME,
         }
+        if self._closed:
+            return
         process = await self._spawn(job.run_dir, job.software, job.request.cmd, env)
         job.process, job.pid = process, process.pid
-        if job.state.is_final:
-            # Cancelled while the process was being started.
+        if job.state.is_final or self._closed:
+            # Cancelled, or the server began stopping, while the process was being started.
             await self._kill(process, grace=0)
             return
         job.state, job.started_at = JobState.RUNNING, time.time()
@@ -811,12 +834,24 @@ class MuseEngine:
             if job.task is not None and not job.task.done():
                 job.task.cancel()
 
+    def close(self) -> None:
+        """
+        Refuse new runs and kill every command still running; safe from any thread.
+
+        The server calls it before it stops serving (so a request waiting on a command ends at
+        once) and again once its event loop is gone, as a safety net.
+        """
+        self._closed = True
+        self.kill_all()
+
     def kill_all(self) -> None:
-        """Kill every command still running, from any thread: the safety net once the loop is gone."""
-        pids = [job.pid for job in self.jobs() if job.pid is not None and job.exit_code is None]
-        pids += list(self._local_processes)
-        for pid in pids:
-            _signal_group(pid, signal.SIGKILL)
+        """Kill every command still running, from any thread."""
+        processes = [job.process for job in self.jobs() if job.process is not None]
+        processes += list(self._local_processes.values())
+        for process in processes:
+            # ``returncode`` is set once the process is reaped: until then its pid cannot be reused.
+            if process.returncode is None:
+                _signal_group(process.pid, signal.SIGKILL)
 
     # ----- results
 

@@ -4,7 +4,7 @@ The Rescale side of the emulator: the jobs and runs API over HTTP, as ``shared/a
 Every path exists under ``/api/`` (v1) and ``/api/v2/``. Answers follow Django REST Framework's
 conventions, as the real service does: errors are ``{"detail": ...}``, lists are paginated with
 ``page`` / ``page_size`` and ``count`` / ``next`` / ``previous`` / ``results``. The engine that
-executes the runs is in ``rescale_runs.py``; the protocol is described in ``docs/emulator-rescale.md``.
+executes the runs is in ``rescale_runs.py``; the protocol is described in ``docs/emulator.md``.
 """
 
 from __future__ import annotations
@@ -33,18 +33,23 @@ MAX_BODY_BYTES = 8 * 1024 * 1024
 NOT_FOUND = "Not found."
 
 
-def create_rescale_router(config: EmulatorConfig, counters: Counters) -> APIRouter:
+def create_rescale_router(
+    config: EmulatorConfig, counters: Counters, engine: RescaleEngine | None = None
+) -> APIRouter:
     """
     Build the router serving the Rescale API under ``/api/`` and ``/api/v2/``.
 
     :param config: the emulator settings; ``rescale_api_keys`` is read on every request.
     :param counters: where submissions (``rescale_jobs_submitted``) and stops (``rescale_stops``)
         are counted.
+    :param engine: the engine to serve; a new one when not given. The server passes its own, so
+        it can stop every run even when the router's lifespan does not get to run.
     """
-    engine = RescaleEngine(config, counters)
+    engine = engine if engine is not None else RescaleEngine(config, counters)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        """Serve; on the way out, kill every run still running."""
         # No run process may outlive the server.
         try:
             yield
@@ -69,6 +74,7 @@ def _authenticator(config: EmulatorConfig) -> Callable[[Request], None]:
     """Return a dependency checking ``Authorization: Token <key>`` with DRF's messages."""
 
     def authenticate(request: Request) -> None:
+        """Let the request through, or answer 401 saying what is wrong with its header."""
         parts = request.headers.get("authorization", "").split()
         if not parts or parts[0].lower() != "token":
             _unauthorized("Authentication credentials were not provided.")
@@ -302,6 +308,7 @@ def _stream_growing_file(path: Path) -> StreamingResponse:
     size = os.fstat(handle.fileno()).st_size
 
     def chunks() -> Iterator[bytes]:
+        """Yield the file's first ``size`` bytes, then close it."""
         with handle:
             remaining = size
             while remaining > 0 and (chunk := handle.read(min(CHUNK, remaining))):

@@ -56,6 +56,12 @@ class MissingFileError(EngineError):
     status_code = 404
 
 
+class ServiceStoppingError(EngineError):
+    """The server is stopping and starts nothing new."""
+
+    status_code = 503
+
+
 class RunState(enum.Enum):
     """Where a run is in its life: not started, its process running, outputs uploading, done."""
 

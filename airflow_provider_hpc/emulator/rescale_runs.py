@@ -23,6 +23,7 @@ import secrets
 import signal
 import subprocess
 import threading
+import time
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from datetime import timedelta
@@ -40,6 +41,7 @@ from airflow_provider_hpc.emulator.rescale_models import (
     OutputFile,
     Run,
     RunState,
+    ServiceStoppingError,
     StatusEntry,
     display_value,
     random_id,
@@ -153,6 +155,10 @@ class RescaleEngine:
         self._jobs: dict[str, Job] = {}
         self._files: dict[str, OutputFile] = {}
         self._file_ids: set[str] = set()
+        # Set once the server is stopping: no process starts after that.
+        self._closed = False
+        # Job life-cycle and snapshot threads, so a stopping server can wait for them.
+        self._threads: list[threading.Thread] = []
 
     # -- reading --------------------------------------------------------------------------------
 
@@ -234,6 +240,8 @@ class RescaleEngine:
     def submit(self, job: Job) -> None:
         """Start a job: ``Queued`` at once, then its life cycle in a background thread."""
         with self._lock:
+            if self._closed:
+                raise ServiceStoppingError("The service is stopping: no job can be submitted.")
             if job.submitted:
                 raise EngineError("This job has already been submitted.")
             if job.finished:
@@ -241,7 +249,10 @@ class RescaleEngine:
             job.submitted = True
             self._add_status(job, "Queued", None)
         self._counters.incr("rescale_jobs_submitted", job.id)
-        threading.Thread(target=self._execute_job, args=(job,), name=f"rescale-{job.id}", daemon=True).start()
+        thread = threading.Thread(target=self._execute_job, args=(job,), name=f"rescale-{job.id}", daemon=True)
+        with self._lock:
+            self._threads = [*(known for known in self._threads if known.is_alive()), thread]
+        thread.start()
 
     def stop_job(self, job: Job) -> None:
         """Stop every run of a job: ``Stopping`` now, ``Completed`` once the runs are down."""
@@ -257,12 +268,22 @@ class RescaleEngine:
                 self._complete_job(job)
 
     def close(self) -> None:
-        """Kill every process still running (the server is going down)."""
+        """Kill every process still running and start no other one (the server is going down)."""
         with self._lock:
+            self._closed = True
             for job in self._jobs.values():
                 job.wake.set()
                 for run in job.runs:
                     self._kill(run)
+
+    def wait_closed(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for every job and snapshot thread to end; return whether they did."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            threads = list(self._threads)
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        return not any(thread.is_alive() for thread in threads)
 
     def _new_job_id(self) -> str:
         while True:
@@ -372,6 +393,7 @@ class RescaleEngine:
             run.snapshot_ids.append(file_id)
             thread = threading.Thread(target=self._take_snapshot, args=(run, file_id), daemon=True)
             run.snapshot_threads.append(thread)
+            self._threads = [*(known for known in self._threads if known.is_alive()), thread]
             thread.start()
         return previous
 
@@ -412,7 +434,7 @@ class RescaleEngine:
         with self._lock:
             if run.state is not RunState.PENDING:
                 return
-            if job.stop_requested:
+            if job.stop_requested or self._closed:
                 self._finish_unstarted(run)
                 return
             process = self._spawn(job, run)
@@ -424,7 +446,8 @@ class RescaleEngine:
         for thread in snapshots:
             thread.join()
         self._pause(job, UPLOAD_SECONDS)
-        outputs = self._upload_outputs(run)
+        # The server is going down and its data folder with it: nothing to upload any more.
+        outputs = [] if self._closed else self._upload_outputs(run)
         with self._lock:
             run.files = (*outputs, *run.files)
             self._files.update((output.id, output) for output in outputs)
@@ -474,6 +497,8 @@ class RescaleEngine:
     def _take_snapshot(self, run: Run, file_id: str) -> None:
         job = self._jobs[run.job_id]
         self._pause(job, SNAPSHOT_SECONDS)
+        if self._closed:
+            return
         target = run.snapshot_dir / f"snapshot-{file_id}.zip"
         partial = target.with_name(target.name + ".part")
         try:

@@ -3,7 +3,7 @@ Run the emulator on a real socket, in a background thread: for tests, the demo a
 
 ``EmulatorServer`` binds a socket itself (port 0 picks a free one), so the URLs are known before
 the first request, and serves it with uvicorn. Stopping it ends every job command the emulator
-started and removes the data folder when the server made it.
+started and removes the data folder when the server made it (or was told to).
 """
 
 from __future__ import annotations
@@ -20,11 +20,15 @@ from typing import Any
 
 import uvicorn
 
-from airflow_provider_hpc.emulator.app import create_app
+from fastapi import FastAPI
+
+from airflow_provider_hpc.emulator.app import close_engines, create_app
 from airflow_provider_hpc.emulator.config import Counters, EmulatorConfig
 from airflow_provider_hpc.emulator.tls import TlsFiles, make_tls_files
 
 START_TIMEOUT = 30.0
+# How long a stop waits for requests in flight (a slow download, say) before it cuts them.
+GRACEFUL_SHUTDOWN_SECONDS = 5.0
 
 
 class _ThreadServer(uvicorn.Server):
@@ -32,6 +36,22 @@ class _ThreadServer(uvicorn.Server):
 
     def install_signal_handlers(self) -> None:  # pragma: no cover - older uvicorn versions
         """Install nothing: the server runs outside the main thread."""
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        """
+        Cut idle TLS connections at once, then shut down as uvicorn does.
+
+        uvicorn closes an idle keep-alive connection politely; over TLS that means waiting for
+        the client's ``close_notify``, which a client keeping the connection in its pool never
+        sends: every stop would then last the whole graceful-shutdown timeout.
+        """
+        if self.config.is_ssl:
+            for connection in list(self.server_state.connections):
+                cycle = getattr(connection, "cycle", None)
+                transport = getattr(connection, "transport", None)
+                if transport is not None and (cycle is None or cycle.response_complete):
+                    transport.abort()
+        await super().shutdown(sockets)
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -49,17 +69,27 @@ class EmulatorServer:
     """
     The emulator on a real socket: ``with EmulatorServer(config) as emulator: ... emulator.muse_url``.
 
-    :param config: what to serve; its ``data_dir`` may be ``None``-like (a temporary folder is made
-        and removed on stop when ``config`` is not given).
+    :param config: what to serve. When not given, the defaults, with a temporary data folder the
+        server makes now and removes on stop.
     :param host: the address to bind; loopback by default.
     :param port: the port to bind; ``0`` picks a free one.
+    :param delete_data_dir: remove ``config.data_dir`` on stop, as a temporary folder.
     """
 
-    def __init__(self, config: EmulatorConfig | None = None, *, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(
+        self,
+        config: EmulatorConfig | None = None,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        delete_data_dir: bool = False,
+    ) -> None:
         self._own_data_dir: Path | None = None
         if config is None:
-            self._own_data_dir = Path(tempfile.mkdtemp(prefix="hpc-emulator-"))
-            config = EmulatorConfig(data_dir=self._own_data_dir)
+            config = EmulatorConfig(data_dir=Path(tempfile.mkdtemp(prefix="hpc-emulator-")))
+            delete_data_dir = True
+        if delete_data_dir:
+            self._own_data_dir = Path(config.data_dir)
         self.config = config
         self.host = host
         self.counters = Counters()
@@ -68,6 +98,7 @@ class EmulatorServer:
         self.port: int = self._sock.getsockname()[1]
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
+        self._app: FastAPI | None = None
 
     # -- where it is --------------------------------------------------------------------------
 
@@ -87,6 +118,11 @@ class EmulatorServer:
     def rescale_url(self) -> str:
         """The Rescale platform URL (the hook adds ``/api/...``)."""
         return self.base_url
+
+    @property
+    def deletes_data_dir(self) -> bool:
+        """Whether stopping removes the data folder (a temporary one)."""
+        return self._own_data_dir is not None
 
     @property
     def ca_path(self) -> Path | None:
@@ -127,13 +163,15 @@ class EmulatorServer:
         if self.config.tls:
             self.tls = make_tls_files(self.config.data_dir / "tls", extra_hosts=(self.host,))
             ssl_options = {"ssl_certfile": str(self.tls.cert_path), "ssl_keyfile": str(self.tls.key_path)}
+        self._app = create_app(self.config, self.counters)
         return uvicorn.Config(
-            create_app(self.config, self.counters),
+            self._app,
             log_level="warning",
             access_log=False,
             lifespan="on",
             # Keep-alive longer than any client's poll interval, so pooled connections are reused.
             timeout_keep_alive=75,
+            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
             **ssl_options,
         )
 
@@ -147,6 +185,7 @@ class EmulatorServer:
         deadline = time.monotonic() + START_TIMEOUT
         while not self._server.started:
             if not self._thread.is_alive() or time.monotonic() > deadline:
+                self.stop()
                 raise RuntimeError(f"The emulator did not start on {self.base_url}")
             time.sleep(0.01)
         return self
@@ -158,9 +197,16 @@ class EmulatorServer:
 
     def stop(self) -> None:
         """Stop serving, end every job command, and remove the data folder the server made."""
+        # Commands first: a request waiting on one (an off-cluster run) then ends at once, and
+        # no job starts while the server winds down.
+        if self._app is not None:
+            close_engines(self._app)
         if self._server is not None and self._thread is not None:
             self._server.should_exit = True
-            self._thread.join(timeout=START_TIMEOUT)
+            self._thread.join(timeout=START_TIMEOUT + GRACEFUL_SHUTDOWN_SECONDS)
+        if self._app is not None:
+            # Again, in case a command started in between or the server's shutdown did not finish.
+            close_engines(self._app, wait=GRACEFUL_SHUTDOWN_SECONDS)
         self._cleanup()
 
     def _cleanup(self) -> None:
@@ -169,11 +215,13 @@ class EmulatorServer:
             shutil.rmtree(self._own_data_dir, ignore_errors=True)
 
     def __enter__(self) -> EmulatorServer:
+        """Start serving; the block's end stops the server."""
         return self.start()
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
+        """Stop the server, whatever happened in the block."""
         self.stop()
 
 

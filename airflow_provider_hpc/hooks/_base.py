@@ -8,7 +8,13 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk import BaseHook
 
 from airflow_provider_hpc.exceptions import HpcApiError
-from airflow_provider_hpc.hooks._http import AsyncTransport, RetryPolicy, SyncTransport, TransportSettings
+from airflow_provider_hpc.hooks._http import (
+    AsyncTransport,
+    RetryPolicy,
+    SyncTransport,
+    TransportSettings,
+    connection_extra,
+)
 
 if TYPE_CHECKING:
     from airflow.sdk import Connection
@@ -64,8 +70,8 @@ class HpcHttpHook(BaseHook):
 
     def _secrets_of(self, conn: Connection) -> list[str]:
         """Return the connection's secrets (password, token extras); subclasses may add more."""
-        extra = conn.extra_dejson or {}
-        return [s for s in (conn.password, extra.get("token"), extra.get("api_key")) if s]
+        candidates = (conn.password, connection_extra(conn, "token"), connection_extra(conn, "api_key"))
+        return [str(s) for s in candidates if s]
 
     @cached_property
     def transport(self) -> SyncTransport:
@@ -85,6 +91,15 @@ class HpcHttpHook(BaseHook):
             )
             self._on_async_connection(conn)
         return self._async
+
+    @property
+    def known_secrets(self) -> list[str]:
+        """The secrets of the transports built so far, for redacting error text (never reads the connection)."""
+        secrets: list[str] = []
+        for transport in (self.__dict__.get("transport"), self._async):
+            if transport is not None:
+                secrets += [s for s in transport.secrets if s not in secrets]
+        return secrets
 
     def _on_async_connection(self, conn: Connection) -> None:
         """Let a subclass read what it needs from the connection fetched asynchronously."""

@@ -15,10 +15,12 @@ Sync (``requests``) serves workers; async (``aiohttp``) serves triggers. Both us
 from __future__ import annotations
 
 import asyncio
+import datetime
 import email.utils
 import hashlib
 import json
 import logging
+import random
 import re
 import ssl
 import time
@@ -92,11 +94,13 @@ class RetryPolicy:
         return cls(**{k: data[k] for k in cls.__dataclass_fields__ if data.get(k) is not None})
 
     def backoff(self, attempt: int) -> float:
-        """Return the exponential backoff with jitter before retry number ``attempt`` (from 1)."""
-        wait = tenacity.wait_exponential_jitter(
-            multiplier=self.initial_wait, max=self.max_wait, jitter=self.initial_wait
-        )
-        return wait(_FakeRetryState(attempt))
+        """
+        Return the exponential backoff with jitter before retry number ``attempt`` (from 1).
+
+        ``initial_wait * 2 ** (attempt - 1)`` plus up to ``initial_wait`` of jitter, at most ``max_wait``.
+        """
+        exponential = self.initial_wait * 2 ** min(max(attempt, 1) - 1, 60)
+        return max(0.0, min(self.max_wait, exponential + random.uniform(0, self.initial_wait)))
 
     def wait_for(self, exc: BaseException, attempt: int) -> float:
         """Return how long to wait after ``exc``: the server's ``Retry-After`` (capped) or the backoff."""
@@ -104,11 +108,6 @@ class RetryPolicy:
         if retry_after is not None:
             return max(0.0, min(float(retry_after), self.max_retry_after))
         return self.backoff(attempt)
-
-
-@dataclass
-class _FakeRetryState:
-    attempt_number: int
 
 
 @dataclass(frozen=True)
@@ -139,7 +138,6 @@ class TransportSettings:
         ``host`` may be a whole base URL (``http://147.100.179.250/api/``) or a bare host name, in
         which case ``port``, ``schema`` (the path) and the ``scheme`` extra complete it.
         """
-        extra = conn.extra_dejson or {}
         host = (conn.host or "").strip()
         if not host:
             if not default_url:
@@ -148,20 +146,40 @@ class TransportSettings:
         elif "://" in host:
             base = host
         else:
-            scheme = extra.get("scheme", "https")
+            scheme = str(connection_extra(conn, "scheme") or "https").strip().lower()
             port = f":{conn.port}" if conn.port else ""
             path = (conn.schema or default_path).strip("/")
             base = f"{scheme}://{host}{port}/{path}"
+        if urlsplit(base).scheme.lower() not in ("http", "https") or not urlsplit(base).netloc:
+            raise HpcApiError(f"Connection {conn.conn_id!r}: {base!r} is not an http(s) URL")
         if not base.endswith("/"):
             base += "/"
-        policy = RetryPolicy.from_dict({"max_attempts": _number(extra.get("max_attempts"), int)})
+        policy = RetryPolicy.from_dict({"max_attempts": _number(connection_extra(conn, "max_attempts"), int)})
+        verify = _as_verify(connection_extra(conn, "verify", True))
+        ca_bundle = str(connection_extra(conn, "ca_bundle") or "").strip()
+        if ca_bundle and verify is True:
+            verify = ca_bundle
         return cls(
             base_url=base,
-            verify=_as_verify(extra.get("verify", True)),
-            connect_timeout=_number(extra.get("connect_timeout"), float) or 10.0,
-            read_timeout=_number(extra.get("read_timeout"), float) or 60.0,
+            verify=verify,
+            connect_timeout=_number(connection_extra(conn, "connect_timeout"), float) or 10.0,
+            read_timeout=_number(connection_extra(conn, "read_timeout"), float) or 60.0,
             retry=policy,
         )
+
+
+def connection_extra(conn: Connection, name: str, default: Any = None) -> Any:
+    """
+    Return the extra ``name`` of a connection, or ``default`` when it is missing or empty.
+
+    Older connection forms stored their fields as ``extra__{conn_type}__{name}``: both spellings are read.
+    """
+    extra = conn.extra_dejson or {}
+    for key in (name, f"extra__{conn.conn_type}__{name}"):
+        value = extra.get(key)
+        if value is not None and value != "":
+            return value
+    return default
 
 
 def _number(value: Any, kind: type) -> Any:
@@ -174,6 +192,8 @@ def _number(value: Any, kind: type) -> Any:
 
 
 def _as_verify(value: Any) -> bool | str:
+    if value is None:
+        return True
     if isinstance(value, str):
         lowered = value.strip().lower()
         if lowered in ("false", "no", "0", "off"):
@@ -207,6 +227,8 @@ def parse_retry_after(value: str | None) -> float | None:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError, IndexError):
         return None
+    if when.tzinfo is None:  # "-0000" or no zone: HTTP dates are always GMT
+        when = when.replace(tzinfo=datetime.timezone.utc)
     return max(0.0, when.timestamp() - time.time())
 
 
@@ -315,10 +337,23 @@ def _request_never_sent(exc: BaseException) -> bool:
     return False
 
 
+def _is_certificate_error(exc: BaseException) -> bool:
+    """Whether a failure is a TLS certificate that could not be verified (not worth a retry)."""
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        return True
+    return isinstance(exc, requests.exceptions.SSLError) and "CERTIFICATE_VERIFY_FAILED" in str(exc)
+
+
 def _describe(exc: BaseException) -> str:
+    """Say in a few words why an attempt failed (for the retry log line; secrets are already redacted)."""
     if isinstance(exc, HpcApiError):
-        return exc.message + (f" (status {exc.status})" if exc.status else "")
-    return f"{type(exc).__name__}: {exc}"
+        text = exc.message
+        if exc.status and str(exc.status) not in text:
+            text += f" (status {exc.status})"
+        if exc.error:
+            text += f": {exc.error[:200]}"
+        return text
+    return type(exc).__name__
 
 
 def _endpoint(method: str, url: str) -> str:
@@ -344,25 +379,55 @@ class _Retrier:
                 endpoint,
                 _describe(state.outcome.exception()),
                 state.attempt_number,
-                policy.max_attempts - 1,
+                self.max_attempts - 1,
                 state.next_action.sleep if state.next_action else 0.0,
             )
 
         return {
-            "stop": tenacity.stop_after_attempt(max(1, policy.max_attempts)),
+            "stop": tenacity.stop_after_attempt(self.max_attempts),
             "wait": wait,
             "retry": tenacity.retry_if_exception(lambda e: isinstance(e, HpcApiError) and e.retryable),
             "before_sleep": before_sleep,
             "reraise": True,
         }
 
+    @property
+    def max_attempts(self) -> int:
+        """The attempts in all (at least one)."""
+        return max(1, int(self.policy.max_attempts))
+
+    def _gave_up(self, exc: HpcApiError) -> None:
+        # A retryable error that escapes the loop is one the attempts ran out on: say so.
+        if exc.retryable and self.max_attempts > 1:
+            exc.note_attempts(self.max_attempts)
+
     def call(self, endpoint: str, attempt: Callable[[], Any]) -> Any:
         """Call ``attempt`` until it succeeds, fails for good, or the attempts run out."""
-        return tenacity.Retrying(**self._kwargs(endpoint))(attempt)
+        try:
+            return tenacity.Retrying(sleep=lambda seconds: _sleep(seconds), **self._kwargs(endpoint))(attempt)
+        except HpcApiError as exc:
+            self._gave_up(exc)
+            raise
 
     async def acall(self, endpoint: str, attempt: Callable[[], Any]) -> Any:
         """Await ``attempt()`` until it succeeds, fails for good, or the attempts run out."""
-        return await tenacity.AsyncRetrying(**self._kwargs(endpoint))(attempt)
+        try:
+            return await tenacity.AsyncRetrying(
+                sleep=lambda seconds: _async_sleep(seconds), **self._kwargs(endpoint)
+            )(attempt)
+        except HpcApiError as exc:
+            self._gave_up(exc)
+            raise
+
+
+def _sleep(seconds: float) -> None:
+    """Wait between two sync attempts (tenacity's own sleep, which tests replace)."""
+    tenacity.nap.sleep(seconds)
+
+
+async def _async_sleep(seconds: float) -> None:
+    """Wait between two async attempts without blocking the event loop."""
+    await asyncio.sleep(seconds)
 
 
 @dataclass(frozen=True)
@@ -407,7 +472,7 @@ class BaseTransport:
         url = urljoin(self.settings.base_url, path_or_url)
         if _origin(url) != _origin(self.settings.base_url):
             raise self.error_class(
-                f"The server pointed to another origin ({_origin(url)}); not following it with credentials"
+                f"The server pointed to another origin ({_origin_text(url)}); not following it with credentials"
             )
         return url
 
@@ -423,11 +488,28 @@ class BaseTransport:
         )
 
     def _transport_error(self, exc: BaseException, endpoint: str, idempotent: bool) -> HpcApiError:
+        detail = redact(type(exc).__name__ + ": " + str(exc), self.secrets)[:300]
+        if _is_certificate_error(exc):
+            # Trying again cannot make a certificate trusted: fail at once, saying what to change.
+            return self.error_class(
+                f"The server's TLS certificate could not be verified ({detail}); give the connection a "
+                "ca_bundle extra, or verify false if you trust the network",
+                endpoint=endpoint,
+            )
         reason = "timed out" if isinstance(exc, (requests.Timeout, asyncio.TimeoutError)) else "connection failed"
         return self.error_class(
-            f"Request {reason}: {redact(type(exc).__name__ + ': ' + str(exc), self.secrets)[:300]}",
+            f"Request {reason}: {detail}",
             endpoint=endpoint,
             retryable=idempotent or _request_never_sent(exc),
+        )
+
+    def _redirect_error(self, status: int, location: str, endpoint: str) -> HpcApiError:
+        target = urljoin(self.settings.base_url, location)
+        return self.error_class(
+            f"The server redirected to another origin ({_origin_text(target)}); not following it with "
+            "credentials. If the service moved (for example to https), put the new URL in the connection",
+            status=status,
+            endpoint=endpoint,
         )
 
     def parse_json(self, body: bytes, endpoint: str, status: int) -> Any:
@@ -440,6 +522,11 @@ def _origin(url: str) -> tuple[str, str]:
     return parts.scheme.lower(), parts.netloc.lower()
 
 
+def _origin_text(url: str) -> str:
+    scheme, netloc = _origin(url)
+    return f"{scheme}://{netloc.rpartition('@')[2]}"  # never repeat credentials put in a URL
+
+
 def with_query(url: str, **params: Any) -> str:
     """Return ``url`` with ``params`` set in its query string (others kept)."""
     parts = urlsplit(url)
@@ -448,12 +535,29 @@ def with_query(url: str, **params: Any) -> str:
     return urlunsplit(parts._replace(query=urlencode(query)))
 
 
+class _SameOriginSession(requests.Session):
+    """
+    A session that follows redirects only on the origin it was sent to.
+
+    ``requests`` drops the ``Authorization`` header on a redirect to another host, but a 307/308
+    sends the body again, and Muse's token and password travel in the body. A redirect elsewhere
+    (or from ``http`` to ``https``) is not followed: the caller gets the 3xx and says so.
+    """
+
+    def get_redirect_target(self, resp: requests.Response) -> str | None:
+        target = super().get_redirect_target(resp)
+        if target and _origin(urljoin(resp.url, target)) != _origin(resp.url):
+            return None
+        return target
+
+
 class SyncTransport(BaseTransport):
     """Blocking HTTP for workers: one pooled ``requests.Session`` per hook."""
 
     def __init__(self, settings: TransportSettings, **kwargs: Any) -> None:
         super().__init__(settings, **kwargs)
-        self.session = requests.Session()
+        self.session = _SameOriginSession()
+        self.session.max_redirects = 5
         # Retries are ours (tenacity); urllib3's own would hide them from the policy and the log.
         adapter = HTTPAdapter(pool_connections=4, pool_maxsize=32, max_retries=0)
         self.session.mount("http://", adapter)
@@ -514,9 +618,11 @@ class SyncTransport(BaseTransport):
         with ExitStack() as stack:
             parts = [(f.field, (f.filename, stack.enter_context(f.opener()))) for f in files] or None
             try:
+                # verify is passed on every request: requests lets REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE
+                # override the session's own setting, which would ignore the connection's choice.
                 response = self.session.request(
                     method, url, params=params, data=data, json=json_body, files=parts,
-                    headers=headers, timeout=self.timeout, stream=True,
+                    headers=headers, timeout=self.timeout, stream=True, verify=self.settings.verify,
                 )
             except (requests.ConnectionError, requests.Timeout) as exc:
                 raise self._transport_error(exc, endpoint, idempotent) from None
@@ -524,6 +630,9 @@ class SyncTransport(BaseTransport):
             with response:
                 body = read_capped(response, 64 * 1024)
             raise self._http_error(response.status_code, body, endpoint, response.headers.get("Retry-After"), idempotent)
+        if response.is_redirect:
+            response.close()
+            raise self._redirect_error(response.status_code, response.headers.get("Location", ""), endpoint)
         return response
 
     def request_json(self, method: str, path: str, **kwargs: Any) -> Any:
@@ -549,7 +658,9 @@ class SyncTransport(BaseTransport):
         """
         url: str | None = with_query(self.url(path), page=1, page_size=page_size)
         seen: set[str] = set()
-        while url and len(seen) < max_pages:
+        while url:
+            if len(seen) >= max_pages:
+                raise self.error_class(f"The list has more than {max_pages} pages; stopping", endpoint=_endpoint("GET", url))
             seen.add(url)
             page = self.get_json(url, headers=headers)
             yield from page_results(page, self.error_class, _endpoint("GET", url))
@@ -685,7 +796,7 @@ class AsyncTransport(BaseTransport):
         timeout = aiohttp.ClientTimeout(
             sock_connect=self.settings.connect_timeout, sock_read=self.settings.read_timeout
         )
-        ssl_setting = _ssl_for(self.settings.verify) if url.startswith("https") else None
+        ssl_setting = _ssl_for(self.settings.verify) if url.startswith("https") else True
 
         async with self.session_lease() as session:
 

@@ -14,13 +14,16 @@ import requests
 
 from airflow_provider_hpc.exceptions import MuseApiError
 from airflow_provider_hpc.hooks._base import HpcHttpHook, mask
+from airflow_provider_hpc.hooks._forms import connection_form_widgets, ui_field_behaviour
 from airflow_provider_hpc.hooks._http import (
-    optional_int,
-    MAX_JSON_BYTES,
     CHUNK_SIZE,
+    MAX_JSON_BYTES,
     RetryPolicy,
     UploadFile,
+    connection_extra,
+    optional_int,
     read_capped,
+    redact,
     server_error_fields,
     validate_segment,
 )
@@ -180,15 +183,13 @@ class MuseHook(HpcHttpHook):
 
     @classmethod
     def get_ui_field_behaviour(cls) -> dict[str, Any]:
-        """Return the connection form's custom behaviour (for forms that read it from the hook)."""
-        return {
-            "hidden_fields": ["schema", "port"],
-            "relabeling": {"host": "Base URL", "login": "Username"},
-            "placeholders": {
-                "host": "http://147.100.179.250/api/",
-                "extra": '{"token": "<ready JWT, instead of login/password>", "verify": true}',
-            },
-        }
+        """Return the connection form's labels, placeholders and hidden fields (for forms that ask the hook)."""
+        return ui_field_behaviour(cls.conn_type)
+
+    @classmethod
+    def get_connection_form_widgets(cls) -> dict[str, Any]:
+        """Return the connection form's extra fields as WTForms fields (for forms that ask the hook)."""
+        return connection_form_widgets(cls.conn_type)
 
     # ----- token --------------------------------------------------------------------------------
 
@@ -201,7 +202,7 @@ class MuseHook(HpcHttpHook):
             if self._token and not refresh:
                 return self._token
             conn = self.connection
-            ready = (conn.extra_dejson or {}).get("token") or (None if conn.login else conn.password)
+            ready = connection_extra(conn, "token") or (None if conn.login else conn.password)
             if ready:
                 if refresh:
                     raise MuseApiError(
@@ -320,7 +321,11 @@ class MuseHook(HpcHttpHook):
         url = answer.get("url") if isinstance(answer, dict) else None
         match = _KEY_IN_URL.search(str(url or ""))
         if not match:
-            raise MuseApiError("The submit answer has no url ending with the run key", endpoint=f"POST {path}", excerpt=_short(answer))
+            raise MuseApiError(
+                "The submit answer has no url ending with the run key",
+                endpoint=f"POST {path}",
+                excerpt=_short(answer, self.known_secrets),
+            )
         submission = MuseSubmission(name=name, key=match.group(1), state_url=str(url), message=str(answer.get("msg", "")))
         self.log.info("Submitted %s to Muse: key %s (state: %s)", name, submission.key, submission.state_url)
         return submission
@@ -430,7 +435,11 @@ class MuseHook(HpcHttpHook):
         match = _DOWNLOAD_KEY.search(str(url or ""))
         if match:
             return MuseResult(kind="download", download_key=match.group(1), download_url=str(url))
-        raise MuseApiError("The result answer is neither stdout nor a download key", endpoint=endpoint, excerpt=_short(answer))
+        raise MuseApiError(
+            "The result answer is neither stdout nor a download key",
+            endpoint=endpoint,
+            excerpt=_short(answer, self.known_secrets),
+        )
 
     def download(self, download_key: str, dest: ObjectStoragePath, *, max_bytes: int | None = None) -> StoredFile:
         """Stream the file behind a download key (``GET download/?key=...``) to ``dest``."""
@@ -449,17 +458,21 @@ class MuseHook(HpcHttpHook):
         if "json" in response.headers.get("Content-Type", ""):
             answer = self.transport.parse_json(read_capped(response, MAX_JSON_BYTES + 1), endpoint, response.status_code)
             self._raise_for_error_body(answer, endpoint)
-            raise MuseApiError("Expected a file, the service answered JSON", endpoint=endpoint, excerpt=_short(answer))
+            raise MuseApiError(
+                "Expected a file, the service answered JSON", endpoint=endpoint, excerpt=_short(answer, self.known_secrets)
+            )
         return write_atomically(response.iter_content(CHUNK_SIZE), as_storage_path(dest), max_bytes=max_bytes)
 
     def _raise_for_error_body(self, answer: Any, endpoint: str) -> None:
         """Muse may answer its error shape with a 2xx status: the body's shape is the signal."""
         if isinstance(answer, dict) and "error" in answer and "info" not in answer:
             raise MuseApiError(
-                "The Muse service answered an error", endpoint=endpoint, **server_error_fields(answer, self.transport.secrets)
+                "The Muse service answered an error", endpoint=endpoint, **server_error_fields(answer, self.known_secrets)
             )
         if not isinstance(answer, dict):
-            raise MuseApiError("The answer is not a JSON object", endpoint=endpoint, excerpt=_short(answer))
+            raise MuseApiError(
+                "The answer is not a JSON object", endpoint=endpoint, excerpt=_short(answer, self.known_secrets)
+            )
 
     def test_connection(self) -> tuple[bool, str]:
         """Check the base URL answers and the credentials give a token (the UI's Test button)."""
@@ -503,7 +516,6 @@ def _text(value: Any) -> str | None:
     return None if value is None else str(value)
 
 
-
-
-def _short(value: Any) -> str:
-    return json.dumps(value, default=str)[:300]
+def _short(value: Any, secrets: Sequence[str] = ()) -> str:
+    """Return a short JSON excerpt of an answer for an error, with every known secret replaced."""
+    return redact(json.dumps(value, default=str), secrets)[:300]

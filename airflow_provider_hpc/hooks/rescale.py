@@ -11,15 +11,25 @@ from urllib.parse import quote, urlsplit
 
 from airflow_provider_hpc.exceptions import RescaleApiError
 from airflow_provider_hpc.hooks._base import HpcHttpHook
-from airflow_provider_hpc.hooks._http import RetryPolicy, optional_int, page_results, validate_segment, with_query
+from airflow_provider_hpc.hooks._forms import RESCALE_PLATFORM_URL, connection_form_widgets, ui_field_behaviour
+from airflow_provider_hpc.hooks._http import (
+    RetryPolicy,
+    connection_extra,
+    optional_int,
+    page_results,
+    validate_segment,
+    with_query,
+)
 from airflow_provider_hpc.storage import StoredFile, as_storage_path
 
 if TYPE_CHECKING:
     from airflow.sdk import Connection, ObjectStoragePath
 
-DEFAULT_PLATFORM_URL = "https://platform.rescale.com"
+DEFAULT_PLATFORM_URL = RESCALE_PLATFORM_URL
 # Statuses on the way to Completed that mean the job did not succeed, whatever the final reason says.
 FAILURE_STATUSES = frozenset({"stopping", "stopped", "failed", "terminated", "terminating"})
+# A job id no platform hands out, used to check the API key where the jobs list is not served.
+_PROBE_JOB_ID = "airflow-connection-test"
 _SUCCESS_WORD = re.compile(r"\bsuccess", re.IGNORECASE)
 _NEGATED_SUCCESS = re.compile(r"\b(?:not|no|never)\s+(?:\w+\s+)?success", re.IGNORECASE)
 
@@ -233,12 +243,13 @@ class RescaleHook(HpcHttpHook):
 
     @classmethod
     def get_ui_field_behaviour(cls) -> dict[str, Any]:
-        """Return the connection form's custom behaviour (for forms that read it from the hook)."""
-        return {
-            "hidden_fields": ["schema", "port", "login"],
-            "relabeling": {"host": "Platform URL", "password": "API key"},
-            "placeholders": {"host": DEFAULT_PLATFORM_URL, "extra": '{"api_version": "v1", "verify": true}'},
-        }
+        """Return the connection form's labels, placeholders and hidden fields (for forms that ask the hook)."""
+        return ui_field_behaviour(cls.conn_type)
+
+    @classmethod
+    def get_connection_form_widgets(cls) -> dict[str, Any]:
+        """Return the connection form's extra fields as WTForms fields (for forms that ask the hook)."""
+        return connection_form_widgets(cls.conn_type)
 
     # ----- connection ---------------------------------------------------------------------------
 
@@ -250,14 +261,14 @@ class RescaleHook(HpcHttpHook):
 
     @staticmethod
     def _api_key(conn: Connection) -> str:
-        key = conn.password or (conn.extra_dejson or {}).get("api_key")
+        key = conn.password or connection_extra(conn, "api_key")
         if not key:
             raise RescaleApiError(f"Connection {conn.conn_id!r} has no API key (put it in the password field)")
         return key
 
     @staticmethod
     def _prefix(conn: Connection) -> str:
-        version = str((conn.extra_dejson or {}).get("api_version") or "v1").lower()
+        version = str(connection_extra(conn, "api_version", "v1")).strip().lower()
         if version not in ("v1", "v2"):
             raise RescaleApiError(f"api_version {version!r} is not v1 or v2")
         return "api/" if version == "v1" else "api/v2/"
@@ -354,9 +365,25 @@ class RescaleHook(HpcHttpHook):
         return _statuses(answer)
 
     def test_connection(self) -> tuple[bool, str]:
-        """Check the platform answers and accepts the API key (the UI's Test button)."""
+        """
+        Check the platform answers and accepts the API key (the UI's Test button).
+
+        Lists one job. Where the jobs list is not served (404/405), asks for the runs of a job that
+        does not exist: the platform checks the key first, so ``404`` means the key was accepted
+        and ``401``/``403`` that it was refused.
+        """
         try:
-            self.transport.get_json(with_query(f"{self._prefix(self.connection)}jobs/", page_size=1), headers=self._headers)
+            prefix = self._prefix(self.connection)
+            try:
+                self.transport.get_json(with_query(f"{prefix}jobs/", page_size=1), headers=self._headers)
+            except RescaleApiError as exc:
+                if exc.status not in (404, 405):
+                    raise
+                try:
+                    self.transport.get_json(f"{prefix}jobs/{_PROBE_JOB_ID}/runs/", headers=self._headers)
+                except RescaleApiError as probe:
+                    if probe.status != 404:
+                        raise
         except Exception as exc:  # the UI shows the message, whatever went wrong
             return False, str(exc)
         return True, f"Connected to {self.base_url} with the API key"
@@ -395,10 +422,12 @@ class RescaleHook(HpcHttpHook):
         url: str | None = with_query(transport.url(await self._a_run_path(job_id, run_id, "files/")), page=1, page_size=page_size)
         files: list[OutputFile] = []
         seen: set[str] = set()
-        while url and url not in seen:
+        while url:
+            if url in seen:
+                raise RescaleApiError(f"The server's next page repeats an earlier one ({url}); stopping")
             seen.add(url)
             page = await transport.get_json(url, headers=self._async_headers)
-            files += [OutputFile.from_api(f) for f in page_results(page, RescaleApiError, url)]
+            files += [OutputFile.from_api(f) for f in page_results(page, RescaleApiError, f"GET {urlsplit(url).path}")]
             url = with_query(transport.url(page["next"]), page_size=page_size) if page.get("next") else None
         return files
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import configparser
-import os
 from collections.abc import Sequence
 from datetime import timedelta
 from functools import cached_property
@@ -29,23 +27,6 @@ KEY_XCOM_KEY = "muse_key"
 # The triggerer's own timeout comes this long after the trigger's deadline, so the trigger's
 # clearer "timeout" event normally wins; Airflow's bound still holds if the trigger misbehaves.
 DEFERRAL_GRACE = timedelta(minutes=5)
-
-
-def default_deferrable() -> bool:
-    """
-    Return the default of ``deferrable``: on, unless ``[operators] default_deferrable`` is set.
-
-    Airflow ships that option with the value ``false``, so reading it with a fallback would always
-    turn deferral off; only a value the deployment really set (airflow.cfg or environment) counts.
-    """
-    from airflow.sdk.configuration import conf
-
-    explicitly_set = "AIRFLOW__OPERATORS__DEFAULT_DEFERRABLE" in os.environ or configparser.ConfigParser.has_option(
-        conf, "operators", "default_deferrable"
-    )
-    if not explicitly_set:
-        return True
-    return conf.getboolean("operators", "default_deferrable", fallback=True)
 
 
 def as_flag(value: bool | str | None) -> bool:
@@ -104,11 +85,13 @@ class MuseResultMixin:
         stored, stderr_tail, missing = results.fetch_failure_evidence(self.hook, name=name, key=key, output_path=output_path)
         if stderr_tail:
             self.log.error("Tail of %s of Muse run %s/%s:\n%s", results.STDERR_MEMBER, name, key, stderr_tail)
-        where = f"the run folder's zip is at {stored.path}" if stored else f"the run folder's zip could not be fetched ({missing})"
+        elif stored is not None:
+            self.log.error("Muse run %s/%s left no %s to show (%s)", name, key, results.STDERR_MEMBER, missing or "missing or empty")
+        where = f"content zip at {stored.path}" if stored else f"content zip could not be fetched ({missing})"
         return MuseJobFailed(
-            f"Muse run {name}/{key} ended badly: SLURM job {report.job_id if report else None}, "
+            f"Muse run {name}/{key} ended badly: key {key}, SLURM job {report.job_id if report else None}, "
             f"latest_state {report.latest_state if report else None}, "
-            f"latest_cr {report.latest_cr if report else None}; {where}",
+            f"latest_cr {report.latest_cr if report else None}; {where}; state: {self.hook.state_url(name, key)}",
         )
 
     def _announce(self, context: Context, value: dict[str, Any]) -> None:
@@ -147,7 +130,8 @@ class MuseRunOperator(MuseResultMixin, BaseOperator):
     :param poll_interval: seconds between state polls, at first and after each state change.
     :param max_poll_interval: the longest wait between polls while nothing changes (backoff).
     :param timeout: give up waiting after this long (seconds or ``timedelta``); the run keeps going.
-    :param deferrable: wait in the triggerer (default on, or ``[operators] default_deferrable`` when set).
+    :param deferrable: wait in the triggerer, freeing the worker slot (default ``True``); ``False`` waits
+        in the worker with the very same polling loop.
     :param max_poll_failures: consecutive failed polls tolerated before the task fails.
     :param max_stdout_chars: the longest stdout put in XCom; a longer one goes to ``stdout.txt``.
     :param max_file_bytes: refuse a result file larger than this.
@@ -188,7 +172,7 @@ class MuseRunOperator(MuseResultMixin, BaseOperator):
         poll_interval: float = 10.0,
         max_poll_interval: float = 300.0,
         timeout: float | timedelta | None = None,
-        deferrable: bool = default_deferrable(),
+        deferrable: bool = True,
         max_poll_failures: int = 5,
         max_stdout_chars: int = results.DEFAULT_MAX_XCOM_STDOUT,
         max_file_bytes: int | None = None,
@@ -225,7 +209,7 @@ class MuseRunOperator(MuseResultMixin, BaseOperator):
             return self._run_off_cluster(context)
         key, report = self._resume_or_submit(context)
         if report is not None and report.is_successful:
-            return self._collect(context, self.name, key, report, self.returned_type)
+            return self._finish(context, key, report)
         trigger = self._trigger(key)
         if self.deferrable:
             self.defer(
@@ -263,13 +247,26 @@ class MuseRunOperator(MuseResultMixin, BaseOperator):
         report = MuseReport.from_dict(event["report"]) if event.get("report") else None
         status = event["status"]
         if status == "ok":
-            return self._collect(context, name, key, report, self.returned_type)
+            return self._finish(context, key, report)
         if status == "nok":
             raise self._failure(context, name, key, report)
         state_url = self.hook.state_url(name, key)
         if status == "timeout":
-            raise JobTimeout(f"{event['message']} (timeout {self.timeout}s; state: {state_url})")
-        raise MuseApiError(f"{event['message']} (state: {state_url})")
+            raise JobTimeout(
+                f"{event['message']} (timeout {self.timeout}s; key {key}; state: {state_url}). "
+                "A retry of this task re-attaches to the same run."
+            )
+        raise MuseApiError(f"{event['message']} (key {key}; state: {state_url})")
+
+    def _finish(self, context: Context, key: str, report: MuseReport | None) -> dict[str, Any]:
+        """Collect the result of a run that ended well, then forget its key (see :meth:`_resume_or_submit`)."""
+        value = self._collect(context, self.name, key, report, self.returned_type)
+        store = context.get("task_state_store")
+        if store is not None:
+            # The result is in hand: a later clear-and-rerun of this task runs the software anew
+            # instead of handing back this run's result.
+            store.delete(STATE_STORE_KEY)
+        return value
 
     # ----- durability ---------------------------------------------------------------------------
 
@@ -277,8 +274,11 @@ class MuseRunOperator(MuseResultMixin, BaseOperator):
         """
         Return the key to wait on: a stored run still going or already ``OK``, else a new submission.
 
-        Follows ``ResumableJobMixin``: the key is persisted right after submit, before any wait
-        or deferral, so a retry after a dead worker finds it.
+        Follows the decisions of Airflow's ``ResumableJobMixin``: the key is persisted in
+        ``task_state_store`` right after submit, before any wait or deferral, so a retry after a
+        dead worker finds it and re-attaches (run still going), collects (run ``OK``) or submits
+        anew (run ``NOK`` or unknown to the service). The entry is removed once the result is
+        collected.
         """
         store = context.get("task_state_store")
         if store is None:
@@ -311,7 +311,13 @@ class MuseRunOperator(MuseResultMixin, BaseOperator):
         if stored.get("name") != self.name:
             self.log.warning("The stored Muse run %s ran %r, not %r: submitting anew", key, stored.get("name"), self.name)
             return None
-        report = self.hook.get_state(self.name, key)
+        try:
+            report = self.hook.get_state(self.name, key)
+        except MuseApiError as exc:
+            if exc.status != 404:
+                raise
+            self.log.warning("The service no longer knows the previous try's Muse run %s/%s (%s): submitting anew", self.name, key, exc)
+            return None
         if report.cr.value == "NOK":
             self.log.warning(
                 "The previous try's Muse run %s/%s ended badly (%s): submitting anew", self.name, key, report.state

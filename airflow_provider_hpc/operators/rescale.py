@@ -115,11 +115,12 @@ class _RescaleRunOperator(BaseOperator):
             "retry": self.retry.to_dict() if self.retry else None,
         }
 
-    def _defer_to(self, trigger: Any, method_name: str, kwargs: dict[str, Any]) -> None:
+    def _defer_to(self, trigger: Any, method_name: str) -> None:
+        # What execute_complete needs travels in the trigger's ``carry``, not in defer kwargs,
+        # which ``airflow dags test`` drops when it resumes the task.
         self.defer(
             trigger=trigger,
             method_name=method_name,
-            kwargs=kwargs,
             timeout=timedelta(seconds=self.wait_timeout + DEFERRAL_TIMEOUT_MARGIN),
         )
 
@@ -182,8 +183,10 @@ class RescaleStopRunOperator(_RescaleRunOperator):
         if not self.wait_for_completion or run.is_completed:
             return self._result(stopped, run.to_dict())
         if self.deferrable:
-            trigger = RescaleRunTrigger(**self._trigger_kwargs(), accept_any_completion=True, cancel_on_kill=False)
-            self._defer_to(trigger, "execute_complete", {"stopped": stopped})
+            trigger = RescaleRunTrigger(
+                **self._trigger_kwargs(), accept_any_completion=True, cancel_on_kill=False, carry={"stopped": stopped}
+            )
+            self._defer_to(trigger, "execute_complete")
         final = self._poll_until(self._completed_run, f"run {self.run_id} of Rescale job {self.job_id} to complete")
         return self._result(stopped, final.to_dict())
 
@@ -205,17 +208,17 @@ class RescaleStopRunOperator(_RescaleRunOperator):
     def _result(self, stopped: bool, run: dict[str, Any] | None) -> dict[str, Any]:
         return {"job_id": str(self.job_id), "run_id": str(self.run_id), "stopped": stopped, "run": run}
 
-    def execute_complete(self, context: Context, event: dict[str, Any], stopped: bool = False) -> dict[str, Any]:
+    def execute_complete(self, context: Context, event: dict[str, Any]) -> dict[str, Any]:
         """
         Return the result once the trigger saw the run completed (safe to call twice with one event).
 
         :param context: the running task's context.
-        :param event: the :class:`RescaleRunTrigger` event payload.
-        :param stopped: whether :meth:`execute` asked for the stop.
+        :param event: the :class:`RescaleRunTrigger` event payload; its ``carry`` tells whether
+            :meth:`execute` asked for the stop.
         """
         self._raise_for_event(event)
         self.log.info("Run %s of Rescale job %s has completed after the stop", self.run_id, self.job_id)
-        return self._result(stopped, event.get("run"))
+        return self._result(bool((event.get("carry") or {}).get("stopped")), event.get("run"))
 
 
 class RescaleSnapshotRunOperator(_RescaleRunOperator):
@@ -295,25 +298,25 @@ class RescaleSnapshotRunOperator(_RescaleRunOperator):
         if snapshot.last_snapshot_id:
             known.append(snapshot.last_snapshot_id)
         if self.deferrable:
-            trigger = RescaleSnapshotTrigger(**self._trigger_kwargs(), known_file_ids=known)
-            self._defer_to(trigger, "execute_complete", {"snapshot": result})
+            trigger = RescaleSnapshotTrigger(**self._trigger_kwargs(), known_file_ids=known, carry={"snapshot": result})
+            self._defer_to(trigger, "execute_complete")
         file = self._poll_until(
             lambda: pick_new_snapshot(self.hook.list_output_files(self.job_id, self.run_id), known),
             f"the snapshot of run {self.run_id} of Rescale job {self.job_id} to appear",
         )
         return self._with_file(context, result, file)
 
-    def execute_complete(self, context: Context, event: dict[str, Any], snapshot: dict[str, Any]) -> dict[str, Any]:
+    def execute_complete(self, context: Context, event: dict[str, Any]) -> dict[str, Any]:
         """
         Record (and download) the snapshot file the trigger found (safe to call twice with one event).
 
         :param context: the running task's context.
-        :param event: the :class:`RescaleSnapshotTrigger` event payload.
-        :param snapshot: the result :meth:`execute` built before deferring.
+        :param event: the :class:`RescaleSnapshotTrigger` event payload; its ``carry`` holds the
+            result :meth:`execute` built before deferring.
         """
         self._raise_for_event(event)
         file = OutputFile(**event["file"])
-        return self._with_file(context, dict(snapshot), file)
+        return self._with_file(context, dict((event.get("carry") or {})["snapshot"]), file)
 
     def _with_file(self, context: Context, result: dict[str, Any], file: OutputFile) -> dict[str, Any]:
         self.log.info("The snapshot is output file %s (%s, %s bytes)", file.id, file.relative_path, file.decrypted_size)

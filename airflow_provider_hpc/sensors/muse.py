@@ -13,7 +13,7 @@ from airflow.sdk.exceptions import AirflowSensorTimeout, AirflowSkipException
 from airflow_provider_hpc.exceptions import MuseApiError, MuseJobFailed
 from airflow_provider_hpc.hooks.muse import MuseHook, MuseReport
 from airflow_provider_hpc.links.muse import MuseJobStateLink
-from airflow_provider_hpc.operators.muse import DEFERRAL_GRACE, MuseResultMixin, default_deferrable
+from airflow_provider_hpc.operators.muse import DEFERRAL_GRACE, MuseResultMixin
 from airflow_provider_hpc.results import DEFAULT_MAX_XCOM_STDOUT
 from airflow_provider_hpc.triggers.muse import MuseJobTrigger
 
@@ -33,7 +33,8 @@ class MuseJobSensor(MuseResultMixin, BaseSensorOperator):
     :param name: the software name.
     :param key: the run's key (e.g. ``{{ ti.xcom_pull(task_ids='submit', key='muse_key') }}``).
     :param muse_conn_id: the Airflow connection of the Muse service.
-    :param deferrable: wait in the triggerer (default on, or ``[operators] default_deferrable`` when set).
+    :param deferrable: wait in the triggerer (default ``True``); ``False`` follows ``mode`` (``poke`` or
+        ``reschedule``), checking every ``poke_interval`` seconds.
     :param max_poll_interval: in deferrable mode, the longest wait between polls (backoff from ``poke_interval``).
     :param max_poll_failures: in deferrable mode, consecutive failed polls tolerated.
     :param output_path: where a failed run's folder zip is saved (default: per DAG/run/task).
@@ -49,7 +50,7 @@ class MuseJobSensor(MuseResultMixin, BaseSensorOperator):
         name: str,
         key: str,
         muse_conn_id: str = MuseHook.default_conn_name,
-        deferrable: bool = default_deferrable(),
+        deferrable: bool = True,
         max_poll_interval: float = 300.0,
         max_poll_failures: int = 5,
         output_path: str | ObjectStoragePath | None = None,

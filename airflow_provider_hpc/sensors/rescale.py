@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Sequence
 from datetime import timedelta
@@ -36,20 +37,27 @@ DEFERRAL_TIMEOUT_MARGIN = 120.0
 
 def default_deferrable() -> bool:
     """
-    Return whether Rescale waits defer by default: ``[operators] default_deferrable`` when set, else True.
+    Return whether Rescale waits defer by default: yes, unless the deployment turned it off.
 
-    Airflow's own default for that option is ``False``; these waits last hours, so unless the
-    deployment said otherwise (in ``airflow.cfg`` or ``AIRFLOW__OPERATORS__DEFAULT_DEFERRABLE``)
-    they free the worker slot.
+    These waits last hours, so they free the worker slot unless told otherwise. The
+    ``[operators] default_deferrable`` line of ``airflow.cfg`` is not read: Airflow writes
+    ``false`` there in every file it generates, so it cannot tell a deliberate choice from the
+    shipped default. To make the waits hold a worker slot by default, set
+    ``[hpc] default_deferrable`` (``AIRFLOW__HPC__DEFAULT_DEFERRABLE``) or the environment variable
+    ``AIRFLOW__OPERATORS__DEFAULT_DEFERRABLE`` to ``false``; ``deferrable=`` on a task always wins.
     """
     from airflow.sdk.configuration import conf
 
-    try:
-        value, source = conf.as_dict(display_source=True, display_sensitive=False)["operators"]["default_deferrable"]
-    except (KeyError, TypeError, ValueError):
-        return True
-    if source == "default":
-        return True
+    own = conf.get("hpc", "default_deferrable", fallback=None)
+    if own not in (None, ""):
+        return _truthy(own)
+    explicit = os.environ.get("AIRFLOW__OPERATORS__DEFAULT_DEFERRABLE")
+    if explicit not in (None, ""):
+        return _truthy(explicit)
+    return True
+
+
+def _truthy(value: Any) -> bool:
     return str(value).strip().lower() in ("true", "1", "yes", "on", "t", "y")
 
 
@@ -149,6 +157,7 @@ class RescaleRunSensor(BaseSensorOperator):
         self._tail: TailFollower | None = None
         self._completed_seen_at: float | None = None
         self._watching = False
+        self._last_state: str | None = None
 
     @cached_property
     def hook(self) -> RescaleHook:
@@ -160,7 +169,7 @@ class RescaleRunSensor(BaseSensorOperator):
         RescaleJobLink.persist(context, hook=self.hook, job_id=self.job_id)
         if not self.deferrable:
             return super().execute(context)
-        done = self.poke(context)
+        done = self._check(follow_tail=False)
         if done:
             return done.xcom_value if isinstance(done, PokeReturnValue) else None
         self.defer(
@@ -193,11 +202,24 @@ class RescaleRunSensor(BaseSensorOperator):
 
         :param context: the running task's context.
         """
+        return self._check(follow_tail=True)
+
+    def _check(self, *, follow_tail: bool) -> bool | PokeReturnValue:
+        """
+        Read the run once, following ``tail_path`` only when asked.
+
+        Before deferring, the tail is left to the trigger: a line logged here would be logged again
+        by the trigger's first tail, which starts from nothing.
+        """
         run = self.hook.get_run(self.job_id, self.run_id)
         if not run.is_completed:
             self._watching = True
-            self._follow_tail()
-            self.log.info("Run %s of Rescale job %s is %s", self.run_id, self.job_id, "running" if run.date_started else "waiting to start")
+            if follow_tail:
+                self._follow_tail()
+            state = "running" if run.date_started else "waiting to start"
+            if state != self._last_state:
+                self.log.info("Run %s of Rescale job %s is %s", self.run_id, self.job_id, state)
+                self._last_state = state
             return False
         self._watching = False
         if self._completed_seen_at is None:

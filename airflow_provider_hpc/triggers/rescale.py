@@ -203,6 +203,9 @@ class _RescalePollingTrigger(BaseTrigger):
     :param deadline: epoch seconds after which a ``timeout`` event fires (``None``: wait forever).
     :param max_poll_failures: consecutive failed polls tolerated (after the transport's own retries).
     :param retry: the transport's retry policy as plain numbers (:meth:`RetryPolicy.to_dict`).
+    :param carry: plain values the deferring task needs back, returned as the event's ``carry``.
+        The task's own ``defer(kwargs=...)`` are not enough: ``airflow dags test`` drops them when
+        it resumes a task, so a task that must behave the same under test keeps its state here.
     """
 
     def __init__(
@@ -216,6 +219,7 @@ class _RescalePollingTrigger(BaseTrigger):
         deadline: float | None = None,
         max_poll_failures: int = 5,
         retry: Mapping[str, Any] | None = None,
+        carry: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.job_id = str(job_id)
@@ -226,6 +230,7 @@ class _RescalePollingTrigger(BaseTrigger):
         self.deadline = None if deadline is None else float(deadline)
         self.max_poll_failures = max(1, int(max_poll_failures))
         self.retry = dict(retry) if retry else None
+        self.carry = dict(carry) if carry else None
 
     def _common_kwargs(self) -> dict[str, Any]:
         return {
@@ -237,6 +242,7 @@ class _RescalePollingTrigger(BaseTrigger):
             "deadline": self.deadline,
             "max_poll_failures": self.max_poll_failures,
             "retry": RetryPolicy.from_dict(self.retry).to_dict() if self.retry else None,
+            "carry": self.carry,
         }
 
     @cached_property
@@ -306,7 +312,7 @@ class RescaleRunTrigger(_RescalePollingTrigger):
     """
     Poll a Rescale run until it has completed (``dateCompleted`` set), then fire exactly one event.
 
-    The event payload is ``{"status", "job_id", "run_id", "run", "outcome", "reason", "message"}``:
+    The event payload is ``{"status", "job_id", "run_id", "run", "outcome", "reason", "message", "carry"}``:
     ``status`` is ``success``, ``failed`` (the job's statuses show a stop or a failure reason, see
     :func:`judge_completed_run`), ``timeout`` (the deadline passed while the run was going) or
     ``error`` (polling failed ``max_poll_failures`` times in a row, or Rescale refused a request);
@@ -326,6 +332,7 @@ class RescaleRunTrigger(_RescalePollingTrigger):
     :param deadline: epoch seconds after which a ``timeout`` event fires (``None``: wait forever).
     :param max_poll_failures: consecutive failed polls tolerated (after the transport's own retries).
     :param retry: the transport's retry policy as plain numbers (:meth:`RetryPolicy.to_dict`).
+    :param carry: plain values the deferring task needs back, returned as the event's ``carry``.
     :param accept_any_completion: report ``success`` for any completion, a stopped run included.
     :param outcome_wait: seconds to wait, once the run completed, for its job's ``Completed`` status.
     :param tail_path: a file of the run's working folder to follow into the task log.
@@ -435,6 +442,7 @@ class RescaleRunTrigger(_RescalePollingTrigger):
             "outcome": outcome_to_dict(outcome) if outcome else None,
             "reason": reason,
             "message": message,
+            "carry": self.carry,
         }
 
     def _error(self, message: str) -> dict[str, Any]:
@@ -473,8 +481,8 @@ class RescaleSnapshotTrigger(_RescalePollingTrigger):
     several new files appear (the run completed meanwhile and uploaded all its outputs), the one
     whose name says ``snapshot`` and was uploaded last.
 
-    The event payload is ``{"status", "job_id", "run_id", "file", "message"}``: ``status`` is
-    ``success`` (``file`` is :meth:`OutputFile.to_dict`), ``timeout`` or ``error``.
+    The event payload is ``{"status", "job_id", "run_id", "file", "message", "carry"}``: ``status``
+    is ``success`` (``file`` is :meth:`OutputFile.to_dict`), ``timeout`` or ``error``.
 
     :param job_id: the Rescale job id.
     :param run_id: the run id within the job.
@@ -485,6 +493,7 @@ class RescaleSnapshotTrigger(_RescalePollingTrigger):
     :param deadline: epoch seconds after which a ``timeout`` event fires (``None``: wait forever).
     :param max_poll_failures: consecutive failed polls tolerated (after the transport's own retries).
     :param retry: the transport's retry policy as plain numbers (:meth:`RetryPolicy.to_dict`).
+    :param carry: plain values the deferring task needs back, returned as the event's ``carry``.
     """
 
     def __init__(self, *, known_file_ids: Sequence[str] = (), **kwargs: Any) -> None:
@@ -514,6 +523,7 @@ class RescaleSnapshotTrigger(_RescalePollingTrigger):
             "run_id": self.run_id,
             "file": file.to_dict() if file else None,
             "message": message,
+            "carry": self.carry,
         }
 
     def _error(self, message: str) -> dict[str, Any]:

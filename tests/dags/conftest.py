@@ -100,7 +100,12 @@ def airflow_home(tmp_path_factory: pytest.TempPathFactory) -> AirflowHome:
 
 
 def run_dag_test(
-    home: AirflowHome, dag_id: str, *, env: Mapping[str, str] | None = None, timeout: float = DAG_TEST_TIMEOUT
+    home: AirflowHome,
+    dag_id: str,
+    *,
+    env: Mapping[str, str] | None = None,
+    conf: Mapping[str, Any] | None = None,
+    timeout: float = DAG_TEST_TIMEOUT,
 ) -> DagTestRun:
     """
     Run ``airflow dags test DAG_ID`` in ``home`` and read back its XCom values and task states.
@@ -108,10 +113,14 @@ def run_dag_test(
     :param home: the session's Airflow home.
     :param dag_id: the DAG to run.
     :param env: extra environment, e.g. the emulator's ``AIRFLOW_CONN_*`` variables.
+    :param conf: the DAG run's conf (``-c``), e.g. the params to use.
     :param timeout: seconds before the run is abandoned (the test then fails).
     """
+    command = [str(AIRFLOW), "dags", "test", dag_id]
+    if conf:
+        command += ["-c", json.dumps(dict(conf))]
     done = subprocess.run(
-        [str(AIRFLOW), "dags", "test", dag_id],
+        command,
         env={**home.env, **(env or {})},
         cwd=home.path,
         capture_output=True,
@@ -161,9 +170,15 @@ def _decode(value: Any) -> Any:
 
 @pytest.fixture(scope="session")
 def dag_runner(airflow_home: AirflowHome):
-    """Return ``run(dag_id, env=None)`` bound to the session's Airflow home."""
+    """Return ``run(dag_id, env=None, conf=None)`` bound to the session's Airflow home."""
 
-    def run(dag_id: str, *, env: Mapping[str, str] | None = None, timeout: float = DAG_TEST_TIMEOUT) -> DagTestRun:
-        return run_dag_test(airflow_home, dag_id, env=env, timeout=timeout)
+    def run(
+        dag_id: str,
+        *,
+        env: Mapping[str, str] | None = None,
+        conf: Mapping[str, Any] | None = None,
+        timeout: float = DAG_TEST_TIMEOUT,
+    ) -> DagTestRun:
+        return run_dag_test(airflow_home, dag_id, env=env, conf=conf, timeout=timeout)
 
     return run

@@ -135,6 +135,7 @@ def _map_image_paths(cmd: str, image_dir: Path) -> str:
     """Replace each absolute path of ``cmd`` that exists in the image folder by its real path."""
 
     def replace(match: re.Match[str]) -> str:
+        """Return the path in the image folder if it exists there, else the path as written."""
         inside = image_dir / match.group(1).lstrip("/")
         return shlex.quote(str(inside)) if inside.exists() else match.group(1)
 

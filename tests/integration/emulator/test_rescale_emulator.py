@@ -236,6 +236,7 @@ def test_live_run_tail_snapshot_and_stop(rescale: RescaleClient) -> None:
     run_path = f"/jobs/{job_id}/runs/1"
 
     def ready() -> bool:
+        """Tell whether the run has written its ready flag."""
         answer = rescale.get(f"{run_path}/directory-contents/")  # 400 until the run starts
         return answer.ok and any(entry["path"] == "ready.flag" for entry in answer.json())
 

@@ -1,0 +1,102 @@
+"""
+``airflow dags test example_rescale_harvest`` against the emulator, end to end.
+
+A demo job is created on the emulator (``scripts/rescale_demo_job.py``); the DAG, given its
+ids as conf, waits until its run is well under way, snapshots it, watches it to completion in
+the triggerer while its log is tailed into the task log, harvests its outputs to object storage,
+and a downstream task reads one of them.
+
+``airflow dags test`` takes a few seconds to start, more on a busy machine, so the job is
+submitted only once the DAG's first task asks about its run: the run is then still going when
+the DAG snapshots it, however long the start took.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from airflow_provider_hpc.emulator import EmulatorServer
+from scripts.rescale_demo_job import DEMO_LOG_PATH, DEMO_SUMMARY_PATH, create_demo_job, submit_job
+
+DAG_ID = "example_rescale_harvest"
+#: Long enough to be still going once ``airflow dags test`` has started (a few seconds).
+STEPS = 16
+STEP_SECONDS = 0.4
+TASKS = ("midway", "snapshot", "watch", "harvest", "summarize")
+RUN_ROUTE = "GET /api/jobs/{job_id}/runs/{run_id}/"
+
+
+@contextmanager
+def submitted_when_watched(emulator: EmulatorServer, api_key: str, job_id: str) -> Iterator[None]:
+    """Submit ``job_id`` as soon as someone reads one of its runs (the DAG has started)."""
+    done = threading.Event()
+
+    def submit_once_watched() -> None:
+        while not done.is_set():
+            if emulator.counters.snapshot().get("requests", {}).get(RUN_ROUTE):
+                submit_job(emulator.rescale_url, api_key, job_id)
+                return
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=submit_once_watched, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join(timeout=10)
+
+
+def test_example_rescale_harvest(dag_runner, airflow_home, emulator: EmulatorServer) -> None:
+    api_key = sorted(emulator.config.rescale_api_keys)[0]
+    job_id, run_id = create_demo_job(emulator.rescale_url, api_key, steps=STEPS, step_seconds=STEP_SECONDS)
+
+    with submitted_when_watched(emulator, api_key, job_id):
+        run = dag_runner(DAG_ID, env=emulator.airflow_conn_env(), conf={"job_id": job_id, "run_id": run_id})
+
+    assert run.returncode == 0, run.output[-8000:]
+    assert {run.states[(task, -1)] for task in TASKS} == {"success"}, run.states
+
+    # The wait was deferred: the trigger ran (inline, as `dags test` runs triggers).
+    assert "[DAG TEST] running trigger in line" in run.output
+    watched = run.value("watch")
+    assert watched["status"] == "success" and watched["job_id"] == job_id and watched["run_id"] == run_id
+    assert watched["outcome"]["history"][-1] == "Completed"
+
+    # Each line of the log was shown once, in order, in the task log.
+    shown = re.findall(rf"\[{re.escape(DEMO_LOG_PATH)}\] (step \d+) of {STEPS}", run.output)
+    assert shown == [f"step {i}" for i in range(1, STEPS + 1)]
+
+    # The snapshot was taken midway and is among the run's output files.
+    snapshot = run.value("snapshot")
+    assert snapshot["file"]["relative_path"].startswith("snapshots/")
+    assert emulator.counters.snapshot()["requests"]["POST /api/jobs/{job_id}/runs/{run_id}/snapshot/"] == 1
+
+    # Every output file was harvested and checked; the manifest came through XCom.
+    harvest = run.value("harvest")
+    relative = {f["relative_path"] for f in harvest["files"]}
+    assert {DEMO_LOG_PATH, DEMO_SUMMARY_PATH, "post/report.txt", snapshot["file"]["relative_path"]} <= relative
+    assert f"results/fields/field_{STEPS:03d}.dat" in relative
+    assert harvest["downloaded"] == harvest["file_count"] == len(relative)
+    for entry in harvest["files"]:
+        data = Path(entry["path"].removeprefix("file://")).read_bytes()
+        assert hashlib.md5(data).hexdigest() == entry["md5"] and len(data) == entry["size"]
+    # With no output_path, the files went to the task's own folder under [hpc] results_base.
+    assert Path(harvest["output_path"].removeprefix("file://")).is_relative_to(airflow_home.results_base / DAG_ID)
+
+    # The downstream task read one of the harvested files.
+    summary = run.value("summarize")
+    assert summary["steps"] == STEPS
+    assert summary["path"].endswith(DEMO_SUMMARY_PATH)
+
+    # The UI's extra link points at the job on the connection's platform; no stop was sent.
+    link = f"{emulator.rescale_url}/jobs/{job_id}/"
+    assert all(run.value(task, "_link_RescaleJobLink") == link for task in ("snapshot", "watch", "harvest"))
+    assert not emulator.counters.snapshot().get("rescale_stops")
+    assert api_key not in run.output

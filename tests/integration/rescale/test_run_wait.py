@@ -1,0 +1,177 @@
+"""RescaleRunSensor and RescaleRunTrigger against the emulator: success, failure reasons, tail, timeout."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from typing import Any
+
+import pytest
+from airflow.sdk.exceptions import AirflowSensorTimeout
+
+from airflow_provider_hpc.exceptions import RescaleRunFailed
+from airflow_provider_hpc.sensors.rescale import RescaleRunSensor
+from airflow_provider_hpc.triggers.rescale import RescaleRunTrigger
+from tests.integration.rescale.conftest import API_KEY, FAST_RETRY, RescaleApi, first_event, rebuild, run_deferrable
+
+#: Writes ``step 1`` ... ``step 12`` to ``solver.log``, one line every 0.15 s.
+STEPS_COMMAND = 'for i in $(seq 1 12); do echo "step $i" >> solver.log; sleep 0.15; done'
+FAST_WAIT = {"poll_interval": 0.05, "max_poll_interval": 0.2, "outcome_wait": 5.0, "retry": FAST_RETRY}
+
+
+def sensor(job_id: str, **kwargs: Any) -> RescaleRunSensor:
+    """A sensor on run 1 of ``job_id`` polling fast."""
+    return RescaleRunSensor(task_id="watch", job_id=job_id, run_id="1", **{**FAST_WAIT, **kwargs})
+
+
+def trigger(job_id: str, **kwargs: Any) -> RescaleRunTrigger:
+    """A trigger on run 1 of ``job_id`` polling fast, rebuilt from its serialized form."""
+    settings = {"poll_interval": 0.05, "max_poll_interval": 0.2, "outcome_wait": 5.0, "retry": FAST_RETRY.to_dict()}
+    return rebuild(RescaleRunTrigger(job_id=job_id, run_id="1", **{**settings, **kwargs}))
+
+
+def tail_messages(capsys: pytest.CaptureFixture[str], path: str) -> list[str]:
+    """Return the tail lines of ``path`` the task log showed so far, in order."""
+    pattern = re.compile(rf"\[{re.escape(path)}\] (.*?)\s+\[airflow[\w.]*\]")
+    return [m.group(1) for line in capsys.readouterr().out.splitlines() if (m := pattern.search(line))]
+
+
+# ----- success -----------------------------------------------------------------------------------
+
+
+def test_deferred_wait_succeeds_and_shows_each_tail_line_once(
+    api: RescaleApi, context: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    job_id = api.start_job(STEPS_COMMAND)
+    # The task starts midway: the lines written before it are shown once too.
+    api.wait_lines(job_id, "1", "solver.log", 3)
+    task = sensor(job_id, tail_path="solver.log", tail_lines=20, deferrable=True)
+
+    result, event = run_deferrable(task, context, api_key=API_KEY)
+
+    assert event["status"] == "success"
+    assert result["status"] == "success"
+    assert result["job_id"] == job_id and result["run_id"] == "1"
+    assert result["run"]["date_completed"]
+    assert result["outcome"]["history"][-1] == "Completed"
+    assert result["reason"] == "Completed successfully"
+    # Every line once, in order, although each poll's tail returned the whole file again.
+    assert tail_messages(capsys, "solver.log") == [f"step {i}" for i in range(1, 13)]
+    assert json.loads(json.dumps(result)) == result
+
+
+def test_trigger_tail_with_short_reads_shows_each_line_once(api: RescaleApi, capsys: pytest.CaptureFixture[str]) -> None:
+    job_id = api.start_job(STEPS_COMMAND)
+
+    event = asyncio.run(first_event(trigger(job_id, tail_path="solver.log", tail_lines=2)))
+
+    assert event["status"] == "success"
+    assert tail_messages(capsys, "solver.log") == [f"step {i}" for i in range(1, 13)]
+
+
+def test_trigger_success_event_carries_run_and_outcome(api: RescaleApi) -> None:
+    job_id = api.start_job("echo done > out.txt", runs=[{"variables": {"x": 1.5}}])
+
+    event = asyncio.run(first_event(trigger(job_id)))
+
+    assert event["status"] == "success"
+    assert event["run"]["variables"] == {"x": 1.5}
+    assert event["outcome"] == {
+        "completed": True,
+        "succeeded": True,
+        "reason": "Completed successfully",
+        "history": ["Pending", "Queued", "Started", "Validated", "Executing", "Completed"],
+    }
+    assert "completed successfully" in event["message"]
+
+
+def test_poke_mode_succeeds_and_tails(api: RescaleApi, context: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
+    job_id = api.start_job(STEPS_COMMAND)
+    task = sensor(job_id, tail_path="solver.log", deferrable=False, poke_interval=0.05, timeout=30)
+
+    result = task.execute(context)
+
+    assert result["status"] == "success"
+    shown = tail_messages(capsys, "solver.log")
+    assert len(shown) == len(set(shown)), "a tail line was logged twice"
+    assert shown == [f"step {i}" for i in range(1, len(shown) + 1)] and len(shown) >= 6
+
+
+def test_run_already_completed_returns_without_deferring(api: RescaleApi, context: dict[str, Any]) -> None:
+    job_id = api.start_job("true")
+    api.wait_job_completed(job_id)
+
+    result = sensor(job_id, deferrable=True).execute(context)
+
+    assert result["status"] == "success"
+    assert context["ti"].xcom["_link_RescaleJobLink"].endswith(f"/jobs/{job_id}/")
+
+
+# ----- failure -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "reason", ["Exceeded max number of restarts", "Could not allocate compute resources from the compute provider"]
+)
+def test_completed_with_a_failure_reason_fails_the_deferred_wait(
+    api: RescaleApi, context: dict[str, Any], reason: str
+) -> None:
+    job_id = api.start_job("true", emulator={"completedReason": reason})
+
+    with pytest.raises(RescaleRunFailed, match=re.escape(reason)) as failed:
+        run_deferrable(sensor(job_id, deferrable=True), context, api_key=API_KEY)
+
+    assert "did not succeed" in str(failed.value)
+    assert API_KEY not in str(failed.value)
+
+
+def test_failure_event_names_the_reason_and_history(api: RescaleApi) -> None:
+    job_id = api.start_job("true", emulator={"completedReason": "Exceeded max number of restarts"})
+
+    event = asyncio.run(first_event(trigger(job_id)))
+
+    assert event["status"] == "failed"
+    assert event["reason"] == "Exceeded max number of restarts"
+    assert event["outcome"]["succeeded"] is False
+    assert event["run"]["date_started"] is None and event["run"]["date_completed"]
+
+
+def test_nonzero_exit_fails_in_poke_mode_too(api: RescaleApi, context: dict[str, Any]) -> None:
+    job_id = api.start_job("echo boom; exit 3")
+
+    with pytest.raises(RescaleRunFailed, match="exit code 3"):
+        sensor(job_id, deferrable=False, poke_interval=0.05, timeout=30).execute(context)
+
+
+def test_stopped_run_fails_unless_any_completion_is_accepted(api: RescaleApi, context: dict[str, Any]) -> None:
+    job_id = api.start_job("sleep 30")
+    api.wait_started(job_id)
+    api.session.post(api.url(f"jobs/{job_id}/runs/1/stop/"), timeout=10)
+    api.wait_job_completed(job_id)
+
+    with pytest.raises(RescaleRunFailed, match="User requested stop"):
+        run_deferrable(sensor(job_id, deferrable=True), context)
+
+    result = sensor(job_id, deferrable=True, accept_any_completion=True).execute(context)
+    assert result["status"] == "success"
+    assert "Stopping" in result["outcome"]["history"]
+
+
+def test_timeout_fails_the_wait_and_leaves_the_run_going(api: RescaleApi, context: dict[str, Any]) -> None:
+    job_id = api.start_job("sleep 30")
+
+    with pytest.raises(AirflowSensorTimeout, match="was not stopped"):
+        run_deferrable(sensor(job_id, deferrable=True, timeout=0.5), context)
+
+    assert api.stops(job_id) == 0
+    assert api.run(job_id)["dateCompleted"] is None
+
+
+def test_unknown_run_is_an_error_event(api: RescaleApi) -> None:
+    job_id = api.start_job("true")
+
+    event = asyncio.run(first_event(rebuild(RescaleRunTrigger(job_id=job_id, run_id="9", poll_interval=0.05))))
+
+    assert event["status"] == "error"
+    assert "404" in event["message"]

@@ -1,0 +1,274 @@
+"""
+Writing to object storage (``storage.py``): atomic, verified against size and md5, confined to the
+destination, with flat memory whatever the file size; on a local ``file://`` folder and on fsspec's
+in-memory backend (an object store without a real rename).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import itertools
+import tracemalloc
+import uuid
+import zipfile
+from collections.abc import Iterator
+from typing import Any
+
+import fsspec
+import pytest
+import requests_mock as rm
+from airflow.sdk import ObjectStoragePath
+from airflow.sdk.io import attach
+
+from airflow_provider_hpc.exceptions import HpcApiError, TransferIntegrityError, UnsafePathError
+from airflow_provider_hpc.hooks.rescale import OutputFile, RescaleHook
+from airflow_provider_hpc.storage import (
+    TEMP_PREFIX,
+    as_storage_path,
+    extract_zip,
+    file_md5,
+    safe_join,
+    same_file_exists,
+    write_atomically,
+)
+
+MIB = 1024 * 1024
+DATA = b"internalField   uniform (25.75 3.62 0);\n" * 5000
+
+
+def chunks(data: bytes, size: int = 64 * 1024) -> Iterator[bytes]:
+    """Yield ``data`` in pieces, as a streaming response does."""
+    for start in range(0, len(data), size):
+        yield data[start : start + size]
+
+
+@pytest.fixture(params=["file", "memory"])
+def root(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[ObjectStoragePath]:
+    """A destination folder on the local disk, then on an in-memory object store."""
+    if request.param == "file":
+        yield ObjectStoragePath(f"file://{tmp_path}")
+        return
+    attach("memory", fs=fsspec.filesystem("memory"))
+    bucket = f"hpc-tests-{uuid.uuid4().hex}"
+    yield ObjectStoragePath(f"memory://{bucket}/out")
+    fsspec.filesystem("memory").rm(f"/{bucket}", recursive=True)
+
+
+def names(root: ObjectStoragePath) -> list[str]:
+    """Every file under ``root``, temporary ones included, relative to it."""
+    base = str(root).rstrip("/")
+    return sorted(str(p)[len(base) + 1 :] for p in root.rglob("*") if p.is_file())
+
+
+# ----- write_atomically ------------------------------------------------------------------------------
+
+
+def test_write_keeps_the_file_with_its_size_and_md5(root: ObjectStoragePath) -> None:
+    """A complete, matching transfer lands under the final name, and only there."""
+    dest = root / "airFoil2D" / "0" / "U"
+    stored = write_atomically(chunks(DATA), dest, expected_size=len(DATA), expected_md5=hashlib.md5(DATA).hexdigest().upper())
+    assert (stored.size, stored.md5, stored.path) == (len(DATA), hashlib.md5(DATA).hexdigest(), str(dest))
+    assert dest.read_bytes() == DATA
+    assert names(root) == ["airFoil2D/0/U"]
+    assert stored.to_dict() == {"path": str(dest), "size": len(DATA), "md5": stored.md5}
+
+
+def test_nothing_is_visible_under_the_final_name_while_writing(root: ObjectStoragePath) -> None:
+    """The bytes go to a temporary name beside the destination; the final name appears only at the end."""
+    dest = root / "run.zip"
+    seen: list[tuple[bool, list[str]]] = []
+
+    def watched() -> Iterator[bytes]:
+        for piece in chunks(DATA):
+            seen.append((dest.exists(), names(root)))
+            yield piece
+
+    write_atomically(watched(), dest)
+    assert seen and not any(exists for exists, _ in seen)
+    assert all(len(files) <= 1 and all(f.startswith(TEMP_PREFIX) for f in files) for _, files in seen[1:])
+    assert names(root) == ["run.zip"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error"),
+    [
+        ({"expected_md5": "0" * 32}, TransferIntegrityError),
+        ({"expected_size": len(DATA) + 1}, TransferIntegrityError),
+        ({"expected_size": len(DATA) - 1}, TransferIntegrityError),
+        ({"max_bytes": len(DATA) // 2}, HpcApiError),
+    ],
+    ids=["wrong-md5", "short", "long", "over-limit"],
+)
+def test_a_failed_check_keeps_nothing_and_leaves_the_old_file(root: ObjectStoragePath, kwargs: dict, error: type) -> None:
+    """A mismatch or an oversized body raises; the previous file under the final name is untouched."""
+    dest = root / "U"
+    dest.write_bytes(b"previous good copy")
+    with pytest.raises(error):
+        write_atomically(chunks(DATA), dest, **kwargs)
+    assert dest.read_bytes() == b"previous good copy"
+    assert names(root) == ["U"]
+
+
+def test_a_broken_stream_keeps_nothing(root: ObjectStoragePath) -> None:
+    """A transfer that breaks half-way (or is cancelled) removes its temporary file."""
+
+    def broken() -> Iterator[bytes]:
+        yield DATA[:1000]
+        raise ConnectionResetError("Connection reset by peer")
+
+    with pytest.raises(ConnectionResetError):
+        write_atomically(broken(), root / "nut")
+    assert names(root) == []
+
+
+def test_an_endless_body_stops_at_the_announced_size(root: ObjectStoragePath) -> None:
+    """A body longer than announced is refused as soon as it passes the size, not read to its end."""
+    endless = itertools.repeat(b"x" * 1024)
+    with pytest.raises(TransferIntegrityError, match="more than the 4096 bytes"):
+        write_atomically(endless, root / "big", expected_size=4096)
+    assert names(root) == []
+
+
+def test_memory_stays_flat_whatever_the_size(tmp_path: Any) -> None:
+    """64 MiB streamed in 1 MiB pieces never hold more than a few pieces in memory."""
+    piece = bytes(MIB)
+    tracemalloc.start()
+    try:
+        stored = write_atomically((piece for _ in range(64)), ObjectStoragePath(f"file://{tmp_path}/big.bin"))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert stored.size == 64 * MIB
+    assert peak < 8 * MIB
+
+
+class Zeros(io.RawIOBase):
+    """A response body of ``size`` zero bytes, produced as it is read (never held whole)."""
+
+    def __init__(self, size: int) -> None:
+        self.left = size
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        size = min(len(buffer), self.left)
+        buffer[:size] = bytes(size)
+        self.left -= size
+        return size
+
+
+def test_hook_download_memory_stays_flat(
+    rescale_hook: RescaleHook, requests_mock: rm.Mocker, dest_dir: ObjectStoragePath
+) -> None:
+    """From the HTTP response to the file, a 64 MiB output file is streamed: memory stays a few MiB."""
+    size = 64 * MIB
+    digest = hashlib.md5()
+    for _ in range(64):
+        digest.update(bytes(MIB))
+    requests_mock.get("https://platform.rescale.com/api/files/wMyXse/contents/", body=Zeros(size))
+    file = OutputFile(id="wMyXse", name="phi", relative_path="phi", decrypted_size=size, md5=digest.hexdigest())
+    tracemalloc.start()
+    try:
+        stored = rescale_hook.download_file(file, dest_dir / "phi")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert stored.size == size and stored.md5 == file.md5
+    assert peak < 12 * MIB
+
+
+# ----- safe_join, extract_zip --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "relative",
+    ["../../x", "../x", "a/../../x", "a/..", "/etc/passwd", "..", ".", "./a", "a/./b", "a//b", "a/", "",
+     "a\\..\\..\\x", "C:/Windows/x", "c:x", "x\x00y"],
+)
+def test_safe_join_refuses_paths_leaving_the_destination(tmp_path: Any, relative: str) -> None:
+    """A ``relativePath`` (or zip member) like ``../../x`` can never write outside the destination."""
+    with pytest.raises(UnsafePathError):
+        safe_join(ObjectStoragePath(f"file://{tmp_path}/out"), relative)
+
+
+def test_safe_join_keeps_sound_paths_below_the_destination(tmp_path: Any) -> None:
+    """Ordinary relative paths (the sample's ``airFoil2D/100/uniform/time``) land below the destination."""
+    root = ObjectStoragePath(f"file://{tmp_path}/out")
+    joined = safe_join(root, "airFoil2D/100/uniform/time")
+    assert str(joined) == f"{root}/airFoil2D/100/uniform/time"
+    assert str(safe_join(root, "..hidden/file..txt")).endswith("/..hidden/file..txt")
+
+
+def make_zip(members: dict[str, bytes], symlink: str | None = None) -> bytes:
+    """Return a zip holding ``members`` (and a symbolic link named ``symlink``)."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+        if symlink:
+            info = zipfile.ZipInfo(symlink)
+            info.external_attr = (0o120777 << 16)
+            archive.writestr(info, "/etc/passwd")
+    return buffer.getvalue()
+
+
+def test_extract_zip_writes_members_below_the_destination(tmp_path: Any) -> None:
+    """A run.zip with ``__WS__stdout.txt`` and a sub-folder is extracted with sizes and md5s."""
+    root = ObjectStoragePath(f"file://{tmp_path}")
+    (root / "run.zip").write_bytes(make_zip({"__WS__stdout.txt": b"9.0\n", "out/result.csv": b"a,b\n1,2\n"}))
+    stored = extract_zip(root / "run.zip", root / "run")
+    assert sorted(s.path for s in stored) == [f"{root}/run/__WS__stdout.txt", f"{root}/run/out/result.csv"]
+    assert (root / "run" / "__WS__stdout.txt").read_text() == "9.0\n"
+
+
+@pytest.mark.parametrize(
+    ("archive", "kwargs"),
+    [
+        (make_zip({"ok.txt": b"1", "../../evil.txt": b"2"}), {}),
+        (make_zip({"ok.txt": b"1"}, symlink="link"), {}),
+        (make_zip({"a.bin": bytes(4096), "b.bin": bytes(4096)}), {"max_total_bytes": 6000}),
+        (make_zip({f"f{i}": b"x" for i in range(5)}), {"max_members": 4}),
+    ],
+    ids=["zip-slip", "symlink", "too-large", "too-many"],
+)
+def test_extract_zip_refuses_unsafe_archives_and_writes_nothing(tmp_path: Any, archive: bytes, kwargs: dict) -> None:
+    """Zip-slip, links and zip bombs are refused before any member is written."""
+    root = ObjectStoragePath(f"file://{tmp_path}")
+    (root / "run.zip").write_bytes(archive)
+    with pytest.raises(UnsafePathError):
+        extract_zip(root / "run.zip", root / "run", **kwargs)
+    assert names(root) == ["run.zip"]
+    assert not (tmp_path.parent / "evil.txt").exists()
+
+
+# ----- helpers -------------------------------------------------------------------------------------
+
+
+def test_same_file_exists_and_md5(tmp_path: Any) -> None:
+    """A re-run skips a file already holding exactly the announced bytes, and only then."""
+    path = ObjectStoragePath(f"file://{tmp_path}/U")
+    path.write_bytes(DATA)
+    md5 = hashlib.md5(DATA).hexdigest()
+    assert file_md5(path) == md5
+    assert same_file_exists(path, len(DATA), md5.upper())
+    assert not same_file_exists(path, len(DATA) + 1, md5)
+    assert not same_file_exists(path, len(DATA), "0" * 32)
+    assert not same_file_exists(path, len(DATA), None)
+    assert not same_file_exists(ObjectStoragePath(f"file://{tmp_path}/missing"), 1, md5)
+
+
+def test_as_storage_path(tmp_path: Any) -> None:
+    """A bare local path becomes an absolute ``file://`` path; an ``ObjectStoragePath`` is kept as is."""
+    assert str(as_storage_path(str(tmp_path / "x"))) == f"file://{tmp_path}/x"
+    path = ObjectStoragePath("memory://bucket/x")
+    assert as_storage_path(path) is path
+
+
+def test_the_helpers_other_modules_import_keep_their_names() -> None:
+    """Operators and results import these names from ``storage``."""
+    import airflow_provider_hpc.storage as storage
+
+    for name in ("StoredFile", "as_storage_path", "safe_join", "same_file_exists", "write_atomically", "extract_zip"):
+        assert callable(getattr(storage, name))
