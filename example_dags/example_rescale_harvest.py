@@ -14,13 +14,16 @@ Trigger it with the run to follow, e.g. ``{"job_id": "QTVia", "run_id": "1"}``:
 
 Needs a ``rescale_default`` connection (see docs/rescale.md). Against the local emulator,
 ``make demo`` sets it through ``AIRFLOW_CONN_RESCALE_DEFAULT`` and submits a run that fits
-(``scripts/rescale_demo_job.py``).
+(``scripts/rescale_demo_job.py``). The tasks poll every 5 seconds at first, backing off to a
+minute while nothing changes; ``RESCALE_EXAMPLE_POLL_SECONDS`` sets the first interval (the
+tests, whose runs last seconds, poll faster).
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import os
 from datetime import datetime
 from typing import Any
 
@@ -34,6 +37,8 @@ from airflow_provider_hpc.operators.rescale_download import RescaleDownloadOutpu
 from airflow_provider_hpc.sensors.rescale import RescaleRunSensor
 
 SUMMARY_PATH = "results/summary.csv"
+#: Seconds between two polls at first (and after each change); waits back off up to a minute.
+POLL_SECONDS = float(os.environ.get("RESCALE_EXAMPLE_POLL_SECONDS", "5"))
 
 with DAG(
     dag_id="example_rescale_harvest",
@@ -51,14 +56,16 @@ with DAG(
     },
 ):
 
-    @task.sensor(poke_interval=0.5, timeout=600, mode="poke")
+    @task.sensor(poke_interval=POLL_SECONDS, timeout=3600, mode="poke")
     def midway(job_id: str, rescale_run_id: str, log_path: str, lines: int | str) -> PokeReturnValue:
         """Wait until the run's log holds ``lines`` lines (the run is then well under way)."""
         if not job_id:
             raise AirflowFailException("Trigger the DAG with a job_id (and run_id) to follow")
         hook = RescaleHook()
         if hook.get_run(job_id, rescale_run_id).is_completed:
-            raise AirflowFailException(f"Run {rescale_run_id} of job {job_id} completed before it could be snapshotted midway")
+            raise AirflowFailException(
+                f"Run {rescale_run_id} of job {job_id} completed before it could be snapshotted midway"
+            )
         try:
             written = hook.tail(job_id, rescale_run_id, log_path, lines=int(lines))
         except HpcApiError as exc:
@@ -74,9 +81,9 @@ with DAG(
         job_id="{{ params.job_id }}",
         run_id="{{ params.run_id }}",
         wait_for_file=True,
-        poll_interval=0.5,
-        max_poll_interval=5,
-        wait_timeout=600,
+        poll_interval=POLL_SECONDS,
+        max_poll_interval=60,
+        wait_timeout=3600,
     )
 
     watch = RescaleRunSensor(
@@ -84,8 +91,8 @@ with DAG(
         job_id="{{ params.job_id }}",
         run_id="{{ params.run_id }}",
         tail_path="{{ params.log_path }}",
-        poll_interval=0.5,
-        max_poll_interval=10,
+        poll_interval=POLL_SECONDS,
+        max_poll_interval=60,
         timeout=6 * 3600,
     )
 

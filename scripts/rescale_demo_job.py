@@ -38,6 +38,7 @@ while [ "$i" -le "$steps" ]; do
 done
 echo "solver converged after $steps steps" >> logs/solver.log
 printf 'run %s of job %s: %s steps\n' "$RESCALE_RUN_ID" "$RESCALE_JOB_ID" "$steps" > post/report.txt
+sleep "$step_seconds"
 """.strip()
 
 #: The file the demo's run writes line by line (the one to tail).

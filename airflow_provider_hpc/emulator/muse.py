@@ -11,8 +11,9 @@ What the pages leave open is decided here, and said in ``docs/emulator.md``:
 - a job walks PENDING (``pending_seconds`` scaled by ``time_scale``, longer while
   ``muse_max_running`` jobs already run) → RUNNING (its command really runs) → COMPLETED (exit
   status 0), FAILED (any other), TIMEOUT (past the ``--time`` of ``sbatch_list``, SLURM formats,
-  so ``time=2`` is two minutes) or CANCELLED (``POST /_emulator/muse/cancel/{key}``: the real API
-  has no cancel endpoint).
+  so ``time=2`` is two minutes and ``0`` no limit; real seconds, not scaled by ``time_scale``) or
+  CANCELLED (``POST /_emulator/muse/cancel/{key}``: the real API has no cancel endpoint);
+- while the server stops, every command is killed and new runs are refused with 503.
 
 On disk, under ``data_dir / "muse"``::
 

@@ -356,8 +356,12 @@ def _describe(exc: BaseException) -> str:
     return type(exc).__name__
 
 
-def _endpoint(method: str, url: str) -> str:
+def endpoint_of(method: str, url: str) -> str:
+    """Return ``METHOD /path`` of a request, as errors name it (no query string: no key, no token)."""
     return f"{method.upper()} {urlsplit(url).path}"
+
+
+_endpoint = endpoint_of
 
 
 class _Retrier:

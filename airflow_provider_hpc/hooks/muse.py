@@ -21,6 +21,7 @@ from airflow_provider_hpc.hooks._http import (
     RetryPolicy,
     UploadFile,
     connection_extra,
+    endpoint_of,
     optional_int,
     read_capped,
     redact,
@@ -161,8 +162,8 @@ class MuseHook(HpcHttpHook):
 
     Connection (type ``muse``): ``host`` is the service's base URL (e.g. ``http://147.100.179.250/api/``);
     ``login``/``password`` obtain a JWT from ``jwt/obtain/``, or a ready token goes in the ``token`` extra
-    (or the password field with no login). Extras: ``verify``, ``connect_timeout``, ``read_timeout``,
-    ``max_attempts``.
+    (or the password field with no login). Extras: ``verify``, ``ca_bundle``, ``connect_timeout``,
+    ``read_timeout``, ``max_attempts`` (see ``docs/connections.md``).
 
     :param muse_conn_id: the Airflow connection id.
     :param retry: a retry policy overriding the connection's.
@@ -223,7 +224,7 @@ class MuseHook(HpcHttpHook):
     def _obtain_token(self, username: str, password: str) -> str:
         # A failed login is not retried beyond the transport's own policy: it is not idempotent work,
         # but obtaining a token creates nothing, so it may be repeated safely.
-        endpoint = "POST jwt/obtain/"
+        endpoint = self._endpoint("POST", "jwt/obtain/")
 
         def read(response: requests.Response) -> Any:
             # The service answers "the JWT value": a JSON object or string, or the bare token as text.
@@ -314,7 +315,7 @@ class MuseHook(HpcHttpHook):
             answer = self.transport.request_json(
                 "POST", path, data={**fields, "jwt": token}, files=uploads, idempotent=False
             )
-            self._raise_for_error_body(answer, f"POST {path}")
+            self._raise_for_error_body(answer, self._endpoint("POST", path))
             return answer
 
         answer = self._with_token(post)
@@ -323,7 +324,7 @@ class MuseHook(HpcHttpHook):
         if not match:
             raise MuseApiError(
                 "The submit answer has no url ending with the run key",
-                endpoint=f"POST {path}",
+                endpoint=self._endpoint("POST", path),
                 excerpt=_short(answer, self.known_secrets),
             )
         submission = MuseSubmission(name=name, key=match.group(1), state_url=str(url), message=str(answer.get("msg", "")))
@@ -355,7 +356,7 @@ class MuseHook(HpcHttpHook):
 
         def post(token: str) -> MuseResult:
             return self.transport.fetch(
-                "POST", path, lambda r: self._read_result(r, f"POST {path}", dest, max_bytes),
+                "POST", path, lambda r: self._read_result(r, self._endpoint("POST", path), dest, max_bytes),
                 data={**fields, "jwt": token}, files=uploads, idempotent=False,
             )
 
@@ -383,16 +384,18 @@ class MuseHook(HpcHttpHook):
         """Return the run's report (``GET software/muse/state/{name}/{key}/``)."""
         path = self._state_path(name, key)
         answer = self.transport.get_json(path)
-        self._raise_for_error_body(answer, f"GET {path}")
-        return MuseReport.from_answer(answer, f"GET {path}")
+        endpoint = self._endpoint("GET", path)
+        self._raise_for_error_body(answer, endpoint)
+        return MuseReport.from_answer(answer, endpoint)
 
     async def a_get_state(self, name: str, key: str) -> MuseReport:
         """Return the run's report without blocking the event loop (for triggers)."""
         path = self._state_path(name, key)
         transport = await self.async_transport()
         answer = await transport.get_json(path)
-        self._raise_for_error_body(answer, f"GET {path}")
-        return MuseReport.from_answer(answer, f"GET {path}")
+        endpoint = endpoint_of("GET", transport.url(path))
+        self._raise_for_error_body(answer, endpoint)
+        return MuseReport.from_answer(answer, endpoint)
 
     def state_url(self, name: str, key: str) -> str:
         """Return the absolute URL of the run's state (shown in the UI and XCom)."""
@@ -412,7 +415,8 @@ class MuseHook(HpcHttpHook):
         :param max_bytes: refuse a file result larger than this.
         """
         path = f"software/muse/run/{validate_segment(name, 'Software name')}/{validate_segment(key, 'Run key')}/"
-        return self.transport.fetch("GET", path, lambda r: self._read_result(r, f"GET {path}", dest, max_bytes))
+        endpoint = self._endpoint("GET", path)
+        return self.transport.fetch("GET", path, lambda r: self._read_result(r, endpoint, dest, max_bytes))
 
     def _read_result(
         self, response: requests.Response, endpoint: str, dest: ObjectStoragePath | None, max_bytes: int | None
@@ -445,13 +449,14 @@ class MuseHook(HpcHttpHook):
         """Stream the file behind a download key (``GET download/?key=...``) to ``dest``."""
         key = validate_segment(download_key, "Download key")
         return self.transport.fetch(
-            "GET", "download/", lambda r: self._read_file(r, "GET download/", dest, max_bytes), params={"key": key}
+            "GET", "download/", lambda r: self._read_file(r, self._endpoint("GET", "download/"), dest, max_bytes), params={"key": key}
         )
 
     def get_content(self, name: str, key: str, dest: ObjectStoragePath, *, max_bytes: int | None = None) -> StoredFile:
         """Stream the run folder's zip (``GET software/muse/content/{name}/{key}/``) to ``dest``, to investigate."""
         path = f"software/muse/content/{validate_segment(name, 'Software name')}/{validate_segment(key, 'Run key')}/"
-        return self.transport.fetch("GET", path, lambda r: self._read_file(r, f"GET {path}", dest, max_bytes))
+        endpoint = self._endpoint("GET", path)
+        return self.transport.fetch("GET", path, lambda r: self._read_file(r, endpoint, dest, max_bytes))
 
     def _read_file(self, response: requests.Response, endpoint: str, dest: ObjectStoragePath, max_bytes: int | None) -> StoredFile:
         # The service answers its error shape as JSON even where a file is expected.
@@ -462,6 +467,10 @@ class MuseHook(HpcHttpHook):
                 "Expected a file, the service answered JSON", endpoint=endpoint, excerpt=_short(answer, self.known_secrets)
             )
         return write_atomically(response.iter_content(CHUNK_SIZE), as_storage_path(dest), max_bytes=max_bytes)
+
+    def _endpoint(self, method: str, path: str) -> str:
+        """Name a request of the sync transport as the transport's own errors do (``POST /api/jwt/obtain/``)."""
+        return endpoint_of(method, self.transport.url(path))
 
     def _raise_for_error_body(self, answer: Any, endpoint: str) -> None:
         """Muse may answer its error shape with a 2xx status: the body's shape is the signal."""

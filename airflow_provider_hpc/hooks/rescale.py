@@ -221,8 +221,8 @@ class RescaleHook(HpcHttpHook):
     Connection (type ``rescale``): ``host`` is the platform URL of your region (default
     ``https://platform.rescale.com``; ``https://eu.rescale.com``, ``https://platform.rescale.jp``...),
     ``password`` the API key (sent as ``Authorization: Token <key>``). Extras: ``api_version``
-    (``v1`` for ``/api/jobs/...``, the default, or ``v2``), ``verify``, ``connect_timeout``,
-    ``read_timeout``, ``max_attempts``.
+    (``v1`` for ``/api/jobs/...``, the default, or ``v2``), ``verify``, ``ca_bundle``,
+    ``connect_timeout``, ``read_timeout``, ``max_attempts`` (see ``docs/connections.md``).
 
     :param rescale_conn_id: the Airflow connection id.
     :param retry: a retry policy overriding the connection's.

@@ -110,8 +110,9 @@ class MuseRunOperator(MuseResultMixin, BaseOperator):
 
     The run's key is persisted (``task_state_store``) and pushed to XCom before any wait, so a retry
     re-attaches to a run still going, returns the result of one already ``OK``, and submits anew only
-    after ``NOK``: one try never submits twice. The returned XCom value is described in
-    ``docs/results.md``; files go under ``output_path``.
+    after ``NOK``; the stored key is dropped once the result is collected, so clearing the task later
+    runs the software again. The returned XCom value is described in ``docs/results.md``; files go
+    under ``output_path``. Muse has no cancel endpoint: killing the task leaves the run going.
 
     :param name: the software name (e.g. ``sw_example``).
     :param cmd: the command run in the software's container (e.g. ``python /add.py 4 5``).

@@ -16,7 +16,7 @@ from airflow.sdk import BaseOperator, ObjectStoragePath
 
 from airflow_provider_hpc.exceptions import HpcApiError, JobTimeout, RescaleApiError
 from airflow_provider_hpc.hooks._http import RetryPolicy
-from airflow_provider_hpc.hooks.rescale import OutputFile, RescaleHook, RescaleRun
+from airflow_provider_hpc.hooks.rescale import OutputFile, RescaleHook, RescaleRun, SnapshotResult
 from airflow_provider_hpc.links.rescale import RescaleJobLink
 from airflow_provider_hpc.results import resolve_output_path
 from airflow_provider_hpc.sensors.rescale import DEFERRAL_TIMEOUT_MARGIN, default_deferrable
@@ -283,15 +283,7 @@ class RescaleSnapshotRunOperator(_RescaleRunOperator):
                 f"reason {snapshot.reason!r}"
             )
         self.log.info("Asked for a snapshot of run %s of Rescale job %s: %s", self.run_id, self.job_id, snapshot.reason)
-        result = {
-            "job_id": str(self.job_id),
-            "run_id": str(self.run_id),
-            "last_snapshot_id": snapshot.last_snapshot_id,
-            "exitcode": snapshot.exitcode,
-            "reason": snapshot.reason,
-            "file": None,
-            "path": None,
-        }
+        result = self._snapshot_result(snapshot)
         if not self.wait_for_file:
             return result
         # The previous snapshot may still be uploading: its id must not be taken for the new one's.
@@ -316,7 +308,20 @@ class RescaleSnapshotRunOperator(_RescaleRunOperator):
         """
         self._raise_for_event(event)
         file = OutputFile(**event["file"])
-        return self._with_file(context, dict((event.get("carry") or {})["snapshot"]), file)
+        requested = (event.get("carry") or {}).get("snapshot") or self._snapshot_result(None)
+        return self._with_file(context, dict(requested), file)
+
+    def _snapshot_result(self, snapshot: SnapshotResult | None) -> dict[str, Any]:
+        """Return the XCom value before the file is known (``None``: the snapshot answer was lost)."""
+        return {
+            "job_id": str(self.job_id),
+            "run_id": str(self.run_id),
+            "last_snapshot_id": snapshot.last_snapshot_id if snapshot else None,
+            "exitcode": snapshot.exitcode if snapshot else None,
+            "reason": snapshot.reason if snapshot else None,
+            "file": None,
+            "path": None,
+        }
 
     def _with_file(self, context: Context, result: dict[str, Any], file: OutputFile) -> dict[str, Any]:
         self.log.info("The snapshot is output file %s (%s, %s bytes)", file.id, file.relative_path, file.decrypted_size)

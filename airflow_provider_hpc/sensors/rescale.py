@@ -98,7 +98,7 @@ class RescaleRunSensor(BaseSensorOperator):
     Deferrable by default (see :func:`default_deferrable`): the wait runs in the triggerer
     (:class:`RescaleRunTrigger`) and frees the worker slot. With ``tail_path``, the new lines of that
     file of the run's working folder are written to the task log while the run is in progress.
-    When the task is killed (marked failed or success, cleared, or its worker stopped), the run is
+    When the task is killed (marked failed or success, or cleared), the run is
     stopped, unless ``cancel_on_kill=False``.
 
     :param job_id: the Rescale job id (templated).

@@ -29,6 +29,8 @@ from airflow_provider_hpc.triggers._polling import PollSchedule
 RUN_EVENT_STATUSES = ("success", "failed", "timeout", "error")
 #: The most lines one tail request asks for (the API reads them from the end of the file).
 MAX_TAIL_LINES = 1000
+#: Seconds :meth:`RescaleRunTrigger.on_kill` gives the stop request (retries included).
+ON_KILL_TIMEOUT = 20.0
 
 
 # ----- deciding a completed run's outcome (shared with the sensor's poke mode) --------------------
@@ -466,9 +468,16 @@ class RescaleRunTrigger(_RescalePollingTrigger):
             return
         self.log.info("The task was killed: stopping run %s of Rescale job %s", self.run_id, self.job_id)
         try:
-            await self.hook.a_stop_run(self.job_id, self.run_id)
+            # Airflow bounds on_kill too ([triggerer] on_kill_timeout); this bound comes first so
+            # the log says what happened instead of a bare cancellation.
+            await asyncio.wait_for(self.hook.a_stop_run(self.job_id, self.run_id), timeout=ON_KILL_TIMEOUT)
         except HpcApiError as exc:
             self.log.warning("Could not stop run %s of Rescale job %s: %s", self.run_id, self.job_id, exc)
+        except asyncio.TimeoutError:
+            self.log.warning(
+                "Could not stop run %s of Rescale job %s within %.0f s; stop it on the platform",
+                self.run_id, self.job_id, ON_KILL_TIMEOUT,
+            )
 
 
 class RescaleSnapshotTrigger(_RescalePollingTrigger):

@@ -15,21 +15,41 @@ from __future__ import annotations
 
 import hashlib
 import re
+import sys
 import threading
 import time
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from airflow_provider_hpc.emulator import EmulatorServer
-from scripts.rescale_demo_job import DEMO_LOG_PATH, DEMO_SUMMARY_PATH, create_demo_job, submit_job
+import pytest
+
+from airflow_provider_hpc.emulator import EmulatorConfig, EmulatorServer
+
+# The demo job lives in scripts/, importable from the repository's root whatever the working folder.
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from scripts.rescale_demo_job import DEMO_LOG_PATH, DEMO_SUMMARY_PATH, create_demo_job, submit_job  # noqa: E402
 
 DAG_ID = "example_rescale_harvest"
-#: Long enough to be still going once ``airflow dags test`` has started (a few seconds).
+#: The run starts once the DAG asks about it, and lasts long enough to be snapshotted midway.
 STEPS = 16
 STEP_SECONDS = 0.4
 TASKS = ("midway", "snapshot", "watch", "harvest", "summarize")
 RUN_ROUTE = "GET /api/jobs/{job_id}/runs/{run_id}/"
+#: Long enough for the secrets masker, and easy to look for in the output.
+API_KEY = "rk-dag-test-0123456789-SECRET"
+
+
+@pytest.fixture
+def emulator_config(tmp_path: Path) -> EmulatorConfig:
+    """The shared emulator settings, with an API key no output may show."""
+    return EmulatorConfig(
+        data_dir=tmp_path / "emulator", time_scale=0.05, pending_seconds=0.2, seed=7, rescale_api_keys=frozenset({API_KEY})
+    )
 
 
 @contextmanager
@@ -54,11 +74,12 @@ def submitted_when_watched(emulator: EmulatorServer, api_key: str, job_id: str) 
 
 
 def test_example_rescale_harvest(dag_runner, airflow_home, emulator: EmulatorServer) -> None:
-    api_key = sorted(emulator.config.rescale_api_keys)[0]
+    api_key = API_KEY
     job_id, run_id = create_demo_job(emulator.rescale_url, api_key, steps=STEPS, step_seconds=STEP_SECONDS)
 
     with submitted_when_watched(emulator, api_key, job_id):
-        run = dag_runner(DAG_ID, env=emulator.airflow_conn_env(), conf={"job_id": job_id, "run_id": run_id})
+        env = {**emulator.airflow_conn_env(), "RESCALE_EXAMPLE_POLL_SECONDS": "0.5"}
+        run = dag_runner(DAG_ID, env=env, conf={"job_id": job_id, "run_id": run_id})
 
     assert run.returncode == 0, run.output[-8000:]
     assert {run.states[(task, -1)] for task in TASKS} == {"success"}, run.states
@@ -87,6 +108,12 @@ def test_example_rescale_harvest(dag_runner, airflow_home, emulator: EmulatorSer
     for entry in harvest["files"]:
         data = Path(entry["path"].removeprefix("file://")).read_bytes()
         assert hashlib.md5(data).hexdigest() == entry["md5"] and len(data) == entry["size"]
+    # The snapshot holds the log as it was midway.
+    archive_entry = next(f for f in harvest["files"] if f["relative_path"] == snapshot["file"]["relative_path"])
+    with zipfile.ZipFile(archive_entry["path"].removeprefix("file://")) as archive:
+        midway_lines = archive.read(DEMO_LOG_PATH).decode().splitlines()
+    assert 3 <= len(midway_lines) < STEPS
+
     # With no output_path, the files went to the task's own folder under [hpc] results_base.
     assert Path(harvest["output_path"].removeprefix("file://")).is_relative_to(airflow_home.results_base / DAG_ID)
 

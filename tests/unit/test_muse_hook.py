@@ -211,7 +211,7 @@ def test_submit_without_key_in_url_is_a_clear_error(
     requests_mock.post(SUBMIT_URL, json={"msg": "ok", "url": "http://147.100.179.250/api/"})
     with pytest.raises(MuseApiError, match="no url ending with the run key") as info:
         muse_hook.submit("sw_example")
-    assert info.value.endpoint == "POST software/muse/run/sw_example/"
+    assert info.value.endpoint == "POST /api/software/muse/run/sw_example/"
 
 
 def test_connection_without_credentials_fails_clearly(
@@ -549,3 +549,124 @@ def test_test_connection_token_rejected_by_verify(muse_hook: MuseHook, requests_
     token_login(requests_mock, creds.jwt)
     requests_mock.post(API + "jwt/verify/", status_code=401, json={"detail": "Token is invalid or expired"})
     assert muse_hook.test_connection() == (False, "The service does not accept the token")
+
+
+# ----- examples B to F ----------------------------------------------------------------------------
+
+# Step 1 of examples B to F: the request sent, and the key of the page's answer.
+EXAMPLES = {
+    "B": ({"cmd": "python /add.py 4 55", "returned_type": "run.zip"}, "fc3b822f-c62f-40fe-93be-417b1bcc38e9"),
+    "C": ({"cmd": "python /add.py 4 55", "returned_type": "stdout.txt"}, "f3d078e0-7496-4f02-b9c4-2da924a24955"),
+    "D": ({"cmd": "python /add.py 4 55", "returned_type": "run.zip", "todownload": True}, KEY_D),
+    "E": ({"cmd": "python /add.py", "returned_type": "stdout", "files": ["stdin.txt"]}, "0cfb698a-3a86-414f-8d5c-959dc4164f2e"),
+    "F": ({"cmd": "usrcmd.sh", "returned_type": "stdout", "files": ["usrcmd.sh", "stdin.txt"],
+           "files_order": ["stdin.txt", "usrcmd.sh"]}, "de8a34be-dd3f-4f4e-9ea7-5ab820a26b00"),
+}
+
+
+@pytest.mark.parametrize("example", sorted(EXAMPLES))
+def test_submit_examples_b_to_f(
+    muse_hook: MuseHook, requests_mock: rm.Mocker, tmp_path: Any, creds: Any, example: str
+) -> None:
+    """Each example's request is sent with the page's fields, and the key is read from the page's answer."""
+    arguments, key = EXAMPLES[example]
+    arguments = dict(arguments)
+    (tmp_path / "stdin.txt").write_text("4 66\n")
+    (tmp_path / "usrcmd.sh").write_text("#!/bin/sh\npython /add.py < stdin.txt\n")
+    if "files" in arguments:
+        arguments["files"] = [str(tmp_path / name) for name in arguments["files"]]
+    answer = {
+        "msg": f"GET http://147.100.179.250/api/software/muse/state/sw_example/{key}/ request to get cluster job state, "
+        f"while waiting for results ... Keep the software name value=sw_example and the key value={key} in order to "
+        "be able to follow your POST request. (__todo__: add information about temps imparti...)",
+        "url": f"http://147.100.179.250/api/software/muse/state/sw_example/{key}/",
+    }
+    token_login(requests_mock, creds.jwt)
+    submit = requests_mock.post(SUBMIT_URL, json=answer)
+
+    assert muse_hook.submit("sw_example", **arguments).key == key
+
+    body = submit.last_request.body
+    body = body if isinstance(body, bytes) else body.encode()
+    todownload = b"yes" if arguments.get("todownload") else b"no"
+    assert arguments["returned_type"].encode() in body and todownload in body
+    if "files" in arguments:
+        assert body.count(b'name="file"; filename=') == len(arguments["files"])
+    assert (b"files_order" in body) == ("files_order" in arguments)
+
+
+def test_state_example_e_echoes_the_request(muse_hook: MuseHook, requests_mock: rm.Mocker) -> None:
+    """Example E, step 2: the report echoes ``ordered_filename_list`` and ``todownload`` as a boolean."""
+    key = EXAMPLES["E"][1]
+    requests_mock.get(
+        API + f"software/muse/state/sw_example/{key}/",
+        json={
+            "info": {"report": {
+                "request": {"cmd": "python /add.py", "cmd_option": "", "ordered_filename_list": ["stdin.txt"],
+                            "returned_type": "stdout", "todownload": False, "sbatch_list": [], "module_list": []},
+                "rsrc": {"identity": "muse"},
+                "process": {"jobname": "118-ws-sw_example", "job_id": 2461256, "latest_cr": "ENDED_OK", "latest_state": "COMPLETED"},
+                "name": "sw_example", "cr": "OK",
+            }},
+            "msg": "End of job.",
+            "url": f"http://147.100.179.250/api/software/muse/run/sw_example/{key}/",
+        },
+    )
+    state = muse_hook.get_state("sw_example", key)
+    assert state.request["ordered_filename_list"] == ["stdin.txt"]
+    assert (state.job_id, state.jobname, state.is_successful) == (2461256, "118-ws-sw_example", True)
+
+
+def test_result_example_e_stdout(muse_hook: MuseHook, requests_mock: rm.Mocker) -> None:
+    """Example E, step 3: ``70.0`` from ``info.stdout``."""
+    key = EXAMPLES["E"][1]
+    answer = {"info": {"stdout": "70.0", "report": report(ordered_filename_list=["stdin.txt"])}}
+    requests_mock.get(API + f"software/muse/run/sw_example/{key}/", json=answer, headers=JSON)
+    assert muse_hook.get_result("sw_example", key).stdout == "70.0"
+
+
+# ----- off-cluster run, verify --------------------------------------------------------------------
+
+
+def test_run_off_cluster_answers_the_result(
+    muse_hook: MuseHook, requests_mock: rm.Mocker, dest_dir: ObjectStoragePath, creds: Any
+) -> None:
+    """``POST software/run/{name}/`` answers the result directly: stdout as JSON, or a file written to ``dest``."""
+    token_login(requests_mock, creds.jwt)
+    route = requests_mock.post(API + "software/run/sw_example/", [
+        {"json": RESULT_ANSWER_A, "headers": JSON},
+        {"content": b"9.0\n", "headers": {"Content-Type": "text/plain"}},
+    ])
+    assert muse_hook.run("sw_example", cmd="python /add.py 4 5").stdout == "9.0"
+    result = muse_hook.run("sw_example", cmd="python /add.py 4 5", returned_type="stdout.txt", dest=dest_dir / "stdout.txt")
+    assert result.kind == "file" and (dest_dir / "stdout.txt").read_bytes() == b"9.0\n"
+    assert [form(r)["jwt"] for r in route.request_history[:1]] == [[creds.jwt]]
+
+
+def test_run_off_cluster_error_is_not_repeated(muse_hook: MuseHook, requests_mock: rm.Mocker, creds: Any) -> None:
+    """An off-cluster run that fails answers Muse's error shape: raised once, never run twice."""
+    token_login(requests_mock, creds.jwt)
+    route = requests_mock.post(
+        API + "software/run/sw_example/",
+        json={"error": "The run ended with exit status 1.", "more": ["Traceback ..."], "type": "RunFailed"},
+        headers=JSON,
+    )
+    with pytest.raises(MuseApiError, match="exit status 1") as info:
+        muse_hook.run("sw_example", cmd="python /add.py x")
+    assert info.value.error_type == "RunFailed" and route.call_count == 1
+
+
+@pytest.mark.parametrize(
+    ("answer", "valid"),
+    [
+        ({"json": {"valid": True, "username": "alice"}}, True),
+        ({"json": {"valid": False, "error": "Signature has expired."}}, False),
+        ({"status_code": 401, "json": {"detail": "Token is invalid or expired"}}, False),
+    ],
+)
+def test_verify_token(muse_hook: MuseHook, requests_mock: rm.Mocker, creds: Any, answer: dict, valid: bool) -> None:
+    """``jwt/verify/`` says whether the token is still good; a refusal is ``False``, not an error."""
+    token_login(requests_mock, creds.jwt)
+    verify = requests_mock.post(API + "jwt/verify/", **answer)
+    assert muse_hook.verify_token() is valid
+    assert form(verify.last_request) == {"jwt": [creds.jwt]}

@@ -6,6 +6,7 @@ import hashlib
 import json
 from collections.abc import Callable
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,6 +15,7 @@ from airflow.sdk import ObjectStoragePath
 
 from airflow_provider_hpc.exceptions import InvalidIdentifierError, RescaleApiError, TransferIntegrityError
 from airflow_provider_hpc.hooks.rescale import JobOutcome, JobStatus, OutputFile, RescaleHook, RescaleRun
+from scripted_server import ScriptedServer
 
 PLATFORM = "https://platform.rescale.com/"
 
@@ -531,3 +533,106 @@ def test_test_connection_refused(rescale_hook: RescaleHook, requests_mock: rm.Mo
     ok, message = rescale_hook.test_connection()
     assert ok is False
     assert "Invalid token." in message and "401" in message
+
+
+# ----- the reference page's samples, verbatim ------------------------------------------------------
+
+# Every JSON sample of shared/api/rescale/runs.md, copied as is (job XXXXX / XXXXXX, run 1).
+SAMPLES = json.loads((Path(__file__).parent / "samples" / "rescale_runs_md.json").read_text())
+
+
+def test_verbatim_samples_sync(
+    rescale_hook: RescaleHook, requests_mock: rm.Mocker, dest_dir: ObjectStoragePath, creds: Any
+) -> None:
+    """Each sync method reads the page's own sample answer: runs, run, stop, snapshot, files, directory, tail."""
+    last_runs_page = {"count": 121, "next": None, "previous": PLATFORM + "api/jobs/XXXXXX/runs/", "results": []}
+    requests_mock.get(
+        PLATFORM + "api/jobs/XXXXXX/runs/",
+        json=lambda request, context: SAMPLES["runs_list"] if request.qs["page"] == ["1"] else last_runs_page,
+    )
+    requests_mock.get(PLATFORM + "api/jobs/XXXXXX/runs/1/", json=SAMPLES["run_get"])
+    requests_mock.post(PLATFORM + "api/jobs/XXXXX/runs/1/stop/", json=SAMPLES["run_stop"])
+    requests_mock.post(PLATFORM + "api/jobs/XXXXX/runs/1/snapshot/", json=SAMPLES["run_snapshot"])
+    requests_mock.get(
+        PLATFORM + "api/jobs/XXXXX/runs/1/files/",
+        json=lambda request, context: SAMPLES["run_files"] if request.qs["page"] == ["1"] else dict(
+            SAMPLES["run_files"], next=None, previous=PLATFORM + "api/jobs/XXXXX/runs/1/files/", results=[]
+        ),
+    )
+    requests_mock.get(PLATFORM + "api/jobs/XXXXX/runs/1/directory-contents/", json=SAMPLES["directory_contents"])
+    tail = requests_mock.get(PLATFORM + "api/jobs/XXXXX/runs/1/tail/airFoil2D/0/U/", json=SAMPLES["tail"])
+
+    runs = rescale_hook.list_runs("XXXXXX")
+    assert [(r.id, r.display_order, r.variables_dict["y_velocity"]) for r in runs] == [("1", 1, 3.0), ("2", 2, 3.5)]
+    run = rescale_hook.get_run("XXXXXX", "1")
+    assert (run.date_completed, run.output_file_count, run.variables_dict["Cd"]) == ("2015-02-18T03:09:14.667000Z", 66, -0.0187556)
+    assert rescale_hook.stop_run("XXXXX", "1") is None
+    snapshot = rescale_hook.snapshot_run("XXXXX", "1")
+    assert (snapshot.exitcode, snapshot.last_snapshot_id) == (0, "gQLna")
+    files = rescale_hook.list_output_files("XXXXX", "1")
+    assert len(files) == 10
+    assert [(f.relative_path, f.decrypted_size) for f in files][-2:] == [("airFoil2D/100/U", 298228), ("airFoil2D/100/uniform/time", 968)]
+    assert {f.md5 for f in files} == {s["md5"] for s in SAMPLES["run_files"]["results"]}
+    assert [e.path for e in rescale_hook.get_directory_contents("XXXXX", "1")] == ["airFoil2D/0/U", "airFoil2D/0/nuTilda", "airFoil2D/0/nut"]
+    lines = rescale_hook.tail("XXXXX", "1", "airFoil2D/0/U", lines=100)
+    assert lines == SAMPLES["tail"]["lines"] and lines[-1].startswith("// ****")
+    assert tail.last_request.qs == {"lines": ["100"]}
+    assert {r.headers["Authorization"] for r in requests_mock.request_history} == {f"Token {creds.api_key}"}
+
+
+async def test_verbatim_samples_async(set_conn: Callable[..., str], fast_retry: Any, creds: Any) -> None:
+    """Each async method (the triggers' side) reads the same samples from a local aiohttp server."""
+    server = await ScriptedServer().start()
+    try:
+        hook = RescaleHook(set_conn("rescale_async_samples", conn_type="rescale", host=server.url, password=creds.api_key), retry=fast_retry)
+        server.script("GET", "/api/jobs/XXXXXX/runs/1/", {"json": SAMPLES["run_get"]})
+        server.script("GET", "/api/jobs/XXXXX/runs/1/directory-contents/", {"json": SAMPLES["directory_contents"]})
+        server.script("GET", "/api/jobs/XXXXX/runs/1/tail/airFoil2D/0/U/", {"json": SAMPLES["tail"]})
+        server.script("GET", "/api/jobs/XXXXX/runs/1/files/", {"json": dict(SAMPLES["run_files"], next=None)})
+        server.script("POST", "/api/jobs/XXXXX/runs/1/stop/", {"json": SAMPLES["run_stop"]})
+        server.script("GET", "/api/v2/jobs/XXXXX/statuses/", {"json": {"results": [
+            status("Completed", "2024-05-01T10:30:00Z", "Completed successfully"),
+            status("Executing", "2024-05-01T10:05:00Z"),
+        ]}})
+
+        assert (await hook.a_get_run("XXXXXX", "1")).to_dict() == RescaleRun.from_api(SAMPLES["run_get"]).to_dict()
+        assert [e.path for e in await hook.a_get_directory_contents("XXXXX", "1")][0] == "airFoil2D/0/U"
+        assert await hook.a_tail("XXXXX", "1", "airFoil2D/0/U", lines=50) == SAMPLES["tail"]["lines"]
+        assert len(await hook.a_list_output_files("XXXXX", "1")) == 10
+        assert await hook.a_stop_run("XXXXX", "1") is None
+        assert [s.status for s in await hook.a_get_job_statuses("XXXXX")] == ["Executing", "Completed"]
+        tail_request = next(r for r in server.requests if "/tail/" in r.path)
+        assert tail_request.query == {"lines": "50"}
+        assert {r.headers["Authorization"] for r in server.requests} == {f"Token {creds.api_key}"}
+        with pytest.raises(RescaleApiError, match="Refusing tail path"):
+            await hook.a_tail("XXXXX", "1", "../../etc/passwd")
+        with pytest.raises(InvalidIdentifierError):
+            await hook.a_get_run("XXXXX", "../1")
+        assert len(server.requests) == 6
+    finally:
+        await server.close()
+
+
+def test_tail_raw_streams_the_whole_file(
+    rescale_hook: RescaleHook, requests_mock: rm.Mocker, dest_dir: ObjectStoragePath
+) -> None:
+    """``tail`` without ``lines`` answers the raw bytes: they are streamed to the destination."""
+    body = "\n".join(SAMPLES["tail"]["lines"]).encode()
+    route = requests_mock.get(PLATFORM + "api/jobs/XXXXX/runs/1/tail/airFoil2D/0/U/", content=body)
+    stored = rescale_hook.tail_raw("XXXXX", "1", "airFoil2D/0/U", dest_dir / "U")
+    assert route.last_request.qs == {}
+    assert stored.size == len(body) and (dest_dir / "U").read_bytes() == body
+
+
+@pytest.mark.parametrize("listing_status", [404, 405])
+def test_test_connection_where_the_jobs_list_is_not_served(
+    rescale_hook: RescaleHook, requests_mock: rm.Mocker, listing_status: int
+) -> None:
+    """Without a jobs list, the key is checked on a job that does not exist: 404 means it was accepted."""
+    requests_mock.get(PLATFORM + "api/jobs/", status_code=listing_status, json={"detail": "Method not allowed."})
+    probe = requests_mock.get(PLATFORM + "api/jobs/airflow-connection-test/runs/", status_code=404, json={"detail": "Not found."})
+    assert rescale_hook.test_connection()[0] is True
+    probe.reset()
+    requests_mock.get(PLATFORM + "api/jobs/airflow-connection-test/runs/", status_code=401, json={"detail": "Invalid token."})
+    ok, message = rescale_hook.test_connection()
+    assert not ok and "Invalid token." in message

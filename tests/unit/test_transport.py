@@ -179,13 +179,14 @@ def test_backoff_grows_and_stays_bounded() -> None:
 
 @pytest.mark.parametrize(
     ("retry_after", "low", "high"),
-    [("7", 7.0, 7.0), (http_date(20), 17.0, 20.0), ("3600", 30.0, 30.0)],
+    [("7", 7.0, 7.0), ("in 20 s", 17.0, 20.0), ("3600", 30.0, 30.0)],
     ids=["seconds", "http-date", "capped"],
 )
 def test_429_retry_after_is_honoured_capped_then_success(
     muse: MuseHook, requests_mock: rm.Mocker, sleeps: list[float], retry_after: str, low: float, high: float
 ) -> None:
     """A 429 waits what ``Retry-After`` asks (seconds or date), at most ``max_retry_after``, then succeeds."""
+    retry_after = http_date(20) if retry_after == "in 20 s" else retry_after
     route = requests_mock.get(
         STATE_URL, [{"status_code": 429, "headers": {"Retry-After": retry_after}, "json": {"detail": "slow down"}}, {"json": STATE_ANSWER}]
     )
@@ -442,13 +443,14 @@ ASYNC_STATE = f"/api/{STATE_PATH}"
 
 @pytest.mark.parametrize(
     ("retry_after", "low", "high"),
-    [("7", 7.0, 7.0), (http_date(20), 17.0, 20.0), ("3600", 30.0, 30.0)],
+    [("7", 7.0, 7.0), ("in 20 s", 17.0, 20.0), ("3600", 30.0, 30.0)],
     ids=["seconds", "http-date", "capped"],
 )
 async def test_async_429_retry_after_is_honoured_capped_then_success(
     server: ScriptedServer, amuse: MuseHook, async_sleeps: list[float], retry_after: str, low: float, high: float
 ) -> None:
     """The trigger side honours ``Retry-After`` the same way, without blocking the loop."""
+    retry_after = http_date(20) if retry_after == "in 20 s" else retry_after
     server.script("GET", ASYNC_STATE, {"status": 429, "headers": {"Retry-After": retry_after}, "json": {}}, {"json": STATE_ANSWER})
     assert (await amuse.a_get_state("sw_example", KEY)).is_successful
     assert server.calls("GET", ASYNC_STATE) == 2

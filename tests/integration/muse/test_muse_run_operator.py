@@ -447,3 +447,10 @@ def test_a_repeated_event_gives_the_same_result(muse: EmulatorServer, tmp_path: 
 
     assert again == driven.value
     assert submissions(muse) == 1 and no_partial_files(tmp_path)
+
+
+def test_off_cluster_failure_says_why(muse: EmulatorServer) -> None:
+    with pytest.raises(MuseApiError) as caught:
+        drive(operator(cluster=False, cmd="python /add.py x"), make_context())
+
+    assert "exit status 1" in str(caught.value) and "'x' is not a number" in str(caught.value)

@@ -13,7 +13,7 @@ from airflow_provider_hpc.exceptions import RescaleApiError, TransferIntegrityEr
 from airflow_provider_hpc.hooks.rescale import OutputFile, RescaleHook
 from airflow_provider_hpc.operators.rescale_download import MANIFEST_NAME, RescaleDownloadOutputsOperator
 from airflow_provider_hpc.storage import TEMP_PREFIX
-from tests.integration.rescale.conftest import API_KEY, FAST_RETRY, RescaleApi
+from tests.integration.rescale.support import API_KEY, FAST_RETRY, RescaleApi
 
 CONTENTS_ROUTE = "GET /api/files/{file_id}/contents/"
 LISTING_ROUTE = "GET /api/jobs/{job_id}/runs/{run_id}/files/"
@@ -35,7 +35,8 @@ def finished_job(api: RescaleApi) -> tuple[str, list[dict[str, Any]]]:
     files: list[dict[str, Any]] = []
     page = 1
     while True:
-        body = api.session.get(api.url(f"jobs/{job_id}/runs/1/files/"), params={"page": page, "page_size": 50}, timeout=10).json()
+        params = {"page": page, "page_size": 50}
+        body = api.session.get(api.url(f"jobs/{job_id}/runs/1/files/"), params=params, timeout=10).json()
         files += body["results"]
         if not body["next"]:
             break

@@ -18,7 +18,7 @@ from airflow.jobs.triggerer_job_runner import TriggerRunner
 
 from airflow_provider_hpc.hooks._http import close_all_sessions
 from airflow_provider_hpc.triggers.rescale import RescaleRunTrigger
-from tests.integration.rescale.conftest import FAST_RETRY, RescaleApi, rebuild
+from tests.integration.rescale.support import FAST_RETRY, RescaleApi, rebuild
 
 TRIGGER_ID = 1
 
@@ -101,3 +101,22 @@ def test_kill_of_a_run_that_just_completed_is_harmless(api: RescaleApi) -> None:
     # Stopping a completed run answers {} and changes nothing.
     assert api.stops(job_id) == 1
     assert api.wait_job_completed(job_id)[-1] == "Completed"
+
+
+def test_kill_gives_up_in_bounded_time_when_the_platform_stalls(api: RescaleApi, monkeypatch: pytest.MonkeyPatch) -> None:
+    from airflow_provider_hpc.triggers import rescale as rescale_triggers
+
+    monkeypatch.setattr(rescale_triggers, "ON_KILL_TIMEOUT", 0.5)
+    job_id = api.start_job("sleep 30")
+    api.wait_started(job_id)
+    # The platform asks to come back in a minute: the stop would be retried long after the kill.
+    api.set_faults(
+        [{"route": "POST /api/jobs/*/runs/*/stop/", "probability": 1.0, "action": {"status": 429, "retry_after": 60}}]
+    )
+    trigger = rebuild(RescaleRunTrigger(job_id=job_id, run_id="1"))
+
+    started = time.monotonic()
+    asyncio.run(trigger.on_kill())
+
+    assert time.monotonic() - started < 5
+    assert api.stops(job_id) == 0

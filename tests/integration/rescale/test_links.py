@@ -12,7 +12,7 @@ from airflow_provider_hpc.exceptions import InvalidIdentifierError
 from airflow_provider_hpc.hooks.rescale import RescaleHook
 from airflow_provider_hpc.links.rescale import RescaleJobLink
 from airflow_provider_hpc.sensors.rescale import RescaleRunSensor
-from tests.integration.rescale.conftest import FakeTaskInstance
+from tests.integration.rescale.support import FakeTaskInstance
 
 
 @pytest.fixture
@@ -55,9 +55,11 @@ def test_link_points_to_the_region_of_the_connection(
 
 def test_two_regions_side_by_side(region_conn: Any) -> None:
     na, eu = FakeTaskInstance(), FakeTaskInstance()
+    na_hook = RescaleHook(region_conn("na", "https://platform.rescale.com"))
+    eu_hook = RescaleHook(region_conn("eu", "https://eu.rescale.com"))
 
-    RescaleJobLink.persist({"ti": na}, hook=RescaleHook(region_conn("na", "https://platform.rescale.com")), job_id="abc12")  # type: ignore[arg-type]
-    RescaleJobLink.persist({"ti": eu}, hook=RescaleHook(region_conn("eu", "https://eu.rescale.com")), job_id="abc12")  # type: ignore[arg-type]
+    RescaleJobLink.persist({"ti": na}, hook=na_hook, job_id="abc12")  # type: ignore[arg-type]
+    RescaleJobLink.persist({"ti": eu}, hook=eu_hook, job_id="abc12")  # type: ignore[arg-type]
 
     key = RescaleJobLink().xcom_key
     assert na.xcom[key] == "https://platform.rescale.com/jobs/abc12/"
@@ -74,7 +76,8 @@ def test_no_link_before_the_task_pushed_it(monkeypatch: pytest.MonkeyPatch) -> N
 
 def test_unsafe_job_id_pushes_no_link(region_conn: Any) -> None:
     ti = FakeTaskInstance()
+    hook = RescaleHook(region_conn("na", "https://platform.rescale.com"))
 
     with pytest.raises(InvalidIdentifierError):
-        RescaleJobLink.persist({"ti": ti}, hook=RescaleHook(region_conn("na", "https://platform.rescale.com")), job_id="../admin")  # type: ignore[arg-type]
+        RescaleJobLink.persist({"ti": ti}, hook=hook, job_id="../admin")  # type: ignore[arg-type]
     assert ti.xcom == {}

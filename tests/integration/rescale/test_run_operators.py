@@ -16,7 +16,7 @@ from airflow_provider_hpc.operators.rescale import (
     RescaleSnapshotRunOperator,
     RescaleStopRunOperator,
 )
-from tests.integration.rescale.conftest import API_KEY, FAST_RETRY, RescaleApi, run_deferrable
+from tests.integration.rescale.support import API_KEY, FAST_RETRY, RescaleApi, run_deferrable
 
 FAST = {"poll_interval": 0.05, "max_poll_interval": 0.2, "wait_timeout": 30, "retry": FAST_RETRY}
 #: Writes a line to ``progress.log`` every 0.1 s for about 30 s.

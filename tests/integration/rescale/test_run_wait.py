@@ -10,10 +10,11 @@ from typing import Any
 import pytest
 from airflow.sdk.exceptions import AirflowSensorTimeout
 
-from airflow_provider_hpc.exceptions import RescaleRunFailed
+from airflow_provider_hpc.exceptions import RescaleApiError, RescaleRunFailed
+from airflow_provider_hpc.hooks._http import RetryPolicy
 from airflow_provider_hpc.sensors.rescale import RescaleRunSensor
 from airflow_provider_hpc.triggers.rescale import RescaleRunTrigger
-from tests.integration.rescale.conftest import API_KEY, FAST_RETRY, RescaleApi, first_event, rebuild, run_deferrable
+from tests.integration.rescale.support import API_KEY, FAST_RETRY, RescaleApi, first_event, rebuild, run_deferrable
 
 #: Writes ``step 1`` ... ``step 12`` to ``solver.log``, one line every 0.15 s.
 STEPS_COMMAND = 'for i in $(seq 1 12); do echo "step $i" >> solver.log; sleep 0.15; done'
@@ -175,3 +176,76 @@ def test_unknown_run_is_an_error_event(api: RescaleApi) -> None:
 
     assert event["status"] == "error"
     assert "404" in event["message"]
+
+
+# ----- deferrable by default ---------------------------------------------------------------------
+
+
+def test_waits_defer_by_default_despite_the_shipped_operators_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    from airflow.sdk.configuration import conf
+
+    monkeypatch.delenv("AIRFLOW__OPERATORS__DEFAULT_DEFERRABLE", raising=False)
+    monkeypatch.delenv("AIRFLOW__HPC__DEFAULT_DEFERRABLE", raising=False)
+    # Airflow ships (and writes into every airflow.cfg it generates) "default_deferrable = false".
+    assert conf.getboolean("operators", "default_deferrable") is False
+    assert RescaleRunSensor(task_id="w", job_id="QTVia", run_id="1").deferrable is True
+
+    monkeypatch.setenv("AIRFLOW__HPC__DEFAULT_DEFERRABLE", "false")
+    assert RescaleRunSensor(task_id="w", job_id="QTVia", run_id="1").deferrable is False
+    assert RescaleRunSensor(task_id="w", job_id="QTVia", run_id="1", deferrable=True).deferrable is True
+
+    monkeypatch.delenv("AIRFLOW__HPC__DEFAULT_DEFERRABLE")
+    monkeypatch.setenv("AIRFLOW__OPERATORS__DEFAULT_DEFERRABLE", "False")
+    assert RescaleRunSensor(task_id="w", job_id="QTVia", run_id="1").deferrable is False
+
+
+# ----- errors on the way -------------------------------------------------------------------------
+
+
+def test_transient_errors_while_polling_are_absorbed(api: RescaleApi, capsys: pytest.CaptureFixture[str]) -> None:
+    job_id = api.start_job("sleep 0.5")
+    api.set_faults(
+        [
+            {"route": "GET /api/jobs/*/runs/1/", "sequence": ["pass", {"status": 503}, {"status": 429, "retry_after": 0.05}]},
+            {"route": "GET /api/v2/jobs/*/statuses/", "sequence": [{"status": 504}, {"drop": True}]},
+        ]
+    )
+
+    event = asyncio.run(first_event(trigger(job_id)))
+
+    assert event["status"] == "success"
+    assert API_KEY not in capsys.readouterr().out
+
+
+def test_polls_failing_again_and_again_end_in_an_error(api: RescaleApi, context: dict[str, Any]) -> None:
+    job_id = api.start_job("sleep 30")
+    # The sensor's first look passes; from then on, every poll of the run meets a 502.
+    api.set_faults(
+        [
+            {"route": "GET /api/jobs/*/runs/1/", "sequence": ["pass"]},
+            {"route": "GET /api/jobs/*/runs/1/", "probability": 1.0, "action": {"status": 502}},
+        ]
+    )
+    task = sensor(job_id, deferrable=True, max_poll_failures=3, retry=RetryPolicy(max_attempts=2, initial_wait=0.01))
+
+    with pytest.raises(RescaleApiError, match="3 times in a row") as failed:
+        run_deferrable(task, context)
+
+    assert "502" in str(failed.value)
+    assert api.requests_to("GET /api/jobs/{job_id}/runs/{run_id}/") == 1 + 3 * 2
+
+
+def test_a_wrong_api_key_fails_at_once_without_showing_it(
+    api: RescaleApi, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    job_id = api.start_job("sleep 30")
+    wrong_key = "rk-wrong-0123456789abcdef"
+    conn = {"conn_type": "rescale", "host": api.server.rescale_url, "password": wrong_key}
+    monkeypatch.setenv("AIRFLOW_CONN_RESCALE_WRONG", json.dumps(conn))
+
+    event = asyncio.run(first_event(trigger(job_id, rescale_conn_id="rescale_wrong")))
+
+    assert event["status"] == "error"
+    assert "401" in event["message"] and "Invalid token" in event["message"]
+    assert wrong_key not in json.dumps(event) and wrong_key not in capsys.readouterr().out
+    assert api.requests_to("GET /api/jobs/{job_id}/runs/{run_id}/") == 1, "a 401 is not retried"

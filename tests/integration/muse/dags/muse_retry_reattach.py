@@ -54,11 +54,11 @@ with DAG(dag_id="muse_retry_reattach", schedule=None, start_date=datetime(2025, 
         task_id="add",
         name="sw_example",
         # Long enough that the retry finds the run still going and re-attaches to it.
-        cmd="sleep 3; python /add.py 4 5",
+        cmd="sleep 2; python /add.py 4 5",
         retries=1,
         retry_delay=timedelta(seconds=0),
-        poll_interval=0.5,
-        max_poll_interval=1,
+        poll_interval=0.3,
+        max_poll_interval=0.6,
         timeout=120,
     )
 
