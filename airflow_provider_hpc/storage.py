@@ -105,7 +105,8 @@ def write_atomically(
     announced = None if expected_size is None else int(expected_size)
     dest.parent.mkdir(parents=True, exist_ok=True)
     # Beside the destination, so the final move stays within one folder (one filesystem, one bucket).
-    temp = dest.parent / f"{TEMP_PREFIX}{uuid.uuid4().hex}-{dest.name}"
+    # The name is cut so a long final name still leaves room for the prefix (255 bytes per name).
+    temp = dest.parent / f"{TEMP_PREFIX}{uuid.uuid4().hex}-{dest.name[:100]}"
     digest = hashlib.md5(usedforsecurity=False)
     size = 0
     try:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import ssl
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -55,7 +57,15 @@ def muse_token(emulator: EmulatorProcess) -> str:
     return response.json()["token"]
 
 
-async def _submit_all(emulator: EmulatorProcess, muse: Sequence[float], rescale: Sequence[float]) -> list[SubmittedJob]:
+def job_command(length: float, gate: str | None) -> str:
+    """Return a job's shell command: wait for the gate to open (when given), then run ``length`` seconds."""
+    wait = f"read go < {gate}; " if gate else ""
+    return f"{wait}sleep {length:.3f}"
+
+
+async def _submit_all(
+    emulator: EmulatorProcess, muse: Sequence[float], rescale: Sequence[float], gate: str | None
+) -> list[SubmittedJob]:
     token = muse_token(emulator) if muse else ""
     gate = asyncio.Semaphore(SUBMIT_CONCURRENCY)
     context = _ssl(emulator)
@@ -64,7 +74,7 @@ async def _submit_all(emulator: EmulatorProcess, muse: Sequence[float], rescale:
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=context, limit=SUBMIT_CONCURRENCY)) as session:
 
         async def submit_muse(index: int, length: float) -> None:
-            form = {"jwt": token, "cmd": f"sleep {length:.3f}", "returned_type": "stdout", "todownload": "no"}
+            form = {"jwt": token, "cmd": job_command(length, gate), "returned_type": "stdout", "todownload": "no"}
             async with gate:
                 async with session.post(f"{emulator.muse_url}software/muse/run/{MUSE_SOFTWARE}/", data=form) as response:
                     answer = await response.json()
@@ -75,7 +85,7 @@ async def _submit_all(emulator: EmulatorProcess, muse: Sequence[float], rescale:
 
         async def submit_rescale(index: int, length: float) -> None:
             headers = {"Authorization": "Token demo"}
-            body = {"name": "bench", "jobanalyses": [{"command": f"sleep {length:.3f}"}]}
+            body = {"name": "bench", "jobanalyses": [{"command": job_command(length, gate)}]}
             async with gate:
                 async with session.post(f"{emulator.base_url}/api/v2/jobs/", json=body, headers=headers) as response:
                     job_id = (await response.json())["id"]
@@ -89,9 +99,64 @@ async def _submit_all(emulator: EmulatorProcess, muse: Sequence[float], rescale:
     return [job for job in jobs if job is not None]
 
 
-def submit_jobs(emulator: EmulatorProcess, muse: Sequence[float] = (), rescale: Sequence[float] = ()) -> list[SubmittedJob]:
-    """Submit Muse jobs (``sleep LENGTH``) and one-run Rescale jobs of the given lengths; return them in order."""
-    return asyncio.run(_submit_all(emulator, muse, rescale))
+def submit_jobs(
+    emulator: EmulatorProcess, muse: Sequence[float] = (), rescale: Sequence[float] = (), gate: Gate | None = None
+) -> list[SubmittedJob]:
+    """
+    Submit Muse jobs and one-run Rescale jobs that run ``sleep LENGTH``; return them in order.
+
+    With a ``gate``, each job first waits for it to open, so every job's length counts from the
+    same moment (:meth:`Gate.open`), however long the submissions took.
+    """
+    return asyncio.run(_submit_all(emulator, muse, rescale, str(gate.path) if gate else None))
+
+
+class Gate:
+    """
+    A named pipe the jobs' commands block on (``read go < PATH``) until :meth:`open` is called.
+
+    Opening the pipe for writing wakes every reader blocked on it; closing it gives them end of
+    file, and they go on to their ``sleep``.
+
+    :param path: where to make the named pipe.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        os.mkfifo(path)
+        self.opened_at: float | None = None
+        self._fd: int | None = None
+
+    def open(self, readers: int) -> float:
+        """Release every job waiting on the gate; return the epoch time it happened."""
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_NONBLOCK)
+        self.opened_at = time.time()
+        # One line per reader and some spare: each ``read`` ends at a newline, however the bytes
+        # interleave between readers. The pipe holds 64 KiB, so the write is whole.
+        os.write(self._fd, b"go\n" * (readers + 16))
+        return self.opened_at
+
+    def close(self) -> None:
+        """Close the writing end: a reader still there gets end of file and goes on."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def wait_all_running(emulator: EmulatorProcess, jobs: Sequence[SubmittedJob], timeout: float = 120.0) -> None:
+    """Wait until every job's command has started (and so waits on its gate)."""
+    deadline = time.monotonic() + timeout
+    muse = [job.ident for job in jobs if job.kind == "muse"]
+    rescale = [job.ident for job in jobs if job.kind == "rescale"]
+    while time.monotonic() < deadline:
+        states = emulator.muse_jobs() if muse else {}
+        muse_waiting = [key for key in muse if states.get(key, {}).get("state") != "RUNNING"]
+        rescale_waiting = [job_id for job_id in rescale if not rescale_run(emulator, job_id).get("dateStarted")]
+        if not muse_waiting and not rescale_waiting:
+            return
+        rescale = rescale_waiting
+        time.sleep(0.5)
+    raise TimeoutError("Some jobs did not start in time")
 
 
 def wait_muse_ok(emulator: EmulatorProcess, key: str, timeout: float) -> None:

@@ -185,7 +185,7 @@ def anchor(spec: dict[str, Any], jobs: list[dict[str, Any]]) -> tuple[Work, Call
             endpoint=f"api/software/muse/state/{spec['muse_software']}/{job['ident']}/",
             http_conn_id=spec["anchor_conn_id"], method="GET", poke_interval=spec["interval"],
         )
-        stop_at = job["submitted_at"] + spec["pending_seconds"] + job["length"]
+        stop_at = job["released_at"] + job["length"]
         work.append((job["ident"], lambda t=round_trip(trigger), s=stop_at: _until(t, s)))
     return work, _nothing
 

@@ -24,13 +24,14 @@ import random
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from benchmarks.emulator import EmulatorProcess
-from benchmarks.jobs import MUSE_SOFTWARE, SubmittedJob, rescale_run, submit_jobs
+from benchmarks.jobs import MUSE_SOFTWARE, Gate, SubmittedJob, rescale_run, submit_jobs, wait_all_running
 from benchmarks.report import median, percentile, ratio, table
 
 ANCHOR_CONN_ID = "hpc_bench_http"
@@ -103,24 +104,31 @@ def run_variant(emulator: EmulatorProcess, case: LoadCase, variant: str, seed: i
             cwd=REPO, text=True,
         )
     os.close(write_end)
+    gate = Gate(workdir / f"{tag}.gate")
+    polls = PollCounter(emulator)
     try:
         _wait_ready(read_end, child)
         if variant == "anchor":
             # HttpSensorTrigger fires on the first answer that is not a 404: Muse's state URL answers
             # 200 while the job waits, so the emulator answers 404 there for the anchor's run.
             emulator.set_faults([{"route": MUSE_STATE_GLOB, "action": {"status": 404, "body": "json"}}])
-        before = emulator.requests_by_route()
         muse_lengths, rescale_lengths = job_lengths(case, seed)
-        jobs = submit_jobs(emulator, muse_lengths, rescale_lengths)
-        jobs_path.write_text(json.dumps([job.to_dict() for job in jobs]))
+        jobs = submit_jobs(emulator, muse_lengths, rescale_lengths, gate=gate)
+        wait_all_running(emulator, jobs)
+        polls.start()
+        released_at = gate.open(len(jobs))
+        jobs_path.write_text(json.dumps([{**job.to_dict(), "released_at": released_at} for job in jobs]))
         assert child.stdin is not None
         child.stdin.write(f"go {jobs_path}\n")
         child.stdin.flush()
+        time.sleep(1.0)
+        gate.close()
         timeout = case.lengths[1] + 4 * case.interval + 300
         if child.wait(timeout) != 0:
             raise RuntimeError(f"{tag} failed; see its log: {(workdir / f'{tag}.log').read_text()[-2000:]}")
-        after = emulator.requests_by_route()
     finally:
+        polls.stop()
+        gate.close()
         os.close(read_end)
         if child.poll() is None:
             child.kill()
@@ -128,14 +136,60 @@ def run_variant(emulator: EmulatorProcess, case: LoadCase, variant: str, seed: i
         if variant == "anchor":
             emulator.set_faults([])
     figures = json.loads(out_path.read_text())
-    figures["gets"] = {
-        route: after.get(route, 0) - before.get(route, 0)
-        for route in after
-        if route.startswith("GET ") and after.get(route, 0) - before.get(route, 0)
-    }
+    figures["gets"] = polls.delta_by_route()
+    figures["poll_samples"] = polls.samples
+    figures["released_at"] = released_at
     figures["submitted"] = [job.to_dict() for job in jobs]
     figures["ends"] = job_ends(emulator, jobs)
     return summarize(case, figures)
+
+
+class PollCounter:
+    """
+    The GET requests the emulator counted, read once a second while a variant runs.
+
+    The admin endpoint is not counted itself, and the emulator spends the CPU, not the variant.
+    """
+
+    def __init__(self, emulator: EmulatorProcess) -> None:
+        self.emulator = emulator
+        self.samples: list[tuple[float, int]] = []
+        self._first: dict[str, int] = {}
+        self._last: dict[str, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _read(self) -> None:
+        routes = self.emulator.requests_by_route()
+        gets = {route: count for route, count in routes.items() if route.startswith("GET ")}
+        if not self._first:
+            self._first = gets
+        self._last = gets
+        self.samples.append((time.time(), sum(gets.values())))
+
+    def _run(self) -> None:
+        while not self._stop.wait(1.0):
+            self._read()
+
+    def start(self) -> None:
+        """Take the first reading, then one a second."""
+        self._read()
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop reading, and take the last reading."""
+        if self._thread.is_alive():
+            self._stop.set()
+            self._thread.join()
+            self._read()
+
+    def delta_by_route(self) -> dict[str, int]:
+        """GET requests per route between the first and the last reading."""
+        return {
+            route: self._last[route] - self._first.get(route, 0)
+            for route in self._last
+            if self._last[route] - self._first.get(route, 0)
+        }
 
 
 def _wait_ready(read_end: int, child: subprocess.Popen[str]) -> None:
@@ -170,13 +224,8 @@ def summarize(case: LoadCase, figures: dict[str, Any]) -> dict[str, Any]:
         for ident, end in figures["ends"].items()
         if end is not None and ident in figures["events"] and figures["variant"] != "anchor"
     ]
-    samples = figures["samples"]
-    window_start = figures["started_at"] + case.interval / 2 + 2
-    window_end = min(job["submitted_at"] + job["length"] for job in figures["submitted"])
-    steady = [s for s in samples if window_start <= s[0] <= window_end]
-    steady_pct = None
-    if len(steady) >= 2 and steady[-1][0] > steady[0][0]:
-        steady_pct = 100 * (steady[-1][1] - steady[0][1]) / (steady[-1][0] - steady[0][0])
+    window = (figures["released_at"] + case.interval / 2 + 2, figures["released_at"] + case.lengths[0])
+    steady = steady_figures(figures["samples"], figures["poll_samples"], window)
     return {
         "variant": figures["variant"],
         "jobs": n,
@@ -186,8 +235,10 @@ def summarize(case: LoadCase, figures: dict[str, Any]) -> dict[str, Any]:
         "wall_seconds": figures["wall_seconds"],
         "cpu_per_poll_ms": 1000 * figures["cpu_seconds"] / polls if polls else None,
         "cpu_pct_run": 100 * figures["cpu_seconds"] / figures["wall_seconds"],
-        "cpu_pct_steady": steady_pct,
-        "steady_window_s": (steady[-1][0] - steady[0][0]) if len(steady) >= 2 else 0.0,
+        "cpu_pct_steady": steady["cpu_pct"],
+        "cpu_per_poll_steady_ms": steady["cpu_per_poll_ms"],
+        "steady_polls": steady["polls"],
+        "steady_window_s": steady["seconds"],
         "rss_base_mib": figures["rss_base"] / 2**20,
         "rss_peak_mib": figures["rss_peak"] / 2**20,
         "mem_per_trigger_kib": (figures["rss_peak"] - figures["rss_base"]) / n / 1024 if n else None,
@@ -199,6 +250,39 @@ def summarize(case: LoadCase, figures: dict[str, Any]) -> dict[str, Any]:
         "events": len(figures["events"]),
         "errors": figures["errors"][:5],
         "error_count": len(figures["errors"]),
+    }
+
+
+def _interpolate(samples: list[list[float]] | list[tuple[float, float]], at: float, column: int) -> float | None:
+    """Return the value of ``column`` at time ``at``, linearly between the two samples around it."""
+    for before, after in zip(samples, samples[1:]):
+        if before[0] <= at <= after[0]:
+            if after[0] == before[0]:
+                return float(before[column])
+            share = (at - before[0]) / (after[0] - before[0])
+            return before[column] + share * (after[column] - before[column])
+    return None
+
+
+def steady_figures(cpu_samples: list[list[float]], poll_samples: list[list[float]], window: tuple[float, float]) -> dict[str, Any]:
+    """
+    CPU per poll and CPU % of one core inside ``window``: every trigger alive, past the first poll round.
+
+    The CPU comes from the variant's own samples, the polls from the emulator's counters, both
+    read at the window's edges by linear interpolation.
+    """
+    start, end = window
+    cpu = [_interpolate(cpu_samples, at, 1) for at in window]
+    polls = [_interpolate(poll_samples, at, 1) for at in window]
+    if end <= start or None in cpu or None in polls:
+        return {"cpu_pct": None, "cpu_per_poll_ms": None, "polls": 0, "seconds": 0.0}
+    cpu_seconds = cpu[1] - cpu[0]  # type: ignore[operator]
+    poll_count = polls[1] - polls[0]  # type: ignore[operator]
+    return {
+        "cpu_pct": 100 * cpu_seconds / (end - start),
+        "cpu_per_poll_ms": 1000 * cpu_seconds / poll_count if poll_count > 0 else None,
+        "polls": round(poll_count),
+        "seconds": end - start,
     }
 
 
@@ -216,7 +300,7 @@ def run_case(emulator: EmulatorProcess, case: LoadCase, seed: int) -> dict[str, 
 
 def case_ratios(results: dict[str, Any]) -> dict[str, Any]:
     """ours/floor and anchor/ours for CPU per poll, memory per trigger and connections."""
-    keys = ("cpu_per_poll_ms", "mem_per_trigger_kib", "connections")
+    keys = ("cpu_per_poll_ms", "cpu_per_poll_steady_ms", "mem_per_trigger_kib", "connections")
     ours, floor, anchor = (results.get(v) for v in ("ours", "floor", "anchor"))
     out: dict[str, Any] = {}
     if ours and floor:
@@ -234,22 +318,24 @@ def print_case(case: LoadCase, results: dict[str, Any]) -> None:
         f"{case.lengths[0]:g}-{case.lengths[1]:g}s (uniform)"
     )
     headers = (
-        "variant", "polls", "CPU ms/poll", "CPU % run", "CPU % steady", "KiB/trigger", "peak RSS MiB",
-        "TCP conns", "req/job", "delay p50 s", "delay max s", "errors",
+        "variant", "polls", "CPU ms/poll", "steady ms/poll", "CPU % run", "CPU % steady", "KiB/trigger",
+        "peak RSS MiB", "TCP conns", "req/job", "delay p50 s", "delay max s", "errors",
     )
     rows = [
         (
-            name, r["polls"], r["cpu_per_poll_ms"], r["cpu_pct_run"], r["cpu_pct_steady"], r["mem_per_trigger_kib"],
-            r["rss_peak_mib"], r["connections"], r["requests_per_job"], r["delay_p50_s"], r["delay_max_s"],
-            r["error_count"],
+            name, r["polls"], r["cpu_per_poll_ms"], r["cpu_per_poll_steady_ms"], r["cpu_pct_run"], r["cpu_pct_steady"],
+            r["mem_per_trigger_kib"], r["rss_peak_mib"], r["connections"], r["requests_per_job"], r["delay_p50_s"],
+            r["delay_max_s"], r["error_count"],
         )
         for name, r in results.items()
     ]
     print(table(headers, rows))
+    window = next(iter(results.values()))
+    print(f"   steady window: {window['steady_window_s']:.1f}s, every trigger alive, past the first poll round")
     for name, values in case_ratios(results).items():
         print(
-            f"   {name}: CPU/poll {_x(values['cpu_per_poll_ms'])}, memory/trigger {_x(values['mem_per_trigger_kib'])}, "
-            f"connections {_x(values['connections'])}"
+            f"   {name}: CPU/poll {_x(values['cpu_per_poll_ms'])} (steady {_x(values['cpu_per_poll_steady_ms'])}), "
+            f"memory/trigger {_x(values['mem_per_trigger_kib'])}, connections {_x(values['connections'])}"
         )
     for name, r in results.items():
         for error in r["errors"]:

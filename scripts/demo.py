@@ -40,6 +40,8 @@ def airflow_env(emulator: EmulatorServer) -> dict[str, str]:
             "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
             "AIRFLOW__HPC__RESULTS_BASE": f"file://{DEMO / 'results'}",
             "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
+            # The demo's Rescale run lasts about 20 s: poll it every second, not every 5.
+            "RESCALE_EXAMPLE_POLL_SECONDS": "1",
         }
     )
     return env

@@ -48,7 +48,11 @@ def load_faults(value: str) -> list:
 
 def build_parser() -> argparse.ArgumentParser:
     """Return the command line parser."""
-    parser = argparse.ArgumentParser(prog="hpc-emulator", description=__doc__.strip().splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="hpc-emulator",
+        description="A local emulator of the Muse and Rescale APIs, to test Airflow DAGs offline. "
+        "It binds loopback only by default and runs submitted commands with your own rights.",
+    )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, loopback only)")
     parser.add_argument("--port", type=int, default=8000, help="port to bind; 0 picks a free one (default: 8000)")
     parser.add_argument(
@@ -58,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--time-scale", type=float, default=1.0, help="multiplies every emulated delay")
     parser.add_argument("--pending-seconds", type=float, default=0.5, help="how long a new run waits in the queue")
     parser.add_argument("--token-lifetime", type=float, default=3600.0, help="seconds a Muse token stays valid")
-    parser.add_argument("--seed", type=int, help="seed of every random choice (faults, latencies)")
+    parser.add_argument("--seed", type=int, help="seed of the random choices (probability faults, Muse job ids)")
     parser.add_argument("--faults", type=load_faults, default=[], help="fault rules: a JSON list or @FILE")
     parser.add_argument(
         "--user", type=parse_user, action="append", metavar="NAME:PASSWORD[:LEVEL]",
@@ -127,8 +131,6 @@ def banner(server: EmulatorServer) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Start the emulator and serve until interrupted (Ctrl-C or SIGTERM); return the exit status."""
     args = build_parser().parse_args(argv)
-    # SIGTERM ends the process the way Ctrl-C does, so the cleanup below always runs.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
     config = config_from(args)
     try:
         # A data folder made here is temporary: the server removes it when it stops.
@@ -138,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(config.data_dir, ignore_errors=True)
         print(f"hpc-emulator: error: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
         return 1
+    # SIGTERM ends the process the way Ctrl-C does, so the cleanup below always runs.
+    previous_handler = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         server.start()
         print(banner(server), flush=True)
@@ -146,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         pass
     finally:
         server.stop()
+        signal.signal(signal.SIGTERM, previous_handler)
     return 0
 
 

@@ -150,8 +150,13 @@ class TransportSettings:
             port = f":{conn.port}" if conn.port else ""
             path = (conn.schema or default_path).strip("/")
             base = f"{scheme}://{host}{port}/{path}"
-        if urlsplit(base).scheme.lower() not in ("http", "https") or not urlsplit(base).netloc:
-            raise HpcApiError(f"Connection {conn.conn_id!r}: {base!r} is not an http(s) URL")
+        parts = urlsplit(base)
+        if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+            # Name the scheme only: a URL may carry credentials.
+            raise HpcApiError(
+                f"Connection {conn.conn_id!r}: the host is not an http(s) URL (scheme {parts.scheme!r}); "
+                "give the service's base URL, e.g. https://platform.rescale.com or http://147.100.179.250/api/"
+            )
         if not base.endswith("/"):
             base += "/"
         policy = RetryPolicy.from_dict({"max_attempts": _number(connection_extra(conn, "max_attempts"), int)})
@@ -630,6 +635,9 @@ class SyncTransport(BaseTransport):
                 )
             except (requests.ConnectionError, requests.Timeout) as exc:
                 raise self._transport_error(exc, endpoint, idempotent) from None
+            except requests.RequestException as exc:  # too many redirects, an invalid URL or header...
+                detail = redact(f"{type(exc).__name__}: {exc}", self.secrets)[:300]
+                raise self.error_class(f"Request failed: {detail}", endpoint=endpoint) from None
         if response.status_code >= 400:
             with response:
                 body = read_capped(response, 64 * 1024)

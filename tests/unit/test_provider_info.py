@@ -217,6 +217,7 @@ def test_both_types_are_testable_in_the_ui() -> None:
         assert hook is not None and hook.connection_testable and hook.package_name == "airflow-provider-hpc"
 
 
+@pytest.mark.slow
 def test_airflow_providers_commands_list_the_provider(tmp_path: Path) -> None:
     """``airflow providers list`` and ``airflow providers hooks``, run for real with a private AIRFLOW_HOME."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")}

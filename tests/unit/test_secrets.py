@@ -132,9 +132,10 @@ def test_sync_paths_never_show_a_secret(
     requests_mock.get(STATE_URL, status_code=503, text=echo(*muse_secrets))
     leaks.run(lambda: muse_hook.get_state("sw_example", KEY))
 
-    # Rescale: a refused key echoed back, 5xx pages and dropped connections naming it.
+    # Rescale: a refused key echoed back, a 429, 5xx pages and dropped connections naming it.
     requests_mock.get(RUN_URL, [
         {"status_code": 401, "json": {"detail": f"Invalid token {creds.api_key}."}},
+        {"status_code": 429, "headers": {"Retry-After": "1"}, "json": {"detail": f"Request was throttled for {creds.api_key}."}},
         {"status_code": 503, "text": echo(creds.api_key)},
         {"exc": requests.exceptions.ConnectionError(f"Connection reset (Authorization: Token {creds.api_key})")},
     ])

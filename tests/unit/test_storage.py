@@ -272,3 +272,10 @@ def test_the_helpers_other_modules_import_keep_their_names() -> None:
 
     for name in ("StoredFile", "as_storage_path", "safe_join", "same_file_exists", "write_atomically", "extract_zip"):
         assert callable(getattr(storage, name))
+
+
+def test_a_long_file_name_still_gets_a_temporary_name(tmp_path: Any) -> None:
+    """A final name near the 255-byte limit still leaves room for the temporary prefix."""
+    dest = ObjectStoragePath(f"file://{tmp_path}") / ("n" * 250)
+    assert write_atomically(chunks(DATA), dest).size == len(DATA)
+    assert dest.read_bytes() == DATA

@@ -608,3 +608,10 @@ def test_one_session_per_event_loop(set_conn: Callable[..., str]) -> None:
     asyncio.run(lease())
     asyncio.run(lease())
     assert seen[0] is not seen[1] and all(s.closed for s in seen)
+
+
+def test_a_redirect_loop_is_a_clear_error(rescale: RescaleHook, requests_mock: rm.Mocker) -> None:
+    """A server redirecting in circles ends in one error of the family, not a ``requests`` exception."""
+    requests_mock.get(RUN_URL, status_code=302, headers={"Location": RUN_URL})
+    with pytest.raises(RescaleApiError, match="TooManyRedirects"):
+        rescale.get_run("QTVia", "1")

@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -28,11 +29,13 @@ import requests
 from emulator_client import SOFTWARE, MuseClient, key_of, wait_for
 
 from airflow_provider_hpc.emulator import EmulatorConfig, EmulatorServer
+from airflow_provider_hpc.emulator.__main__ import main as cli_main
 
 STATE_ROUTE = "GET /api/software/muse/state/{name}/{key}/"
 SUBMIT_ROUTE = "POST /api/software/muse/run/{name}/"
 BANNER_END = "Admin:"
 CLI_START_SECONDS = 30.0
+DEMO = {"username": "demo", "password": "demo"}
 
 
 def set_faults(muse: MuseClient, rules: list[dict[str, Any]]) -> None:
@@ -135,7 +138,12 @@ def test_probability_faults_replay_identically_with_the_seed(muse: MuseClient) -
 
 
 def test_fault_rules_are_checked_and_spare_the_admin_side(muse: MuseClient) -> None:
-    for invalid in ({"route": "*"}, [{"route": "*", "action": {"status": 200}}], [{"route": "*", "action": {"nope": 1}}]):
+    invalid_rules = (
+        {"route": "*"},
+        [{"route": "*", "action": {"status": 200}}],
+        [{"route": "*", "action": {"nope": 1}}],
+    )
+    for invalid in invalid_rules:
         answer = muse.session.post(f"{muse.admin}faults", json=invalid, timeout=10)
         assert answer.status_code == 400 and "invalid fault rules" in answer.json()["detail"]
     set_faults(muse, [{"route": "*", "action": {"status": 503}}])
@@ -178,7 +186,8 @@ def test_rescale_through_the_whole_server(emulator: EmulatorServer) -> None:
     session.headers["Authorization"] = "Token demo"
     api = f"{emulator.rescale_url}/api"
     command = "mkdir -p out; printf 'x=%s\\n' \"$x\" > out/x.txt; head -c 5000 /dev/urandom > out/noise.bin"
-    job = session.post(f"{api}/v2/jobs/", json={"name": "t", "jobanalyses": [{"command": command}], "runs": [{"variables": {"x": 2.5}}]})
+    body = {"name": "t", "jobanalyses": [{"command": command}], "runs": [{"variables": {"x": 2.5}}]}
+    job = session.post(f"{api}/v2/jobs/", json=body)
     assert job.status_code == 201, job.text
     job_id = job.json()["id"]
     assert session.post(f"{api}/v2/jobs/{job_id}/submit/").json() == {}
@@ -245,9 +254,7 @@ def test_stop_keeps_a_given_data_folder(emulator_config: EmulatorConfig) -> None
 def test_tls_is_trusted_through_its_ca_only(emulator_config: EmulatorConfig) -> None:
     with EmulatorServer(replace(emulator_config, tls=True)) as server:
         assert server.muse_url.startswith("https://127.0.0.1:") and server.ca_path is not None
-        answer = requests.post(
-            f"{server.muse_url}jwt/obtain/", data={"username": "demo", "password": "demo"}, verify=str(server.ca_path), timeout=10
-        )
+        answer = requests.post(f"{server.muse_url}jwt/obtain/", data=DEMO, verify=str(server.ca_path), timeout=10)
         assert answer.status_code == 200 and answer.json()["token"]
         with pytest.raises(requests.exceptions.SSLError):
             requests.get(f"{server.base_url}/_emulator/health", timeout=10)
@@ -341,8 +348,9 @@ def test_cli_banner_one_request_and_sigterm(tmp_path: Path, cli_processes: list[
     rescale_conn = json.loads(connections["AIRFLOW_CONN_RESCALE_DEFAULT"])
     assert rescale_conn == {"conn_type": "rescale", "host": rescale_url, "password": "demo", "extra": {}}
 
-    token = requests.post(f"{muse_url}jwt/obtain/", data={"username": "demo", "password": "demo"}, timeout=10).json()["token"]
-    submitted = requests.post(f"{muse_url}software/muse/run/{SOFTWARE}/", json={"cmd": "sleep 60", "jwt": token}, timeout=10)
+    token = requests.post(f"{muse_url}jwt/obtain/", data=DEMO, timeout=10).json()["token"]
+    run_url = f"{muse_url}software/muse/run/{SOFTWARE}/"
+    submitted = requests.post(run_url, json={"cmd": "sleep 60", "jwt": token}, timeout=10)
     key = key_of(submitted.json())
     jobs_url = f"{rescale_url}/_emulator/muse/jobs"
     pid = wait_for(lambda: requests.get(jobs_url, timeout=10).json()[0]["pid"])
@@ -364,37 +372,32 @@ def test_cli_tls_and_temporary_data_folder(tmp_path: Path, cli_processes: list[s
     assert json.loads(exported(lines)["AIRFLOW_CONN_MUSE_DEFAULT"])["extra"] == {"verify": ca_path}
     assert any("removed on exit" in line for line in lines)
 
-    answer = requests.post(f"{muse_url}jwt/obtain/", data={"username": "demo", "password": "demo"}, verify=ca_path, timeout=10)
+    answer = requests.post(f"{muse_url}jwt/obtain/", data=DEMO, verify=ca_path, timeout=10)
     assert answer.status_code == 200
     with pytest.raises(requests.exceptions.SSLError):
-        requests.post(f"{muse_url}jwt/obtain/", data={"username": "demo", "password": "demo"}, timeout=10)
+        requests.post(f"{muse_url}jwt/obtain/", data=DEMO, timeout=10)
 
     stop_cli(process)
     assert list(temp_root.iterdir()) == []
 
 
-def test_cli_refuses_bad_arguments() -> None:
+def test_cli_refuses_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:
     for args in (["--user", "nopassword"], ["--faults", '[{"route": "*"}]'], ["--user", "a:b:king"]):
-        done = subprocess.run(
-            [sys.executable, "-m", "airflow_provider_hpc.emulator", "--port", "0", *args],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert done.returncode == 2 and "error:" in done.stderr
+        with pytest.raises(SystemExit) as exited:
+            cli_main(["--port", "0", *args])
+        assert exited.value.code == 2 and "error:" in capsys.readouterr().err
 
 
-def test_cli_port_in_use_fails_cleanly(tmp_path: Path) -> None:
+def test_cli_port_in_use_fails_cleanly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    handler = signal.getsignal(signal.SIGTERM)
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        done = subprocess.run(
-            [sys.executable, "-m", "airflow_provider_hpc.emulator", "--port", str(port)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            env={**os.environ, "TMPDIR": str(tmp_path)},
-        )
-    assert done.returncode == 1 and f"cannot listen on 127.0.0.1:{port}" in done.stderr
-    assert list(tmp_path.iterdir()) == []
+        assert cli_main(["--port", str(port)]) == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # the temporary data folder is gone too
+    assert signal.getsignal(signal.SIGTERM) == handler

@@ -62,7 +62,9 @@ def as_reference(text: str, muse: MuseClient, key: str, ref_key: str = REF_KEY_A
     return text.replace(REF_BASE, muse.base).replace(ref_key, key)
 
 
-def request_echo(cmd: str, returned_type: str = "stdout", todownload: bool = False, files: list[str] | None = None) -> dict[str, Any]:
+def request_echo(
+    cmd: str, returned_type: str = "stdout", todownload: bool = False, files: list[str] | None = None
+) -> dict[str, Any]:
     """Return ``report.request`` as the reference examples show it for a cluster run."""
     return {
         "cmd": cmd,
@@ -248,7 +250,7 @@ def test_todownload_stdout_txt_and_download_errors(muse: MuseClient) -> None:
     assert downloaded.headers["content-type"].startswith("text/plain")
 
     check_error(muse.get("download/"), 400, "ValidationError")
-    check_error(muse.get("download/", params={"key": "20210119_130603_a20ce46e-849e-4674-ab2d-b3927a758024"}), 404, "NotFound")
+    check_error(muse.get("download/", params={"key": REF_DOWNLOAD_KEY_D}), 404, "NotFound")
     check_error(muse.get("download/", params={"key": "../../etc/passwd"}), 404, "NotFound")
     # stdout results are always the JSON answer: todownload applies to files only.
     stdout_key = key_of(muse.submit_json(cmd="python /add.py 2 2", todownload="yes"))
@@ -297,7 +299,8 @@ def test_uploaded_zip_is_unzipped_and_files_order_is_checked(muse: MuseClient) -
     with zipfile.ZipFile(bundle, "w") as archive:
         archive.writestr("numbers/stdin.txt", "1 2 3\n")
     form = {"cmd": "python /add.py 1 2 3 4", "jwt": muse.token()}
-    key = key_of(muse.post(f"software/muse/run/{SOFTWARE}/", data=form, files=[("file", ("in.zip", bundle.getvalue()))]).json())
+    files = [("file", ("in.zip", bundle.getvalue()))]
+    key = key_of(muse.post(f"software/muse/run/{SOFTWARE}/", data=form, files=files).json())
     assert muse.wait_ended(key)["info"]["report"]["request"]["ordered_filename_list"] == ["in.zip"]
     content = zipfile.ZipFile(io.BytesIO(muse.get(f"software/muse/content/{SOFTWARE}/{key}/").content))
     assert content.read("numbers/stdin.txt") == b"1 2 3\n"
@@ -360,7 +363,8 @@ def test_wall_time_of_sbatch_list_ends_in_timeout(muse: MuseClient) -> None:
     check_error(muse.result(key), 200, "JobEndedNOK")
     archive = zipfile.ZipFile(io.BytesIO(muse.get(f"software/muse/content/{SOFTWARE}/{key}/").content))
     assert archive.read("__WS__stdout.txt") == b"begun\n"
-    assert b"CANCELLED AT" in archive.read("__WS__stderr.txt") and b"DUE TO TIME LIMIT" in archive.read("__WS__stderr.txt")
+    stderr = archive.read("__WS__stderr.txt")
+    assert b"CANCELLED AT" in stderr and b"DUE TO TIME LIMIT" in stderr
     pid = next(job["pid"] for job in muse.jobs() if job["key"] == key)
     wait_for(lambda: not pid_alive(pid))
 
@@ -382,7 +386,8 @@ def test_bad_requests_answer_the_error_shape(muse: MuseClient) -> None:
     assert SOFTWARE in unknown["more"][0]
     check_error(muse.post(run_path, json={"cmd": "x", "returned_type": "pdf", "jwt": token}), 400, "ValidationError")
     check_error(muse.post(run_path, json={"cmd": "x", "todownload": "maybe", "jwt": token}), 400, "ValidationError")
-    check_error(muse.post(run_path, json={"cmd": "x", "sbatch_list": ["--time=soon"], "jwt": token}), 400, "ValidationError")
+    bad_time = {"cmd": "x", "sbatch_list": ["--time=soon"], "jwt": token}
+    check_error(muse.post(run_path, json=bad_time), 400, "ValidationError")
     check_error(muse.post(run_path, data=b"{not json", headers={"Content-Type": "application/json"}), 400, "ParseError")
     check_error(muse.post(run_path, data=b"x", headers={"Content-Type": "text/plain"}), 400, "UnsupportedMediaType")
     check_error(muse.get(f"software/muse/state/{SOFTWARE}/58ae6cea-df31-4059-9466-b817c337985d/"), 404, "NotFound")
@@ -424,9 +429,11 @@ def test_off_cluster_run_answers_directly(muse: MuseClient) -> None:
     assert text.status_code == 200 and text.content == b"70.0\n"
     zipped = muse.post(path, json={"cmd": "python /add.py 4 5", "returned_type": "run.zip", "jwt": token})
     assert zipfile.ZipFile(io.BytesIO(zipped.content)).read("__WS__stdout.txt") == b"9.0\n"
-    kept = muse.post(path, json={"cmd": "python /add.py 1 1", "returned_type": "run.zip", "todownload": "yes", "jwt": token}).json()
+    params = {"cmd": "python /add.py 1 1", "returned_type": "run.zip", "todownload": "yes", "jwt": token}
+    kept = muse.post(path, json=params).json()
     assert list(kept) == ["msg", "url"]
-    assert zipfile.ZipFile(io.BytesIO(requests.get(kept["url"], timeout=10).content)).read("__WS__stdout.txt") == b"2.0\n"
+    archive = zipfile.ZipFile(io.BytesIO(requests.get(kept["url"], timeout=10).content))
+    assert archive.read("__WS__stdout.txt") == b"2.0\n"
 
     failed = check_error(muse.post(path, json={"cmd": "python /add.py 4 x", "jwt": token}), 200, "RunFailed")
     assert any("'x' is not a number" in line for line in failed["more"])
@@ -450,7 +457,11 @@ def pid_alive(pid: int) -> bool:
 
 @pytest.mark.parametrize("encoding", ["json", "form"])
 def test_list_parameters_accept_json_lists(muse: MuseClient, encoding: str) -> None:
-    params: dict[str, Any] = {"cmd": "python /add.py 1", "sbatch_list": ["--time=5", "--mail-user=a@b.c"], "module_list": ["gcc"]}
+    params: dict[str, Any] = {
+        "cmd": "python /add.py 1",
+        "sbatch_list": ["--time=5", "--mail-user=a@b.c"],
+        "module_list": ["gcc"],
+    }
     token = muse.token()
     if encoding == "json":
         answer = muse.post(f"software/muse/run/{SOFTWARE}/", json={**params, "jwt": token})

@@ -12,7 +12,7 @@ from airflow_provider_hpc.emulator import EmulatorConfig, EmulatorServer
 from airflow_provider_hpc.emulator.config import MuseUser
 from airflow_provider_hpc.triggers.muse import MuseJobTrigger
 
-from muse_helpers import PASSWORD, MemoryStateStore, make_context
+from muse_helpers import PASSWORD, MemoryStateStore
 
 
 @pytest.fixture
@@ -44,12 +44,6 @@ def results_dir(tmp_path: Path) -> Path:
 def state_store() -> MemoryStateStore:
     """A fresh in-memory task state store."""
     return MemoryStateStore()
-
-
-@pytest.fixture
-def context_factory() -> Callable[..., dict[str, Any]]:
-    """Return :func:`make_context`."""
-    return make_context
 
 
 @pytest.fixture

@@ -155,11 +155,6 @@ def submissions(emulator: EmulatorServer) -> int:
     return emulator.counters.get("muse_submissions", "")
 
 
-def request_count(emulator: EmulatorServer, route: str) -> int:
-    """Return how many requests reached ``route`` (e.g. ``"GET /api/software/muse/state/{name}/{key}/"``)."""
-    return emulator.counters.get("requests", route)
-
-
 #: The Muse account's password: long enough for the secrets masker, so leak checks mean something.
 PASSWORD = "s3cret-muse-password-42"
 

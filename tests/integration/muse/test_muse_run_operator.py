@@ -26,7 +26,6 @@ from airflow_provider_hpc.storage import TEMP_PREFIX
 from muse_helpers import (
     FAST_POLL,
     PASSWORD,
-    STATE_ROUTE,
     SUBMIT_ROUTE,
     FakeTaskInstance,
     MemoryStateStore,
