@@ -20,5 +20,8 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks
 
+soak: $(STAMP)
+	$(BIN)/python scripts/soak.py
+
 clean:
 	rm -rf $(VENV) .demo .pytest_cache

@@ -67,7 +67,7 @@ async def _submit_all(
     emulator: EmulatorProcess, muse: Sequence[float], rescale: Sequence[float], gate: str | None
 ) -> list[SubmittedJob]:
     token = muse_token(emulator) if muse else ""
-    gate = asyncio.Semaphore(SUBMIT_CONCURRENCY)
+    slots = asyncio.Semaphore(SUBMIT_CONCURRENCY)
     context = _ssl(emulator)
     jobs: list[SubmittedJob | None] = [None] * (len(muse) + len(rescale))
 
@@ -75,7 +75,7 @@ async def _submit_all(
 
         async def submit_muse(index: int, length: float) -> None:
             form = {"jwt": token, "cmd": job_command(length, gate), "returned_type": "stdout", "todownload": "no"}
-            async with gate:
+            async with slots:
                 async with session.post(f"{emulator.muse_url}software/muse/run/{MUSE_SOFTWARE}/", data=form) as response:
                     answer = await response.json()
             match = _KEY.search(str(answer.get("url", "")))
@@ -86,7 +86,7 @@ async def _submit_all(
         async def submit_rescale(index: int, length: float) -> None:
             headers = {"Authorization": "Token demo"}
             body = {"name": "bench", "jobanalyses": [{"command": job_command(length, gate)}]}
-            async with gate:
+            async with slots:
                 async with session.post(f"{emulator.base_url}/api/v2/jobs/", json=body, headers=headers) as response:
                     job_id = (await response.json())["id"]
                 async with session.post(f"{emulator.base_url}/api/v2/jobs/{job_id}/submit/", headers=headers) as response:

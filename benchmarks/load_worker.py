@@ -229,6 +229,20 @@ async def run_all(work: Work, close: Callable[[], Awaitable[None]], probe: Probe
     return {"events": events, "errors": errors}
 
 
+def _profiler(path: str | None) -> Any:
+    """Start a pyinstrument profiler when asked and installed (``--profile``), else return ``None``."""
+    if not path:
+        return None
+    try:
+        from pyinstrument import Profiler
+    except ImportError:
+        print("--profile needs pyinstrument (pip install pyinstrument); not profiling", file=sys.stderr)
+        return None
+    profiler = Profiler(interval=0.0005, async_mode="disabled")
+    profiler.start()
+    return profiler
+
+
 def main(argv: list[str] | None = None) -> int:
     """Import, say ready, wait for the jobs, run them, write the figures."""
     parser = argparse.ArgumentParser(description="Run one variant of the triggerer load.")
@@ -256,7 +270,12 @@ def main(argv: list[str] | None = None) -> int:
     cpu_start, wall_start, started_at = time.process_time(), time.monotonic(), time.time()
     probe.sample()
     work, close = build(spec, jobs)
+    profiler = _profiler(spec.get("profile"))
     outcome = asyncio.run(run_all(work, close, probe))
+    if profiler is not None:
+        profiler.stop()
+        with open(spec["profile"], "w") as report:
+            report.write(profiler.output_text(unicode=False, color=False, show_all=False))
     figures = {
         "variant": spec["variant"],
         "jobs": len(jobs),

@@ -73,8 +73,11 @@ def job_lengths(case: LoadCase, seed: int) -> tuple[list[float], list[float]]:
     return [draw.uniform(low, high) for _ in range(case.muse_jobs)], [draw.uniform(low, high) for _ in range(case.rescale_jobs)]
 
 
-def run_variant(emulator: EmulatorProcess, case: LoadCase, variant: str, seed: int, workdir: Path) -> dict[str, Any]:
+def run_variant(
+    emulator: EmulatorProcess, case: LoadCase, variant: str, seed: int, workdir: Path, profile_dir: Path | None = None
+) -> dict[str, Any]:
     """Run one variant of one case in its own process and return its figures."""
+    tag = f"{case.name}-{variant}".replace(" ", "_").replace("/", "_")
     spec = {
         "variant": variant,
         "interval": case.interval,
@@ -83,9 +86,8 @@ def run_variant(emulator: EmulatorProcess, case: LoadCase, variant: str, seed: i
         "ca_path": emulator.ca_path,
         "muse_software": MUSE_SOFTWARE,
         "anchor_conn_id": ANCHOR_CONN_ID,
-        "pending_seconds": 0.5 * emulator.time_scale,
+        "profile": str(profile_dir / f"{tag}.txt") if profile_dir else None,
     }
-    tag = f"{case.name}-{variant}".replace(" ", "_").replace("/", "_")
     spec_path, jobs_path, out_path = (workdir / f"{tag}.{suffix}.json" for suffix in ("spec", "jobs", "out"))
     spec_path.write_text(json.dumps(spec))
     env = {
@@ -286,13 +288,13 @@ def steady_figures(cpu_samples: list[list[float]], poll_samples: list[list[float
     }
 
 
-def run_case(emulator: EmulatorProcess, case: LoadCase, seed: int) -> dict[str, Any]:
+def run_case(emulator: EmulatorProcess, case: LoadCase, seed: int, profile_dir: Path | None = None) -> dict[str, Any]:
     """Run every variant of a case, one after the other; print and return the figures."""
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="hpc-bench-load-") as scratch:
         for variant in case.variants:
             started = time.monotonic()
-            results[variant] = run_variant(emulator, case, variant, seed, Path(scratch))
+            results[variant] = run_variant(emulator, case, variant, seed, Path(scratch), profile_dir)
             print(f"   {case.name}: {variant} done in {time.monotonic() - started:.0f}s", flush=True)
     print_case(case, results)
     return {"case": case.__dict__, "variants": results, "ratios": case_ratios(results)}

@@ -28,7 +28,7 @@ class EmulatorConfig:
     :param rescale_api_keys: accepted Rescale API keys (``Authorization: Token <key>``).
     :param time_scale: multiplies every emulated delay (queue wait, status steps); 0 makes them instant.
     :param pending_seconds: how long a new run stays PENDING / Queued before it starts.
-    :param seed: seeds every random choice (faults, latencies) so a run can be repeated.
+    :param seed: seeds the random choices (probability faults, Muse job ids) so a run can be repeated.
     :param faults: fault rules applied from start (see ``faults.py``).
     :param tls: serve HTTPS with a self-signed certificate made at start.
     :param software_dirs: extra Muse software catalogues: folders holding ``NAME/image/`` folders,

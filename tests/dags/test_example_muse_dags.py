@@ -57,6 +57,7 @@ def test_example_muse_single(dag_runner: Any, emulator: EmulatorServer, airflow_
     assert run.output.count(TRIGGER_RAN) == 1
     assert emulator.counters.get("muse_submissions", "") == 1
     assert local(result["output_path"]).is_relative_to(airflow_home.results_base)
+    assert "eyJ" not in run.output, "a JWT reached the task logs"
 
 
 def test_example_muse_sweep(dag_runner: Any, emulator: EmulatorServer, airflow_home: Any) -> None:

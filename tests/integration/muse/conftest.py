@@ -12,7 +12,7 @@ from airflow_provider_hpc.emulator import EmulatorConfig, EmulatorServer
 from airflow_provider_hpc.emulator.config import MuseUser
 from airflow_provider_hpc.triggers.muse import MuseJobTrigger
 
-from muse_helpers import PASSWORD, MemoryStateStore
+from muse_support import PASSWORD, MemoryStateStore
 
 
 @pytest.fixture

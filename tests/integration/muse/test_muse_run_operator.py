@@ -16,14 +16,15 @@ import requests
 from airflow.sdk import Asset, ObjectStoragePath
 from airflow.sdk.exceptions import TaskDeferred
 
+from airflow_provider_hpc import results
 from airflow_provider_hpc.emulator import EmulatorServer
-from airflow_provider_hpc.exceptions import JobTimeout, MuseApiError, MuseJobFailed
+from airflow_provider_hpc.exceptions import JobTimeout, MuseApiError, MuseJobFailed, UnsafePathError
 from airflow_provider_hpc.hooks.muse import MuseHook
 from airflow_provider_hpc.links.muse import STATE_URL_XCOM_KEY, MuseJobStateLink
 from airflow_provider_hpc.operators.muse import DEFERRAL_GRACE, KEY_XCOM_KEY, STATE_STORE_KEY, MuseRunOperator
-from airflow_provider_hpc.storage import TEMP_PREFIX
+from airflow_provider_hpc.storage import TEMP_PREFIX, StoredFile
 
-from muse_helpers import (
+from muse_support import (
     FAST_POLL,
     PASSWORD,
     SUBMIT_ROUTE,
@@ -453,3 +454,19 @@ def test_off_cluster_failure_says_why(muse: EmulatorServer) -> None:
         drive(operator(cluster=False, cmd="python /add.py x"), make_context())
 
     assert "exit status 1" in str(caught.value) and "'x' is not a number" in str(caught.value)
+
+
+@pytest.mark.parametrize("member", ["../escaped.txt", "/abs/escaped.txt", "run/../../escaped.txt", "a\\..\\..\\escaped.txt"])
+def test_extraction_refuses_members_leaving_the_folder(tmp_path: Path, member: str) -> None:
+    archive = tmp_path / "out" / "run.zip"
+    archive.parent.mkdir()
+    with zipfile.ZipFile(archive, "w") as zipped:
+        zipped.writestr("__WS__stdout.txt", "9.0\n")
+        zipped.writestr(member, "should never be written")
+    stored = StoredFile(path=str(ObjectStoragePath(f"file://{archive}")), size=archive.stat().st_size, md5="")
+
+    with pytest.raises(UnsafePathError):
+        results.extract_result(stored, ObjectStoragePath(f"file://{tmp_path}/out/run"))
+
+    assert not list(tmp_path.rglob("escaped.txt"))
+    assert not (tmp_path / "out" / "run").exists()

@@ -18,7 +18,7 @@ from airflow_provider_hpc.links.muse import STATE_URL_XCOM_KEY
 from airflow_provider_hpc.operators.muse import MuseGetResultOperator
 from airflow_provider_hpc.sensors.muse import MuseJobSensor
 
-from muse_helpers import STATE_ROUTE, drive, make_context
+from muse_support import STATE_ROUTE, drive, make_context
 
 LONG_CMD = "sleep 0.6; python /add.py 4 5"
 

@@ -16,7 +16,7 @@ from airflow_provider_hpc.hooks import _http
 from airflow_provider_hpc.hooks.muse import MuseHook
 from airflow_provider_hpc.triggers.muse import EVENT_STATUSES, MuseJobTrigger
 
-from muse_helpers import FAST_POLL, FAST_RETRY, PASSWORD, STATE_ROUTE, first_event, rebuild, set_faults
+from muse_support import FAST_POLL, FAST_RETRY, PASSWORD, STATE_ROUTE, first_event, rebuild, set_faults
 
 EVENT_KEYS = {"status", "name", "key", "report", "message"}
 REPORT_KEYS = {"name", "cr", "latest_cr", "latest_state", "job_id", "jobname", "request"}

@@ -1,5 +1,5 @@
 """
-Helpers of the Muse integration tests: a minimal task context, an in-memory ``task_state_store``,
+What the Muse integration tests share: a minimal task context, an in-memory ``task_state_store``,
 and a driver that runs an operator the way a worker and a triggerer would, against the emulator.
 
 The driver runs ``execute``; when the task defers, it rebuilds the trigger from ``serialize()``
