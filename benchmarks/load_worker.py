@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     if profiler is not None:
         profiler.stop()
         with open(spec["profile"], "w") as report:
-            report.write(profiler.output_text(unicode=False, color=False, show_all=False))
+            report.write(profiler.output_text(unicode=False, color=False, show_all=bool(os.environ.get("HPC_BENCH_PROFILE_ALL"))))
     figures = {
         "variant": spec["variant"],
         "jobs": len(jobs),

@@ -16,6 +16,7 @@ from airflow_provider_hpc.hooks.muse import MuseHook, MuseReport
 from airflow_provider_hpc.links.muse import MuseJobStateLink
 from airflow_provider_hpc.triggers._polling import deadline_from_timeout
 from airflow_provider_hpc.triggers.muse import MuseJobTrigger
+from airflow_provider_hpc.settings import default_deferrable
 
 if TYPE_CHECKING:
     from airflow.sdk import Context, ObjectStoragePath
@@ -131,8 +132,9 @@ class MuseRunOperator(MuseResultMixin, BaseOperator):
     :param poll_interval: seconds between state polls, at first and after each state change.
     :param max_poll_interval: the longest wait between polls while nothing changes (backoff).
     :param timeout: give up waiting after this long (seconds or ``timedelta``); the run keeps going.
-    :param deferrable: wait in the triggerer, freeing the worker slot (default ``True``); ``False`` waits
-        in the worker with the very same polling loop.
+    :param deferrable: wait in the triggerer, freeing the worker slot (default ``True``, see
+        :func:`~airflow_provider_hpc.settings.default_deferrable`); ``False`` waits in the worker with
+        the very same polling loop.
     :param max_poll_failures: consecutive failed polls tolerated before the task fails.
     :param max_stdout_chars: the longest stdout put in XCom; a longer one goes to ``stdout.txt``.
     :param max_file_bytes: refuse a result file larger than this.
@@ -173,7 +175,7 @@ class MuseRunOperator(MuseResultMixin, BaseOperator):
         poll_interval: float = 10.0,
         max_poll_interval: float = 300.0,
         timeout: float | timedelta | None = None,
-        deferrable: bool = True,
+        deferrable: bool | None = None,
         max_poll_failures: int = 5,
         max_stdout_chars: int = results.DEFAULT_MAX_XCOM_STDOUT,
         max_file_bytes: int | None = None,
@@ -196,7 +198,7 @@ class MuseRunOperator(MuseResultMixin, BaseOperator):
         self.poll_interval = poll_interval
         self.max_poll_interval = max_poll_interval
         self.timeout = as_seconds(timeout)
-        self.deferrable = deferrable
+        self.deferrable = default_deferrable() if deferrable is None else deferrable
         self.max_poll_failures = max_poll_failures
         self.max_stdout_chars = max_stdout_chars
         self.max_file_bytes = max_file_bytes

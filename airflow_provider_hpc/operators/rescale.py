@@ -19,7 +19,8 @@ from airflow_provider_hpc.hooks._http import RetryPolicy
 from airflow_provider_hpc.hooks.rescale import OutputFile, RescaleHook, RescaleRun, SnapshotResult
 from airflow_provider_hpc.links.rescale import RescaleJobLink
 from airflow_provider_hpc.results import resolve_output_path
-from airflow_provider_hpc.sensors.rescale import DEFERRAL_TIMEOUT_MARGIN, default_deferrable
+from airflow_provider_hpc.sensors.rescale import DEFERRAL_TIMEOUT_MARGIN
+from airflow_provider_hpc.settings import default_deferrable
 from airflow_provider_hpc.storage import safe_join
 from airflow_provider_hpc.triggers._polling import PollSchedule, deadline_from_timeout
 from airflow_provider_hpc.triggers.rescale import RescaleRunTrigger, RescaleSnapshotTrigger, pick_new_snapshot

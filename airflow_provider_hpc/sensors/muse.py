@@ -16,6 +16,7 @@ from airflow_provider_hpc.links.muse import MuseJobStateLink
 from airflow_provider_hpc.operators.muse import DEFERRAL_GRACE, MuseResultMixin
 from airflow_provider_hpc.results import DEFAULT_MAX_XCOM_STDOUT
 from airflow_provider_hpc.triggers.muse import MuseJobTrigger
+from airflow_provider_hpc.settings import default_deferrable
 
 if TYPE_CHECKING:
     from airflow.sdk import Context, ObjectStoragePath
@@ -33,7 +34,7 @@ class MuseJobSensor(MuseResultMixin, BaseSensorOperator):
     :param name: the software name.
     :param key: the run's key (e.g. ``{{ ti.xcom_pull(task_ids='submit', key='muse_key') }}``).
     :param muse_conn_id: the Airflow connection of the Muse service.
-    :param deferrable: wait in the triggerer (default ``True``); ``False`` follows ``mode`` (``poke`` or
+    :param deferrable: wait in the triggerer (default ``True``, see ``settings.default_deferrable``); ``False`` follows ``mode`` (``poke`` or
         ``reschedule``), checking every ``poke_interval`` seconds.
     :param max_poll_interval: in deferrable mode, the longest wait between polls (backoff from ``poke_interval``).
     :param max_poll_failures: in deferrable mode, consecutive failed polls tolerated.
@@ -50,7 +51,7 @@ class MuseJobSensor(MuseResultMixin, BaseSensorOperator):
         name: str,
         key: str,
         muse_conn_id: str = MuseHook.default_conn_name,
-        deferrable: bool = True,
+        deferrable: bool | None = None,
         max_poll_interval: float = 300.0,
         max_poll_failures: int = 5,
         output_path: str | ObjectStoragePath | None = None,
@@ -61,7 +62,7 @@ class MuseJobSensor(MuseResultMixin, BaseSensorOperator):
         self.name = name
         self.key = key
         self.muse_conn_id = muse_conn_id
-        self.deferrable = deferrable
+        self.deferrable = default_deferrable() if deferrable is None else deferrable
         self.max_poll_interval = max_poll_interval
         self.max_poll_failures = max_poll_failures
         self.output_path = output_path

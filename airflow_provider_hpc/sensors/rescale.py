@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Sequence
 from datetime import timedelta
@@ -16,6 +15,7 @@ from airflow_provider_hpc.exceptions import HpcApiError, RescaleApiError, Rescal
 from airflow_provider_hpc.hooks._http import RetryPolicy
 from airflow_provider_hpc.hooks.rescale import RescaleHook, RescaleRun
 from airflow_provider_hpc.links.rescale import RescaleJobLink
+from airflow_provider_hpc.settings import default_deferrable
 from airflow_provider_hpc.triggers.rescale import (
     MAX_TAIL_LINES,
     RescaleRunTrigger,
@@ -33,32 +33,6 @@ if TYPE_CHECKING:
 #: Extra seconds Airflow's own deferral timeout allows beyond the trigger's deadline, so the
 #: trigger's clearer ``timeout`` event normally arrives first.
 DEFERRAL_TIMEOUT_MARGIN = 120.0
-
-
-def default_deferrable() -> bool:
-    """
-    Return whether Rescale waits defer by default: yes, unless the deployment turned it off.
-
-    These waits last hours, so they free the worker slot unless told otherwise. The
-    ``[operators] default_deferrable`` line of ``airflow.cfg`` is not read: Airflow writes
-    ``false`` there in every file it generates, so it cannot tell a deliberate choice from the
-    shipped default. To make the waits hold a worker slot by default, set
-    ``[hpc] default_deferrable`` (``AIRFLOW__HPC__DEFAULT_DEFERRABLE``) or the environment variable
-    ``AIRFLOW__OPERATORS__DEFAULT_DEFERRABLE`` to ``false``; ``deferrable=`` on a task always wins.
-    """
-    from airflow.sdk.configuration import conf
-
-    own = conf.get("hpc", "default_deferrable", fallback=None)
-    if own not in (None, ""):
-        return _truthy(own)
-    explicit = os.environ.get("AIRFLOW__OPERATORS__DEFAULT_DEFERRABLE")
-    if explicit not in (None, ""):
-        return _truthy(explicit)
-    return True
-
-
-def _truthy(value: Any) -> bool:
-    return str(value).strip().lower() in ("true", "1", "yes", "on", "t", "y")
 
 
 def run_result(job_id: str, run_id: str, run: dict[str, Any] | None, verdict_outcome: dict[str, Any] | None,
