@@ -59,7 +59,9 @@ def safe_join(root: ObjectStoragePath, relative: str) -> ObjectStoragePath:
     """
     Return ``root / relative``, refusing any ``relative`` that could land outside ``root``.
 
-    Absolute paths, drive letters, backslashes, ``..`` and empty segments are refused.
+    Absolute paths, drive letters, backslashes, ``..`` and empty segments are refused, and so is
+    ``::`` (fsspec reads it as a chain of file systems); the joined path must stay below ``root``
+    whatever the backend makes of the name, and on local storage no symbolic link may lead out.
     """
     text = str(relative)
     parts = text.split("/")
@@ -68,11 +70,17 @@ def safe_join(root: ObjectStoragePath, relative: str) -> ObjectStoragePath:
         or text.startswith("/")
         or "\\" in text
         or "\x00" in text
+        or "::" in text
         or (len(parts[0]) >= 2 and parts[0][1] == ":")
         or any(part in ("", ".", "..") for part in parts)
     ):
         raise UnsafePathError(f"Refusing path {relative!r}: it could write outside {root}")
-    target = root.joinpath(*parts)
+    try:
+        target = root.joinpath(*parts)
+    except Exception as exc:  # a name the backend reads as something other than a file name
+        raise UnsafePathError(f"Refusing path {relative!r}: {type(exc).__name__}: {exc}") from None
+    if target.protocol != root.protocol or not target.path.startswith(root.path.rstrip("/") + "/"):
+        raise UnsafePathError(f"Refusing path {relative!r}: it resolves to {target}, outside {root}")
     _confine_locally(root, target, relative)
     return target
 

@@ -120,7 +120,7 @@ def banner(server: EmulatorServer) -> str:
     if not is_loopback(server.host):
         lines.append(
             f"  WARNING  {server.host} is reachable from other machines: anyone who reaches it can run "
-            "commands with your rights, with the demo credentials above."
+            "commands with your rights."
         )
     lines.append("Airflow connections (paste into your shell):")
     lines += [f"  export {name}={shlex.quote(value)}" for name, value in server.airflow_conn_env().items()]

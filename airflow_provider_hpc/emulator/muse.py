@@ -38,6 +38,7 @@ import re
 import secrets
 import shutil
 import signal
+import stat
 import tempfile
 import threading
 import time
@@ -561,6 +562,7 @@ class MuseEngine:
         self._lock = threading.Lock()
         self._jobs: dict[str, MuseJob] = {}
         self._downloads: dict[str, Path] = {}
+        self._result_locks: dict[str, asyncio.Lock] = {}
         self._local_processes: dict[int, asyncio.subprocess.Process] = {}
         self._random = random.Random(config.seed)
         self._next_run_number = FIRST_RUN_NUMBER
@@ -862,6 +864,13 @@ class MuseEngine:
             await run_in_threadpool(zip_folder, run_dir, target)
         return target
 
+    def result_lock(self, key: str) -> asyncio.Lock:
+        """
+        Return the lock under which a job's result is made, so that requests arriving together
+        make one ``run.zip`` and one download key, not one each. Used on the server's loop only.
+        """
+        return self._result_locks.setdefault(key, asyncio.Lock())
+
     async def content_zip(self, run_dir: Path) -> Path:
         """Return a new temporary zip of ``run_dir`` as it is now; the caller deletes it."""
         handle, name = tempfile.mkstemp(suffix=".zip", dir=self.root)
@@ -909,18 +918,46 @@ def extract_zip(archive: Path, destination: Path) -> None:
 
 
 def zip_folder(folder: Path, target: Path) -> None:
-    """Write a zip of everything under ``folder`` (names relative to it) to ``target``, atomically."""
-    partial = target.with_name(f".{target.name}.partial")
-    with zipfile.ZipFile(partial, "w", compression=zipfile.ZIP_DEFLATED) as bundle:
-        for path in _walk_files(folder):
-            bundle.write(path, path.relative_to(folder).as_posix())
-    os.replace(partial, target)
+    """
+    Write a zip of everything under ``folder`` (names relative to it) to ``target``, atomically.
+
+    The folder is zipped as it is: a symbolic link is stored as a link (its target's path, not
+    the file it points at, which may be anywhere on the host or nowhere), and a file the running
+    command removes meanwhile is left out.
+    """
+    # A name of its own: two requests may zip the same folder at once.
+    handle, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
+    os.close(handle)
+    partial = Path(name)
+    try:
+        with zipfile.ZipFile(partial, "w", compression=zipfile.ZIP_DEFLATED, allowZip64=True) as bundle:
+            for path in _walk_entries(folder):
+                _add_entry(bundle, path, path.relative_to(folder).as_posix())
+        os.replace(partial, target)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
 
 
-def _walk_files(folder: Path) -> Iterator[Path]:
+def _add_entry(bundle: zipfile.ZipFile, path: Path, name: str) -> None:
+    try:
+        if path.is_symlink():
+            info = zipfile.ZipInfo(name, date_time=time.localtime(path.lstat().st_mtime)[:6])
+            info.create_system = 3  # Unix, so the mode bits below are read as such
+            info.external_attr = (stat.S_IFLNK | 0o777) << 16
+            bundle.writestr(info, os.readlink(path))
+        else:
+            bundle.write(path, name)
+    except FileNotFoundError:
+        pass
+
+
+def _walk_entries(folder: Path) -> Iterator[Path]:
+    """Yield every file and symbolic link under ``folder``, sorted; links to folders are not followed."""
     for directory, subdirs, files in os.walk(folder):
         subdirs.sort()
-        for name in sorted(files):
+        links = [name for name in subdirs if os.path.islink(os.path.join(directory, name))]
+        for name in sorted(files + links):
             yield Path(directory) / name
 
 
@@ -1111,9 +1148,10 @@ def create_muse_router(engine: MuseEngine) -> APIRouter:
         base = muse_base_url(request)
         if job.state is not JobState.COMPLETED:
             raise not_ready_error(base, job)
-        response, job.download_key = await result_response(
-            engine, base, job.report(), job.request, job.run_dir, job.folder / "run.zip", job.download_key
-        )
+        async with engine.result_lock(job.key):
+            response, job.download_key = await result_response(
+                engine, base, job.report(), job.request, job.run_dir, job.folder / "run.zip", job.download_key
+            )
         return response
 
     @router.get("/software/muse/content/{name}/{key}/")

@@ -251,7 +251,7 @@ class RescaleEngine:
         self._counters.incr("rescale_jobs_submitted", job.id)
         thread = threading.Thread(target=self._execute_job, args=(job,), name=f"rescale-{job.id}", daemon=True)
         with self._lock:
-            self._threads = [*(known for known in self._threads if known.is_alive()), thread]
+            self._track(thread)
         thread.start()
 
     def stop_job(self, job: Job) -> None:
@@ -284,6 +284,11 @@ class RescaleEngine:
         for thread in threads:
             thread.join(max(0.0, deadline - time.monotonic()))
         return not any(thread.is_alive() for thread in threads)
+
+    def _track(self, thread: threading.Thread) -> None:
+        # Called under the lock; a thread not started yet (no ident) is still to be waited for.
+        alive = [known for known in self._threads if known.ident is None or known.is_alive()]
+        self._threads = [*alive, thread]
 
     def _new_job_id(self) -> str:
         while True:
@@ -393,7 +398,7 @@ class RescaleEngine:
             run.snapshot_ids.append(file_id)
             thread = threading.Thread(target=self._take_snapshot, args=(run, file_id), daemon=True)
             run.snapshot_threads.append(thread)
-            self._threads = [*(known for known in self._threads if known.is_alive()), thread]
+            self._track(thread)
             thread.start()
         return previous
 

@@ -19,7 +19,6 @@ from types import TracebackType
 from typing import Any
 
 import uvicorn
-
 from fastapi import FastAPI
 
 from airflow_provider_hpc.emulator.app import close_engines, create_app

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -15,6 +16,7 @@ from airflow_provider_hpc.hooks._forms import RESCALE_PLATFORM_URL, connection_f
 from airflow_provider_hpc.hooks._http import (
     RetryPolicy,
     connection_extra,
+    next_page_link,
     optional_int,
     page_results,
     validate_segment,
@@ -87,6 +89,7 @@ class RescaleRun:
         """Parse a run object of the API; a malformed one is a :class:`RescaleApiError`."""
         if not isinstance(data, dict) or data.get("id") in (None, ""):
             raise RescaleApiError("A run object has no id", excerpt=str(data)[:300])
+        listed = data.get("variables")
         variables = tuple(
             RunVariable(
                 name=str(v.get("name")),
@@ -94,7 +97,7 @@ class RescaleRun:
                 display_value=v.get("displayValue"),
                 is_relative=bool(v.get("isRelative")),
             )
-            for v in (data.get("variables") or [])
+            for v in (listed if isinstance(listed, list) else [])
             if isinstance(v, dict) and v.get("name") is not None
         )
         return cls(
@@ -139,10 +142,14 @@ class OutputFile:
         """Parse a file object of the API."""
         if not isinstance(data, dict) or not data.get("id"):
             raise RescaleApiError("An output file object has no id", excerpt=str(data)[:300])
+        name = data.get("name") if isinstance(data.get("name"), str) else ""
+        relative = data.get("relativePath") if isinstance(data.get("relativePath"), str) else ""
+        if not (relative or name):
+            raise RescaleApiError("An output file object has neither relativePath nor name", excerpt=str(data)[:300])
         return cls(
             id=str(data["id"]),
-            name=str(data.get("name") or ""),
-            relative_path=str(data.get("relativePath") or data.get("name") or ""),
+            name=name,
+            relative_path=relative or name,
             decrypted_size=optional_int(data.get("decryptedSize")),
             md5=data.get("md5") if isinstance(data.get("md5"), str) else None,
             path=data.get("path"),
@@ -427,8 +434,10 @@ class RescaleHook(HpcHttpHook):
                 raise RescaleApiError(f"The server's next page repeats an earlier one ({url}); stopping")
             seen.add(url)
             page = await transport.get_json(url, headers=self._async_headers)
-            files += [OutputFile.from_api(f) for f in page_results(page, RescaleApiError, f"GET {urlsplit(url).path}")]
-            url = with_query(transport.url(page["next"]), page_size=page_size) if page.get("next") else None
+            endpoint = f"GET {urlsplit(url).path}"
+            files += [OutputFile.from_api(f) for f in page_results(page, RescaleApiError, endpoint)]
+            following = next_page_link(page, RescaleApiError, endpoint)
+            url = with_query(transport.url(following), page_size=page_size) if following else None
         return files
 
     async def a_stop_run(self, job_id: str, run_id: str) -> None:
@@ -461,7 +470,10 @@ def _statuses(answer: Any) -> list[JobStatus]:
     for item in items:
         if not isinstance(item, dict) or not item.get("status"):
             continue
-        statuses.append(JobStatus(str(item["status"]), _date(item.get("statusDate")), item.get("statusReason")))
+        reason = item.get("statusReason")
+        if reason is not None and not isinstance(reason, str):
+            reason = json.dumps(reason, default=str)  # read as text rather than refused: it is only shown
+        statuses.append(JobStatus(str(item["status"]), _date(item.get("statusDate")), reason))
     return sorted(statuses, key=lambda s: s.status_date)
 
 

@@ -636,3 +636,38 @@ def test_test_connection_where_the_jobs_list_is_not_served(
     requests_mock.get(PLATFORM + "api/jobs/airflow-connection-test/runs/", status_code=401, json={"detail": "Invalid token."})
     ok, message = rescale_hook.test_connection()
     assert not ok and "Invalid token." in message
+
+
+# ----- malformed answers ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("next_link", [5, {"page": 2}, ["x"], True])
+def test_a_next_link_that_is_not_a_url_is_a_clear_error(
+    rescale_hook: RescaleHook, requests_mock: rm.Mocker, next_link: Any
+) -> None:
+    """A ``next`` that is not a string ends the listing with an error of the family, not a TypeError."""
+    requests_mock.get(PLATFORM + "api/jobs/XXXXX/runs/1/files/", json=dict(FILES_PAGE_2, next=next_link))
+    with pytest.raises(RescaleApiError, match="next link is not a URL"):
+        rescale_hook.list_output_files("XXXXX", "1")
+
+
+@pytest.mark.parametrize("reason", [True, 5, ["Completed successfully"], {"text": "x"}])
+def test_a_status_reason_that_is_not_text_is_read_as_text(
+    rescale_hook: RescaleHook, requests_mock: rm.Mocker, reason: Any
+) -> None:
+    """A ``statusReason`` of another JSON type is kept as its JSON text; the outcome is still decided."""
+    requests_mock.get(
+        PLATFORM + "api/v2/jobs/XXXXX/statuses/",
+        json={"results": [status("Executing", "2024-05-01T10:05:00Z"), status("Completed", "2024-05-01T10:30:00Z", reason)]},
+    )
+    statuses = rescale_hook.get_job_statuses("XXXXX")
+    assert statuses[-1].status_reason == json.dumps(reason)
+    assert JobOutcome.from_statuses(statuses).completed
+
+
+def test_malformed_run_and_file_objects() -> None:
+    """Variables that are not a list are ignored; a file with neither relativePath nor name is refused."""
+    assert RescaleRun.from_api(dict(RUN_1, variables=True)).variables == ()
+    assert OutputFile.from_api({"id": "abc", "name": "U", "relativePath": {"x": 1}}).relative_path == "U"
+    with pytest.raises(RescaleApiError, match="neither relativePath nor name"):
+        OutputFile.from_api({"id": "abc", "relativePath": None})

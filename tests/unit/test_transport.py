@@ -615,3 +615,15 @@ def test_a_redirect_loop_is_a_clear_error(rescale: RescaleHook, requests_mock: r
     requests_mock.get(RUN_URL, status_code=302, headers={"Location": RUN_URL})
     with pytest.raises(RescaleApiError, match="TooManyRedirects"):
         rescale.get_run("QTVia", "1")
+
+
+def test_a_connection_dropped_inside_an_error_answer(rescale: RescaleHook, requests_mock: rm.Mocker, sleeps: list[float]) -> None:
+    """A 404 whose body is cut is a dropped connection: an error of the family, retried like one."""
+    body = b'{"detail": "Not found."}' * 100
+    route = requests_mock.get(RUN_URL, [{"status_code": 404, "body": DroppingBody(body, 10)}, {"json": RUN_1}])
+    assert rescale.get_run("QTVia", "1").id == "1"
+    assert route.call_count == 2
+    requests_mock.get(RUN_URL, [{"status_code": 404, "body": DroppingBody(body, 10)} for _ in range(3)])
+    with pytest.raises(RescaleApiError, match="connection failed") as info:
+        rescale.get_run("QTVia", "1")
+    assert info.value.retryable and info.value.attempts == 3

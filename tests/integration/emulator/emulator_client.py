@@ -1,5 +1,5 @@
 """
-A small Muse client over plain ``requests``, and polling helpers, for the emulator's own tests.
+A small Muse client over plain ``requests``, and a polling function, for the emulator's own tests.
 
 It speaks the API as the reference pages show it (``shared/api/muse``) and nothing more, so what
 the tests check is the emulator's answers, not the provider's hooks.

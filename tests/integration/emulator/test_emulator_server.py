@@ -29,6 +29,7 @@ import requests
 from emulator_client import SOFTWARE, MuseClient, key_of, wait_for
 
 from airflow_provider_hpc.emulator import EmulatorConfig, EmulatorServer
+from airflow_provider_hpc.emulator.__main__ import banner, is_loopback
 from airflow_provider_hpc.emulator.__main__ import main as cli_main
 
 STATE_ROUTE = "GET /api/software/muse/state/{name}/{key}/"
@@ -401,3 +402,10 @@ def test_cli_port_in_use_fails_cleanly(
     assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []  # the temporary data folder is gone too
     assert signal.getsignal(signal.SIGTERM) == handler
+
+
+def test_banner_warns_off_loopback_only() -> None:
+    assert all(is_loopback(host) for host in ("127.0.0.1", "127.0.0.2", "::1", "localhost"))
+    assert not any(is_loopback(host) for host in ("0.0.0.0", "::", "192.168.1.10", "example.org"))
+    with EmulatorServer() as server:
+        assert "WARNING" not in banner(server)

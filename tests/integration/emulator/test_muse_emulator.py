@@ -14,6 +14,7 @@ import os
 import re
 import time
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any
 
@@ -470,3 +471,36 @@ def test_list_parameters_accept_json_lists(muse: MuseClient, encoding: str) -> N
         answer = muse.post(f"software/muse/run/{SOFTWARE}/", data={**form, "jwt": token})
     request = muse.state(key_of(answer.json()))["info"]["report"]["request"]
     assert request["sbatch_list"] == ["--time=5", "--mail-user=a@b.c"] and request["module_list"] == ["gcc"]
+
+
+def test_results_asked_together_are_made_once(muse: MuseClient) -> None:
+    cmd = "head -c 2000000 /dev/urandom > big.bin; python /add.py 1"
+    zipped = key_of(muse.submit_json(cmd=cmd, returned_type="run.zip"))
+    kept = key_of(muse.submit_json(cmd=cmd, returned_type="run.zip", todownload="yes"))
+    muse.wait_ended(zipped)
+    muse.wait_ended(kept)
+
+    def fetch(key: str) -> requests.Response:
+        """GET a result with a session of its own."""
+        with requests.Session() as session:
+            return session.get(f"{muse.base}software/muse/run/{SOFTWARE}/{key}/", timeout=30)
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        archives = list(pool.map(fetch, [zipped] * 8))
+        links = list(pool.map(fetch, [kept] * 8))
+    assert all(answer.status_code == 200 for answer in archives + links)
+    assert len({answer.content for answer in archives}) == 1
+    assert zipfile.ZipFile(io.BytesIO(archives[0].content)).testzip() is None
+    assert len({answer.json()["url"] for answer in links}) == 1
+
+
+def test_zips_keep_symbolic_links_as_links(muse: MuseClient) -> None:
+    cmd = "ln -s /etc/hostname outside; ln -s nowhere dangling; mkdir d; ln -s d dirlink; python /add.py 1"
+    key = key_of(muse.submit_json(cmd=cmd, returned_type="run.zip"))
+    assert muse.wait_ended(key)["info"]["report"]["cr"] == "OK"
+    for answer in (muse.result(key), muse.get(f"software/muse/content/{SOFTWARE}/{key}/")):
+        assert answer.status_code == 200
+        archive = zipfile.ZipFile(io.BytesIO(answer.content))
+        links = {info.filename: archive.read(info) for info in archive.infolist() if info.external_attr >> 28 == 0xA}
+        # The link's target path, never the host file it points at.
+        assert links == {"outside": b"/etc/hostname", "dangling": b"nowhere", "dirlink": b"d"}

@@ -1,0 +1,159 @@
+"""
+``python -m benchmarks [--quick | --full] [--only SECTION ...] [--json FILE] [--profile DIR]``
+
+The quick mode (the default, what ``make bench`` runs) keeps to a few minutes on two cores; ``--full``
+adds the large sizes (5,000 triggers, a 1 GiB transfer, 1,000 output files) and takes much longer.
+Everything binds 127.0.0.1 and stops by itself; the emulator is started and stopped here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SECTIONS = ("load", "mix", "transfer", "harvest", "economy")
+
+
+@dataclass(frozen=True)
+class Profile:
+    """The sizes of one mode."""
+
+    name: str
+    load_cases: tuple[Any, ...]
+    mix_case: Any
+    transfer_sizes_mib: tuple[int, ...]
+    transfer_repetitions: int
+    harvest_files: int
+    harvest_file_size: int = 256 * 1024
+    harvest_latency: float = 0.020
+    economy_scale: float = 1 / 60
+    economy_jobs_per_length: int = 4
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def profiles() -> dict[str, Profile]:
+    """The quick and the full mode."""
+    from benchmarks.triggerer_load import LoadCase
+
+    quick_load = (
+        LoadCase("100 triggers", 100, 0, 5.0, (15.0, 30.0)),
+        LoadCase("1000 triggers", 1000, 0, 5.0, (20.0, 40.0)),
+    )
+    quick_mix = LoadCase("mix", 80, 20, 5.0, (15.0, 30.0), ("ours", "floor"))
+    return {
+        "quick": Profile(
+            name="quick", load_cases=quick_load, mix_case=quick_mix, transfer_sizes_mib=(64, 256),
+            transfer_repetitions=2, harvest_files=200,
+        ),
+        "full": Profile(
+            name="full",
+            load_cases=(*quick_load, LoadCase("5000 triggers", 5000, 0, 30.0, (120.0, 240.0))),
+            mix_case=LoadCase("mix", 400, 100, 5.0, (20.0, 40.0), ("ours", "floor")),
+            transfer_sizes_mib=(64, 256, 1024), transfer_repetitions=3, harvest_files=1000,
+            economy_scale=1 / 20, economy_jobs_per_length=8,
+        ),
+    }
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Read the command line."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.strip().splitlines()[0])
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="the default: a few minutes on two cores")
+    mode.add_argument("--full", action="store_true", help="also 5,000 triggers, 1 GiB, 1,000 files (much longer)")
+    parser.add_argument("--only", nargs="+", choices=SECTIONS, help="run only these sections")
+    parser.add_argument("--json", type=Path, help="also write every figure to this JSON file")
+    parser.add_argument("--profile", type=Path, help="write a pyinstrument profile of each load variant here")
+    parser.add_argument("--seed", type=int, default=20261126, help="seed of the job lengths")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the sections, print the figures and the targets."""
+    args = parse_args(argv)
+    scratch = Path(tempfile.mkdtemp(prefix="hpc-bench-"))
+    # A private Airflow home: nothing is read from, or written to, the user's own.
+    os.environ["AIRFLOW_HOME"] = str(scratch / "airflow-home")
+    os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
+    os.environ["HPC_BENCH_TMP"] = str(scratch)
+    try:
+        return _run(args, scratch)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _run(args: argparse.Namespace, scratch: Path) -> int:
+    from benchmarks import economy, harvest, transfer, triggerer_load
+    from benchmarks.emulator import EmulatorProcess
+    from benchmarks.report import Report, machine, print_machine
+    from benchmarks.targets import evaluate
+
+    profile = profiles()["full" if args.full else "quick"]
+    sections = args.only or SECTIONS
+    report = Report(machine=machine(), mode=profile.name)
+    print(f"airflow-provider-hpc benchmarks, {profile.name} mode: python -m benchmarks{' --full' if args.full else ''}")
+    print_machine(report.machine)
+    print("The emulator runs in its own process on 127.0.0.1 over TLS; its CPU is not counted.")
+    if (report.machine["nproc"] or 0) <= 2:
+        print("Note: 2 cores, shared with the emulator (and with any other work on the machine): "
+              "compare the ratios measured in the same run, not the absolute figures.")
+    started = time.monotonic()
+    if args.profile:
+        args.profile.mkdir(parents=True, exist_ok=True)
+
+    def section(name: str, title: str) -> bool:
+        if name not in sections:
+            return False
+        print(f"\n== {title} [{time.monotonic() - started:.0f}s]", flush=True)
+        return True
+
+    if section("load", "1. Triggerer load: MuseJobTrigger vs bare aiohttp floor vs HttpSensorTrigger"):
+        with EmulatorProcess(muse_max_running=100_000) as emulator:
+            report.sections["load"] = [
+                triggerer_load.run_case(emulator, case, args.seed, args.profile) for case in profile.load_cases
+            ]
+    if section("mix", "1b. Triggerer load, Muse and Rescale triggers in one loop"):
+        with EmulatorProcess(muse_max_running=100_000) as emulator:
+            report.sections["mix"] = triggerer_load.run_case(emulator, profile.mix_case, args.seed, args.profile)
+    print("\n== 2. Worker cost per watched job (deferrable vs reschedule vs poke on a real scheduler): "
+          "not measured by this benchmark (see docs/benchmarks.md)")
+    if section("transfer", "3a. Result transfer: MuseHook.download vs curl -o, same URL"):
+        with EmulatorProcess() as emulator:
+            report.sections["transfer"] = transfer.run(
+                emulator, list(profile.transfer_sizes_mib), profile.transfer_repetitions
+            )
+    if section("harvest", "3b. Parallel harvest of Rescale output files"):
+        with EmulatorProcess() as emulator:
+            report.sections["harvest"] = harvest.run(
+                emulator, profile.harvest_files, profile.harvest_file_size, profile.harvest_latency
+            )
+    if section("economy", "4. Request economy: default backoff vs fixed 5 s"):
+        with EmulatorProcess(time_scale=profile.economy_scale) as emulator:
+            report.sections["economy"] = economy.run(
+                emulator, profile.economy_scale, profile.economy_jobs_per_length, args.seed
+            )
+    report.targets = evaluate(report, profile)
+    report.print_targets()
+    elapsed = time.monotonic() - started
+    print(f"\nDone in {elapsed / 60:.1f} min ({profile.name} mode).")
+    if args.json:
+        payload = {
+            "machine": report.machine, "mode": report.mode, "elapsed_s": elapsed, "sections": report.sections,
+            "targets": [dataclasses.asdict(t) for t in report.targets],
+        }
+        args.json.write_text(json.dumps(payload, indent=1, default=str))
+        print(f"Figures written to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""
+Request economy: state requests per job and delay to the event, default backoff beside a fixed interval.
+
+Time is scaled down by ``scale``: a job of 1 h runs ``3600 * scale`` seconds, every poll interval
+is multiplied by ``scale``, and so is the emulator's own queue wait (``--time-scale``). Requests per
+job do not depend on the scale; delays are divided by it to be read in real seconds. What does not
+scale is the request's own round trip (a few milliseconds here), which stretches the shortest
+scaled intervals a little, so the fixed interval makes slightly fewer requests than it would.
+
+Each job is watched by two triggers at once, one per policy, so both see exactly the same end.
+Requests are counted per trigger by wrapping ``MuseHook.a_get_state``, and the total is checked
+against the emulator's own count.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import os
+import random
+import time
+from collections import Counter
+from typing import Any
+
+from benchmarks.emulator import MUSE_STATE_ROUTE, EmulatorProcess
+from benchmarks.jobs import submit_jobs
+from benchmarks.report import table
+
+LENGTHS = {"1 min": 60.0, "10 min": 600.0, "1 h": 3600.0}
+FIXED_INTERVAL = 5.0
+
+
+def default_backoff() -> tuple[float, float]:
+    """Return MuseJobTrigger's own defaults: (poll_interval, max_poll_interval)."""
+    from airflow_provider_hpc.triggers.muse import MuseJobTrigger
+
+    parameters = inspect.signature(MuseJobTrigger.__init__).parameters
+    return float(parameters["poll_interval"].default), float(parameters["max_poll_interval"].default)
+
+
+async def _watch(jobs: list[Any], policies: dict[str, tuple[float, float]], scale: float) -> dict[tuple[str, str], tuple[float, int, str]]:
+    """Run one trigger per (job, policy); return (event time, requests, status) for each."""
+    from airflow_provider_hpc.hooks.muse import MuseHook
+    from airflow_provider_hpc.triggers.muse import MuseJobTrigger
+
+    counts: Counter[tuple[str, str]] = Counter()
+    original = MuseHook.a_get_state
+
+    async def counted(hook: MuseHook, name: str, key: str) -> Any:
+        counts[(key, getattr(hook, "_bench_policy", ""))] += 1
+        return await original(hook, name, key)
+
+    class CountedTrigger(MuseJobTrigger):
+        """MuseJobTrigger whose hook says which policy it polls for (for counting only)."""
+
+        policy = ""
+
+        def _hook(self) -> MuseHook:
+            hook = super()._hook()
+            hook._bench_policy = self.policy  # type: ignore[attr-defined]
+            return hook
+
+    async def one(job: Any, policy: str, interval: float, maximum: float) -> tuple[tuple[str, str], tuple[float, int, str]]:
+        trigger = CountedTrigger(
+            muse_conn_id="muse_default", name="sw_example", key=job.ident,
+            poll_interval=interval * scale, max_poll_interval=maximum * scale,
+        )
+        trigger.policy = policy
+        events = trigger.run()
+        try:
+            event = await events.__anext__()
+        finally:
+            await events.aclose()
+        return (job.ident, policy), (time.time(), 0, event.payload["status"])
+
+    MuseHook.a_get_state = counted  # type: ignore[method-assign]
+    try:
+        done = await asyncio.gather(
+            *(one(job, policy, *intervals) for job in jobs for policy, intervals in policies.items())
+        )
+    finally:
+        MuseHook.a_get_state = original  # type: ignore[method-assign]
+    return {key: (when, counts[key], status) for key, (when, _, status) in done}
+
+
+def run(emulator: EmulatorProcess, scale: float, jobs_per_length: int, seed: int) -> dict[str, Any]:
+    """Measure both policies on jobs of 1 min, 10 min and 1 h (scaled); print and return the figures."""
+    os.environ.update(emulator.conn_env)
+    interval, maximum = default_backoff()
+    policies = {
+        f"default backoff {interval:g}s x1.5 up to {maximum:g}s": (interval, maximum),
+        f"fixed {FIXED_INTERVAL:g}s": (FIXED_INTERVAL, FIXED_INTERVAL),
+    }
+    draw = random.Random(seed)
+    planned = [(label, length * draw.uniform(0.9, 1.1)) for label, length in LENGTHS.items() for _ in range(jobs_per_length)]
+    before = emulator.requests_by_route()
+    jobs = submit_jobs(emulator, [length * scale for _, length in planned])
+    outcome = asyncio.run(_watch(jobs, policies, scale))
+    after = emulator.requests_by_route()
+    ends = {key: job["ended_at"] for key, job in emulator.muse_jobs().items()}
+    counted = sum(requests for _, requests, _ in outcome.values())
+    served = after.get(MUSE_STATE_ROUTE, 0) - before.get(MUSE_STATE_ROUTE, 0)
+    results: dict[str, Any] = {}
+    rows = []
+    for label in LENGTHS:
+        for policy in policies:
+            picked = [(job, outcome[(job.ident, policy)]) for job, (lab, _) in zip(jobs, planned) if lab == label]
+            requests = [r for _, (_, r, _) in picked]
+            delays = [(when - ends[job.ident]) / scale for job, (when, _, _) in picked]
+            statuses = {status for _, (_, _, status) in picked}
+            entry = {
+                "requests_per_job": sum(requests) / len(requests),
+                "requests_max": max(requests),
+                "delay_mean_s": sum(delays) / len(delays),
+                "delay_max_s": max(delays),
+                "statuses": sorted(statuses),
+            }
+            results[f"{label} / {policy}"] = entry
+            rows.append((label, policy, entry["requests_per_job"], entry["delay_mean_s"], entry["delay_max_s"], ",".join(entry["statuses"])))
+    print(
+        f"\n-- request economy: {jobs_per_length} Muse jobs per length (lengths +-10%), time scaled by {scale:g} "
+        f"(1 h runs {3600 * scale:.0f}s); delays in real-time seconds"
+    )
+    print(table(("job", "policy", "state req/job", "mean delay s", "worst delay s", "events"), rows))
+    print(f"   state requests counted by the triggers: {counted}; by the emulator: {served}")
+    return {"scale": scale, "jobs_per_length": jobs_per_length, "policies": policies, "results": results,
+            "requests_counted": counted, "requests_served": served}

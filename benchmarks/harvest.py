@@ -1,0 +1,125 @@
+"""
+Parallel harvest: a Rescale run with many output files, behind emulated latency.
+
+A one-run Rescale job writes COUNT files of SIZE random bytes; once it has completed, the emulator
+delays every ``/api/`` request by the latency asked, and :class:`RescaleDownloadOutputsOperator`
+harvests the run twice, into two empty folders: at its default concurrency, then at concurrency 1.
+Every file is checked against the md5 the listing announces, by the operator and again here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from benchmarks.emulator import EmulatorProcess
+from benchmarks.jobs import wait_rescale_completed
+from benchmarks.report import table
+
+
+class _TaskInstance:
+    """Just enough of a task instance for ``execute``: the XCom pushes are kept, not stored."""
+
+    def __init__(self) -> None:
+        self.pushed: dict[str, Any] = {}
+
+    def xcom_push(self, key: str, value: Any) -> None:
+        self.pushed[key] = value
+
+
+def create_output_job(emulator: EmulatorProcess, count: int, size: int) -> str:
+    """Create and submit a one-run Rescale job writing ``count`` files of ``size`` bytes; return its id."""
+    command = (
+        f"mkdir -p out && i=0 && while [ $i -lt {count} ]; do "
+        f"head -c {size} /dev/urandom > out/part_$i.bin; i=$((i+1)); done"
+    )
+    headers = {"Authorization": "Token demo"}
+    verify = emulator.ca_path or True
+    job = requests.post(
+        f"{emulator.base_url}/api/v2/jobs/", json={"name": "harvest", "jobanalyses": [{"command": command}]},
+        headers=headers, verify=verify, timeout=60,
+    ).json()
+    requests.post(f"{emulator.base_url}/api/v2/jobs/{job['id']}/submit/", headers=headers, verify=verify, timeout=60).raise_for_status()
+    return job["id"]
+
+
+def listed_files(emulator: EmulatorProcess, job_id: str) -> dict[str, str]:
+    """Return ``relativePath -> md5`` of the run's output files, read from the API (every page)."""
+    files: dict[str, str] = {}
+    page = 1
+    while True:
+        answer = requests.get(
+            f"{emulator.base_url}/api/jobs/{job_id}/runs/1/files/", params={"page": page, "page_size": 1000},
+            headers={"Authorization": "Token demo"}, verify=emulator.ca_path or True, timeout=60,
+        ).json()
+        files.update({item["relativePath"]: item["md5"] for item in answer["results"]})
+        if not answer.get("next"):
+            return files
+        page += 1
+
+
+def verify_folder(folder: Path, expected: dict[str, str]) -> int:
+    """Return how many files under ``folder`` match their announced md5 (every one must)."""
+    good = 0
+    for relative, md5 in expected.items():
+        path = folder / relative
+        if path.is_file() and hashlib.md5(path.read_bytes(), usedforsecurity=False).hexdigest() == md5:
+            good += 1
+    return good
+
+
+def run(emulator: EmulatorProcess, count: int, size: int, latency: float) -> dict[str, Any]:
+    """Harvest at the default concurrency and at 1; print and return the figures."""
+    os.environ.update(emulator.conn_env)
+    from airflow_provider_hpc.operators.rescale_download import DEFAULT_CONCURRENCY, RescaleDownloadOutputsOperator
+
+    job_id = create_output_job(emulator, count, size)
+    wait_rescale_completed(emulator, job_id, timeout=600)
+    expected = {path: md5 for path, md5 in listed_files(emulator, job_id).items() if path.startswith("out/")}
+    if len(expected) != count:
+        raise RuntimeError(f"The run listed {len(expected)} output files, {count} were written")
+    results: dict[str, Any] = {}
+    emulator.set_faults([{"route": "/api/*", "action": {"delay": latency}}])
+    try:
+        with tempfile.TemporaryDirectory(prefix="hpc-bench-harvest-", dir=os.environ.get("HPC_BENCH_TMP")) as scratch:
+            for concurrency in (DEFAULT_CONCURRENCY, 1):
+                folder = Path(scratch) / f"concurrency-{concurrency}"
+                operator = RescaleDownloadOutputsOperator(
+                    task_id=f"harvest_{concurrency}", job_id=job_id, run_id="1", output_path=str(folder),
+                    concurrency=concurrency,
+                )
+                before = emulator.requests_by_route()
+                started = time.perf_counter()
+                value = operator.execute({"ti": _TaskInstance()})  # type: ignore[arg-type]
+                seconds = time.perf_counter() - started
+                after = emulator.requests_by_route()
+                results[str(concurrency)] = {
+                    "concurrency": concurrency,
+                    "seconds": seconds,
+                    "files": value["file_count"],
+                    "bytes": value["bytes_downloaded"],
+                    "requests": sum(after.get(k, 0) - before.get(k, 0) for k in after),
+                    "md5_verified": verify_folder(folder, expected),
+                }
+    finally:
+        emulator.set_faults([])
+    default, single = results[str(DEFAULT_CONCURRENCY)], results["1"]
+    speedup = single["seconds"] / default["seconds"]
+    print(
+        f"\n-- Rescale harvest: {count} files of {size // 1024} KiB, {latency * 1000:.0f} ms added to every request, "
+        "RescaleDownloadOutputsOperator"
+    )
+    rows = [
+        (f"concurrency {r['concurrency']}" + (" (default)" if r["concurrency"] == DEFAULT_CONCURRENCY else ""),
+         r["seconds"], r["files"], r["bytes"] / r["seconds"] / 2**20, r["requests"], f"{r['md5_verified']}/{count}")
+        for r in (default, single)
+    ]
+    print(table(("run", "seconds", "files", "MiB/s", "requests", "md5 verified"), rows))
+    print(f"   speed-up of the default concurrency over 1: {speedup:.2f}x")
+    return {"count": count, "size": size, "latency_s": latency, "runs": results, "speedup": speedup}

@@ -1,0 +1,141 @@
+"""
+Result transfer: one large ``run.zip`` streamed by the hook to a local ``ObjectStoragePath``, beside ``curl -o``.
+
+A Muse job writes SIZE random bytes (incompressible, so ``run.zip`` is about SIZE too) and is
+asked for ``run.zip`` with ``todownload=yes``: the download URL then serves that file. The hook
+(:meth:`MuseHook.download`, in its own process) and ``curl -o`` fetch the same URL over TLS,
+taking turns; each figure is the best of the repetitions. Peak resident memory is the hook
+process's, sampled during the transfer, and its whole life's peak (imports included).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from benchmarks.emulator import EmulatorProcess
+from benchmarks.jobs import MUSE_SOFTWARE, muse_token, wait_muse_ok
+from benchmarks.report import table
+
+REPO = Path(__file__).resolve().parent.parent
+MIB = 2**20
+
+
+def prepare_download(emulator: EmulatorProcess, size: int) -> tuple[str, str]:
+    """Run a job that writes ``size`` random bytes; return its run.zip's download key and URL."""
+    verify = emulator.ca_path or True
+    form = {
+        "jwt": muse_token(emulator),
+        "cmd": f"head -c {size} /dev/urandom > data.bin",
+        "returned_type": "run.zip",
+        "todownload": "yes",
+    }
+    answer = requests.post(f"{emulator.muse_url}software/muse/run/{MUSE_SOFTWARE}/", data=form, verify=verify, timeout=60).json()
+    key = re.search(r"/([0-9a-f-]{36})/$", answer["url"]).group(1)  # type: ignore[union-attr]
+    wait_muse_ok(emulator, key, timeout=600)
+    # The emulator zips the run folder when the result is first asked: that is not the transfer.
+    result = requests.get(f"{emulator.muse_url}software/muse/run/{MUSE_SOFTWARE}/{key}/", verify=verify, timeout=900).json()
+    url = result["url"]
+    download_key = re.search(r"[?&]key=([A-Za-z0-9_.:-]+)", url).group(1)  # type: ignore[union-attr]
+    return download_key, url
+
+
+def file_md5(path: Path) -> str:
+    """Return a file's hex md5."""
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as handle:
+        while chunk := handle.read(4 * MIB):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _wait(process: subprocess.Popen[Any]) -> int:
+    """Wait for a child; return its peak resident memory in bytes (from wait4)."""
+    _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode != 0:
+        raise RuntimeError(f"{process.args[:4]} exited with {process.returncode}")
+    return usage.ru_maxrss * 1024
+
+
+def curl_once(emulator: EmulatorProcess, url: str, dest: Path) -> dict[str, Any]:
+    """Fetch ``url`` with ``curl -o``; return seconds (curl's own ``time_total``), bytes and peak memory."""
+    command = ["curl", "-sS", "--fail", "--cacert", str(emulator.ca_path), "-o", str(dest),
+               "-w", "%{time_total} %{size_download}", url]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    output = process.stdout.read() if process.stdout else ""
+    maxrss = _wait(process)
+    seconds, size = output.split()
+    return {"seconds": float(seconds), "bytes": int(size), "md5": file_md5(dest), "maxrss": maxrss}
+
+
+def hook_once(emulator: EmulatorProcess, key: str, dest: Path, scratch: Path) -> dict[str, Any]:
+    """Stream the download key with the hook, in a fresh process; return its figures."""
+    out = scratch / "hook.json"
+    env = {**os.environ, **emulator.conn_env}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "benchmarks.download_worker", "--key", key, "--dest", str(dest), "--out", str(out)],
+        env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    maxrss = _wait(process)
+    figures = json.loads(out.read_text())
+    return {**figures, "maxrss": maxrss}
+
+
+def run(emulator: EmulatorProcess, sizes_mib: list[int], repetitions: int) -> dict[str, Any]:
+    """Measure every size; print and return the figures."""
+    rows, results = [], {}
+    for size_mib in sizes_mib:
+        key, url = prepare_download(emulator, size_mib * MIB)
+        curl_runs, hook_runs = [], []
+        with tempfile.TemporaryDirectory(prefix="hpc-bench-transfer-", dir=os.environ.get("HPC_BENCH_TMP")) as scratch:
+            folder = Path(scratch)
+            for _ in range(repetitions):
+                for name, runs in (("hook", hook_runs), ("curl", curl_runs)):
+                    dest = folder / f"{name}.zip"
+                    runs.append(hook_once(emulator, key, dest, folder) if name == "hook" else curl_once(emulator, url, dest))
+                    if name == "hook":
+                        runs[-1]["md5_check"] = file_md5(dest)
+                    dest.unlink()
+        best_hook = min(hook_runs, key=lambda r: r["seconds"])
+        best_curl = min(curl_runs, key=lambda r: r["seconds"])
+        same = {r["md5"] for r in hook_runs + curl_runs} | {r["md5_check"] for r in hook_runs}
+        result = {
+            "size_mib": size_mib,
+            "bytes": best_hook["bytes"],
+            "hook_mib_s": best_hook["bytes"] / MIB / best_hook["seconds"],
+            "curl_mib_s": best_curl["bytes"] / MIB / best_curl["seconds"],
+            "hook_runs_s": [r["seconds"] for r in hook_runs],
+            "curl_runs_s": [r["seconds"] for r in curl_runs],
+            "hook_rss_base_mib": best_hook["rss_base"] / MIB,
+            "hook_rss_peak_transfer_mib": max(r["rss_peak"] for r in hook_runs) / MIB,
+            "hook_maxrss_mib": max(r["maxrss"] for r in hook_runs) / MIB,
+            "curl_maxrss_mib": max(r["maxrss"] for r in curl_runs) / MIB,
+            "md5_identical": len(same) == 1,
+        }
+        result["hook_vs_curl"] = result["hook_mib_s"] / result["curl_mib_s"]
+        results[f"{size_mib} MiB"] = result
+        rows.append((
+            f"{size_mib} MiB", result["hook_mib_s"], result["curl_mib_s"], result["hook_vs_curl"],
+            result["hook_rss_base_mib"], result["hook_rss_peak_transfer_mib"], result["hook_maxrss_mib"],
+            result["curl_maxrss_mib"], "yes" if result["md5_identical"] else "NO",
+        ))
+        print(f"   {size_mib} MiB done", flush=True)
+    print(
+        f"\n-- one run.zip over TLS, best of {repetitions} (hook and curl take turns); hook memory in its own process"
+    )
+    print(table(
+        ("size", "hook MiB/s", "curl MiB/s", "hook/curl", "hook RSS before MiB", "hook RSS peak in transfer MiB",
+         "hook RSS peak (life) MiB", "curl RSS peak MiB", "same md5"),
+        rows,
+    ))
+    return results
