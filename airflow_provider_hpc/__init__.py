@@ -66,6 +66,16 @@ def get_provider_info() -> dict[str, Any]:
                         "example": "s3://my-bucket/hpc-results",
                         "default": None,
                     },
+                    "default_deferrable": {
+                        "description": "Whether Muse and Rescale waits defer to the triggerer when a task does "
+                        "not say (deferrable=...). On by default whatever [operators] default_deferrable says, "
+                        "since Airflow writes false there in every airflow.cfg it generates; set false to wait "
+                        "in the worker.",
+                        "version_added": "0.1.0",
+                        "type": "boolean",
+                        "example": "false",
+                        "default": "True",
+                    },
                 },
             },
         },

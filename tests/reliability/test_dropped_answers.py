@@ -28,11 +28,6 @@ def dropping_emulator(emulator_conns: EmulatorServer) -> EmulatorServer:
     return emulator_conns
 
 
-@pytest.mark.xfail(
-    reason="open bug: a connection dropped while the sync transport reads an error answer (4xx/5xx body) "
-    "escapes as requests.ChunkedEncodingError",
-    strict=False,
-)
 def test_a_dropped_error_answer_is_a_family_error_sync(dropping_emulator: EmulatorServer) -> None:
     hook = RescaleHook("rescale_default", retry=TWO_ATTEMPTS)
     with pytest.raises(RescaleApiError) as caught:
