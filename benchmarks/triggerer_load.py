@@ -226,8 +226,9 @@ def summarize(case: LoadCase, figures: dict[str, Any]) -> dict[str, Any]:
         for ident, end in figures["ends"].items()
         if end is not None and ident in figures["events"] and figures["variant"] != "anchor"
     ]
+    samples = figures["samples"]
     window = (figures["released_at"] + case.interval / 2 + 2, figures["released_at"] + case.lengths[0])
-    steady = steady_figures(figures["samples"], figures["poll_samples"], window)
+    steady = steady_figures(samples, figures["poll_samples"], window)
     return {
         "variant": figures["variant"],
         "jobs": n,
@@ -252,6 +253,11 @@ def summarize(case: LoadCase, figures: dict[str, Any]) -> dict[str, Any]:
         "events": len(figures["events"]),
         "errors": figures["errors"][:5],
         "error_count": len(figures["errors"]),
+        # (seconds since release, CPU seconds, RSS MiB) and (seconds since release, GETs served).
+        "timeline": {
+            "cpu": [(round(t - figures["released_at"], 2), round(c, 3), round(r / 2**20, 1)) for t, c, r in samples],
+            "polls": [(round(t - figures["released_at"], 2), n) for t, n in figures["poll_samples"]],
+        },
     }
 
 
