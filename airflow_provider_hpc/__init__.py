@@ -70,11 +70,12 @@ def get_provider_info() -> dict[str, Any]:
                         "description": "Whether Muse and Rescale waits defer to the triggerer when a task does "
                         "not say (deferrable=...). On by default whatever [operators] default_deferrable says, "
                         "since Airflow writes false there in every airflow.cfg it generates; set false to wait "
-                        "in the worker.",
+                        "in the worker. Unset means on, unless the environment sets "
+                        "AIRFLOW__OPERATORS__DEFAULT_DEFERRABLE.",
                         "version_added": "0.1.0",
                         "type": "boolean",
                         "example": "false",
-                        "default": "True",
+                        "default": None,
                     },
                 },
             },

@@ -144,6 +144,12 @@ class EmulatorProcess:
         """The Muse jobs as the emulator sees them, by key."""
         return {job["key"]: job for job in self.admin("GET", "muse/jobs")}
 
+    def cpu_seconds(self) -> float:
+        """CPU seconds (user + system) the server process has used so far."""
+        with open(f"/proc/{self.pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def stop(self) -> None:
         """Stop the server (SIGTERM, then SIGKILL), and remove its data folder."""
         if self._session is not None:

@@ -85,41 +85,47 @@ def run(emulator: EmulatorProcess, count: int, size: int, latency: float) -> dic
     if len(expected) != count:
         raise RuntimeError(f"The run listed {len(expected)} output files, {count} were written")
     results: dict[str, Any] = {}
-    emulator.set_faults([{"route": "/api/*", "action": {"delay": latency}}])
-    try:
-        with tempfile.TemporaryDirectory(prefix="hpc-bench-harvest-", dir=os.environ.get("HPC_BENCH_TMP")) as scratch:
-            for concurrency in (DEFAULT_CONCURRENCY, 1):
-                folder = Path(scratch) / f"concurrency-{concurrency}"
-                operator = RescaleDownloadOutputsOperator(
-                    task_id=f"harvest_{concurrency}", job_id=job_id, run_id="1", output_path=str(folder),
-                    concurrency=concurrency,
-                )
-                before = emulator.requests_by_route()
-                started = time.perf_counter()
-                value = operator.execute({"ti": _TaskInstance()})  # type: ignore[arg-type]
-                seconds = time.perf_counter() - started
-                after = emulator.requests_by_route()
-                results[str(concurrency)] = {
-                    "concurrency": concurrency,
-                    "seconds": seconds,
-                    "files": value["file_count"],
-                    "bytes": value["bytes_downloaded"],
-                    "requests": sum(after.get(k, 0) - before.get(k, 0) for k in after),
-                    "md5_verified": verify_folder(folder, expected),
-                }
-    finally:
+    runs = [(DEFAULT_CONCURRENCY, latency), (1, latency), (DEFAULT_CONCURRENCY, 0.0)]
+    with tempfile.TemporaryDirectory(prefix="hpc-bench-harvest-", dir=os.environ.get("HPC_BENCH_TMP")) as scratch:
+        for index, (concurrency, delay) in enumerate(runs):
+            emulator.set_faults([{"route": "/api/*", "action": {"delay": delay}}] if delay else [])
+            folder = Path(scratch) / f"run-{index}"
+            operator = RescaleDownloadOutputsOperator(
+                task_id=f"harvest_{index}", job_id=job_id, run_id="1", output_path=str(folder), concurrency=concurrency,
+            )
+            before = emulator.requests_by_route()
+            server_cpu, client_cpu = emulator.cpu_seconds(), time.process_time()
+            started = time.perf_counter()
+            value = operator.execute({"ti": _TaskInstance()})  # type: ignore[arg-type]
+            seconds = time.perf_counter() - started
+            client_cpu, server_cpu = time.process_time() - client_cpu, emulator.cpu_seconds() - server_cpu
+            after = emulator.requests_by_route()
+            results[f"{concurrency}@{delay * 1000:g}ms"] = {
+                "concurrency": concurrency,
+                "latency_s": delay,
+                "seconds": seconds,
+                "files": value["file_count"],
+                "bytes": value["bytes_downloaded"],
+                "requests": sum(after.get(k, 0) - before.get(k, 0) for k in after),
+                "client_cpu_s": client_cpu,
+                "server_cpu_s": server_cpu,
+                "md5_verified": verify_folder(folder, expected),
+            }
         emulator.set_faults([])
-    default, single = results[str(DEFAULT_CONCURRENCY)], results["1"]
+    default = results[f"{DEFAULT_CONCURRENCY}@{latency * 1000:g}ms"]
+    single = results[f"1@{latency * 1000:g}ms"]
     speedup = single["seconds"] / default["seconds"]
     print(
-        f"\n-- Rescale harvest: {count} files of {size // 1024} KiB, {latency * 1000:.0f} ms added to every request, "
-        "RescaleDownloadOutputsOperator"
+        f"\n-- Rescale harvest: {count} files of {size // 1024} KiB, RescaleDownloadOutputsOperator; "
+        "the CPU columns are the operator's process and the emulator's"
     )
     rows = [
         (f"concurrency {r['concurrency']}" + (" (default)" if r["concurrency"] == DEFAULT_CONCURRENCY else ""),
-         r["seconds"], r["files"], r["bytes"] / r["seconds"] / 2**20, r["requests"], f"{r['md5_verified']}/{count}")
-        for r in (default, single)
+         f"{r['latency_s'] * 1000:g} ms", r["seconds"], r["files"], r["bytes"] / r["seconds"] / 2**20, r["requests"],
+         r["client_cpu_s"], r["server_cpu_s"], f"{r['md5_verified']}/{count}")
+        for r in results.values()
     ]
-    print(table(("run", "seconds", "files", "MiB/s", "requests", "md5 verified"), rows))
-    print(f"   speed-up of the default concurrency over 1: {speedup:.2f}x")
+    print(table(("run", "added latency", "seconds", "files", "MiB/s", "requests", "client CPU s", "emulator CPU s",
+                 "md5 verified"), rows))
+    print(f"   speed-up of the default concurrency over 1 at {latency * 1000:g} ms: {speedup:.2f}x")
     return {"count": count, "size": size, "latency_s": latency, "runs": results, "speedup": speedup}

@@ -78,12 +78,13 @@ def curl_once(emulator: EmulatorProcess, url: str, dest: Path) -> dict[str, Any]
     return {"seconds": float(seconds), "bytes": int(size), "md5": file_md5(dest), "maxrss": maxrss}
 
 
-def hook_once(emulator: EmulatorProcess, key: str, dest: Path, scratch: Path) -> dict[str, Any]:
-    """Stream the download key with the hook, in a fresh process; return its figures."""
-    out = scratch / "hook.json"
+def worker_once(emulator: EmulatorProcess, mode: str, key: str, url: str, dest: Path, scratch: Path) -> dict[str, Any]:
+    """Stream the download with the hook (or bare requests), in a fresh process; return its figures."""
+    out = scratch / f"{mode}.json"
     env = {**os.environ, **emulator.conn_env}
     process = subprocess.Popen(
-        [sys.executable, "-m", "benchmarks.download_worker", "--key", key, "--dest", str(dest), "--out", str(out)],
+        [sys.executable, "-m", "benchmarks.download_worker", "--mode", mode, "--key", key, "--url", url,
+         "--ca", str(emulator.ca_path), "--dest", str(dest), "--out", str(out)],
         env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     maxrss = _wait(process)
@@ -96,46 +97,49 @@ def run(emulator: EmulatorProcess, sizes_mib: list[int], repetitions: int) -> di
     rows, results = [], {}
     for size_mib in sizes_mib:
         key, url = prepare_download(emulator, size_mib * MIB)
-        curl_runs, hook_runs = [], []
+        runs: dict[str, list[dict[str, Any]]] = {"hook": [], "bare": [], "curl": []}
         with tempfile.TemporaryDirectory(prefix="hpc-bench-transfer-", dir=os.environ.get("HPC_BENCH_TMP")) as scratch:
             folder = Path(scratch)
             for _ in range(repetitions):
-                for name, runs in (("hook", hook_runs), ("curl", curl_runs)):
+                for name in runs:
                     dest = folder / f"{name}.zip"
-                    runs.append(hook_once(emulator, key, dest, folder) if name == "hook" else curl_once(emulator, url, dest))
-                    if name == "hook":
-                        runs[-1]["md5_check"] = file_md5(dest)
+                    if name == "curl":
+                        runs[name].append(curl_once(emulator, url, dest))
+                    else:
+                        runs[name].append(worker_once(emulator, name, key, url, dest, folder))
+                        runs[name][-1]["md5_check"] = file_md5(dest)
                     dest.unlink()
-        best_hook = min(hook_runs, key=lambda r: r["seconds"])
-        best_curl = min(curl_runs, key=lambda r: r["seconds"])
-        same = {r["md5"] for r in hook_runs + curl_runs} | {r["md5_check"] for r in hook_runs}
+        best = {name: min(measured, key=lambda r: r["seconds"]) for name, measured in runs.items()}
+        md5s = {r["md5"] for measured in runs.values() for r in measured}
+        md5s |= {r["md5_check"] for name in ("hook", "bare") for r in runs[name]}
         result = {
             "size_mib": size_mib,
-            "bytes": best_hook["bytes"],
-            "hook_mib_s": best_hook["bytes"] / MIB / best_hook["seconds"],
-            "curl_mib_s": best_curl["bytes"] / MIB / best_curl["seconds"],
-            "hook_runs_s": [r["seconds"] for r in hook_runs],
-            "curl_runs_s": [r["seconds"] for r in curl_runs],
-            "hook_rss_base_mib": best_hook["rss_base"] / MIB,
-            "hook_rss_peak_transfer_mib": max(r["rss_peak"] for r in hook_runs) / MIB,
-            "hook_maxrss_mib": max(r["maxrss"] for r in hook_runs) / MIB,
-            "curl_maxrss_mib": max(r["maxrss"] for r in curl_runs) / MIB,
-            "md5_identical": len(same) == 1,
+            "bytes": best["hook"]["bytes"],
+            **{f"{name}_mib_s": best[name]["bytes"] / MIB / best[name]["seconds"] for name in runs},
+            **{f"{name}_runs_s": [r["seconds"] for r in measured] for name, measured in runs.items()},
+            "hook_rss_base_mib": best["hook"]["rss_base"] / MIB,
+            "hook_rss_peak_transfer_mib": max(r["rss_peak"] for r in runs["hook"]) / MIB,
+            "hook_maxrss_mib": max(r["maxrss"] for r in runs["hook"]) / MIB,
+            "bare_rss_peak_transfer_mib": max(r["rss_peak"] for r in runs["bare"]) / MIB,
+            "curl_maxrss_mib": max(r["maxrss"] for r in runs["curl"]) / MIB,
+            "md5_identical": len(md5s) == 1,
         }
         result["hook_vs_curl"] = result["hook_mib_s"] / result["curl_mib_s"]
+        result["bare_vs_curl"] = result["bare_mib_s"] / result["curl_mib_s"]
         results[f"{size_mib} MiB"] = result
         rows.append((
-            f"{size_mib} MiB", result["hook_mib_s"], result["curl_mib_s"], result["hook_vs_curl"],
-            result["hook_rss_base_mib"], result["hook_rss_peak_transfer_mib"], result["hook_maxrss_mib"],
+            f"{size_mib} MiB", result["hook_mib_s"], result["bare_mib_s"], result["curl_mib_s"], result["hook_vs_curl"],
+            result["bare_vs_curl"], result["hook_rss_base_mib"], result["hook_rss_peak_transfer_mib"],
             result["curl_maxrss_mib"], "yes" if result["md5_identical"] else "NO",
         ))
         print(f"   {size_mib} MiB done", flush=True)
     print(
-        f"\n-- one run.zip over TLS, best of {repetitions} (hook and curl take turns); hook memory in its own process"
+        f"\n-- one run.zip over TLS, best of {repetitions} (hook, bare requests and curl take turns, each in its own "
+        "process); bare = requests stream + md5 + plain file write"
     )
     print(table(
-        ("size", "hook MiB/s", "curl MiB/s", "hook/curl", "hook RSS before MiB", "hook RSS peak in transfer MiB",
-         "hook RSS peak (life) MiB", "curl RSS peak MiB", "same md5"),
+        ("size", "hook MiB/s", "bare MiB/s", "curl MiB/s", "hook/curl", "bare/curl", "hook RSS before MiB",
+         "hook RSS peak MiB", "curl RSS peak MiB", "same md5"),
         rows,
     ))
     return results

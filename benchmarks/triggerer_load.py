@@ -96,6 +96,8 @@ def run_variant(
         f"AIRFLOW_CONN_{ANCHOR_CONN_ID.upper()}": json.dumps({"conn_type": "http", "host": emulator.base_url}),
         # HttpSensorTrigger verifies TLS with aiohttp's default context: it must trust the emulator's CA.
         "SSL_CERT_FILE": emulator.ca_path or "",
+        # Every variant logs as a triggerer does by default; the log goes to a file.
+        "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
     }
     read_end, write_end = os.pipe()
     with open(workdir / f"{tag}.log", "w") as log:
