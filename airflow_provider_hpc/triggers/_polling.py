@@ -1,9 +1,24 @@
-"""What every polling trigger shares: the backoff between polls and the deadline."""
+"""
+What every polling trigger shares: the backoff between polls, the deadline, the budget of failed
+polls, one pooled session for the trigger's whole life, and exactly one event.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import time
+from abc import abstractmethod
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from airflow.triggers.base import BaseTrigger, TriggerEvent
+
+from airflow_provider_hpc.exceptions import HpcApiError, InvalidIdentifierError
+from airflow_provider_hpc.hooks._http import RetryPolicy
+
+if TYPE_CHECKING:
+    from airflow_provider_hpc.hooks._base import HpcHttpHook
 
 
 @dataclass
@@ -47,3 +62,137 @@ class PollSchedule:
 def deadline_from_timeout(timeout: float | None) -> float | None:
     """Return the epoch deadline for a timeout in seconds from now (``None`` for no timeout)."""
     return None if timeout is None else time.time() + float(timeout)
+
+
+def is_transient(exc: HpcApiError) -> bool:
+    """
+    Tell whether another poll may succeed after ``exc`` (no answer, 429, 5xx, a non-JSON body).
+
+    :param exc: the error of a poll, after the transport's own retries.
+    """
+    if isinstance(exc, InvalidIdentifierError):
+        return False
+    if exc.retryable:
+        return True
+    if exc.status is not None:
+        return exc.status >= 500 or exc.status == 429
+    # No status: either the connection failed, or the body was not JSON; a server's own error words
+    # (an unknown key, a refused name) will not change with another poll.
+    return exc.error is None
+
+
+class PollingTrigger(BaseTrigger):
+    """
+    Poll a remote run until there is something to report, then fire exactly one event.
+
+    Subclasses say what one poll does (:meth:`_poll`), what they wait on (:attr:`subject`), and
+    build their ``error`` and ``timeout`` payloads; the loop, its backoff, its deadline and its
+    budget of failed polls are here. Only plain values are kept (they are stored in the metadata
+    database): never a token; the connection is read again, asynchronously, where the trigger runs.
+
+    :param conn_id: the Airflow connection id.
+    :param poll_interval: seconds between polls at first and after each change.
+    :param max_poll_interval: the longest wait between two polls while nothing changes.
+    :param deadline: epoch seconds after which a ``timeout`` event fires (``None``: wait forever).
+    :param max_poll_failures: consecutive failed polls tolerated (after the transport's own retries).
+    :param retry: the transport's retry policy as plain numbers (:meth:`RetryPolicy.to_dict`).
+    """
+
+    def __init__(
+        self,
+        *,
+        conn_id: str,
+        poll_interval: float,
+        max_poll_interval: float = 300.0,
+        deadline: float | None = None,
+        max_poll_failures: int = 5,
+        retry: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.conn_id = conn_id
+        self.poll_interval = float(poll_interval)
+        self.max_poll_interval = float(max_poll_interval)
+        self.deadline = None if deadline is None else float(deadline)
+        self.max_poll_failures = max(1, int(max_poll_failures))
+        self.retry = dict(retry) if retry else None
+
+    def _polling_kwargs(self) -> dict[str, Any]:
+        """The serialized form of the loop's settings, for the subclasses' ``serialize``."""
+        return {
+            "poll_interval": self.poll_interval,
+            "max_poll_interval": self.max_poll_interval,
+            "deadline": self.deadline,
+            "max_poll_failures": self.max_poll_failures,
+            "retry": RetryPolicy.from_dict(self.retry).to_dict() if self.retry else None,
+        }
+
+    @property
+    def retry_policy(self) -> RetryPolicy | None:
+        """The transport's retry policy, when the task gave one."""
+        return RetryPolicy.from_dict(self.retry) if self.retry else None
+
+    @property
+    @abstractmethod
+    def hook(self) -> HpcHttpHook:
+        """The hook whose async methods the polls call (one per trigger instance)."""
+
+    @property
+    @abstractmethod
+    def subject(self) -> str:
+        """What is waited on, for log lines and messages (``Muse run sw_example/KEY``)."""
+
+    async def run(self) -> AsyncIterator[TriggerEvent]:
+        """Poll until there is something to report; yield exactly one event."""
+        payload = await self.wait()
+        # The event leaves after the session lease ended, so nothing stays open while it is handled.
+        yield TriggerEvent(payload)
+
+    async def wait(self) -> dict[str, Any]:
+        """Return the event payload once the wait is over (the body of :meth:`run`)."""
+        try:
+            transport = await self.hook.async_transport()
+        except Exception as exc:  # a missing or broken connection: the task must hear why
+            return self._error(f"Cannot read connection {self.conn_id!r}: {exc}")
+        # One lease for the trigger's whole life: every poll reuses the same pooled session.
+        async with transport.session_lease():
+            return await self._poll_loop()
+
+    async def _poll_loop(self) -> dict[str, Any]:
+        schedule = PollSchedule(self.poll_interval, self.max_poll_interval, deadline=self.deadline)
+        failures = 0
+        while True:
+            try:
+                payload, changed = await self._poll()
+            except HpcApiError as exc:
+                failures += 1
+                if not is_transient(exc) or failures >= self.max_poll_failures:
+                    return self._error(self._failure_message(exc, failures))
+                self.log.warning(
+                    "Could not poll %s (%d of %d tolerated failures): %s",
+                    self.subject, failures, self.max_poll_failures - 1, exc,
+                )
+                payload, changed = None, False
+            else:
+                failures = 0
+            if payload is not None:
+                return payload
+            if schedule.expired:
+                return self._timeout()
+            await asyncio.sleep(schedule.next_wait(changed))
+
+    def _failure_message(self, exc: HpcApiError, failures: int) -> str:
+        if is_transient(exc):
+            return f"Could not poll {self.subject} {failures} times in a row: {exc}"
+        return f"The service refused a request about {self.subject}: {exc}"
+
+    @abstractmethod
+    async def _poll(self) -> tuple[dict[str, Any] | None, bool]:
+        """Poll once: return the event payload when the wait is over, and whether anything changed."""
+
+    @abstractmethod
+    def _error(self, message: str) -> dict[str, Any]:
+        """Return the ``error`` event payload carrying ``message``."""
+
+    @abstractmethod
+    def _timeout(self) -> dict[str, Any]:
+        """Return the ``timeout`` event payload."""

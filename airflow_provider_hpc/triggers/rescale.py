@@ -12,18 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from abc import abstractmethod
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
-from airflow.triggers.base import BaseTrigger, TriggerEvent
-
-from airflow_provider_hpc.exceptions import HpcApiError, InvalidIdentifierError
-from airflow_provider_hpc.hooks._http import RetryPolicy
+from airflow_provider_hpc.exceptions import HpcApiError
 from airflow_provider_hpc.hooks.rescale import FAILURE_STATUSES, JobOutcome, JobStatus, OutputFile, RescaleHook, RescaleRun
-from airflow_provider_hpc.triggers._polling import PollSchedule
+from airflow_provider_hpc.triggers._polling import PollingTrigger
 
 #: The ``status`` values of a :class:`RescaleRunTrigger` event.
 RUN_EVENT_STATUSES = ("success", "failed", "timeout", "error")
@@ -178,24 +174,9 @@ def tail_is_over(exc: HpcApiError) -> bool:
 # ----- the triggers -------------------------------------------------------------------------------
 
 
-def is_transient(exc: HpcApiError) -> bool:
+class _RescalePollingTrigger(PollingTrigger):
     """
-    Tell whether another poll may succeed after ``exc`` (no answer, 429, 5xx, a non-JSON body).
-
-    :param exc: the error of a poll, after the transport's own retries.
-    """
-    if isinstance(exc, InvalidIdentifierError):
-        return False
-    if exc.retryable:
-        return True
-    if exc.status is not None:
-        return exc.status >= 500 or exc.status == 429
-    return exc.error is None
-
-
-class _RescalePollingTrigger(BaseTrigger):
-    """
-    What both Rescale triggers share: the hook, the poll loop's budget, and the one-event ``run``.
+    What both Rescale triggers share: the run they poll, its hook, and the ``carry`` they hand back.
 
     :param job_id: the Rescale job id.
     :param run_id: the run id within the job.
@@ -223,15 +204,17 @@ class _RescalePollingTrigger(BaseTrigger):
         retry: Mapping[str, Any] | None = None,
         carry: Mapping[str, Any] | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(
+            conn_id=rescale_conn_id,
+            poll_interval=poll_interval,
+            max_poll_interval=max_poll_interval,
+            deadline=deadline,
+            max_poll_failures=max_poll_failures,
+            retry=retry,
+        )
         self.job_id = str(job_id)
         self.run_id = str(run_id)
         self.rescale_conn_id = rescale_conn_id
-        self.poll_interval = float(poll_interval)
-        self.max_poll_interval = float(max_poll_interval)
-        self.deadline = None if deadline is None else float(deadline)
-        self.max_poll_failures = max(1, int(max_poll_failures))
-        self.retry = dict(retry) if retry else None
         self.carry = dict(carry) if carry else None
 
     def _common_kwargs(self) -> dict[str, Any]:
@@ -239,75 +222,19 @@ class _RescalePollingTrigger(BaseTrigger):
             "job_id": self.job_id,
             "run_id": self.run_id,
             "rescale_conn_id": self.rescale_conn_id,
-            "poll_interval": self.poll_interval,
-            "max_poll_interval": self.max_poll_interval,
-            "deadline": self.deadline,
-            "max_poll_failures": self.max_poll_failures,
-            "retry": RetryPolicy.from_dict(self.retry).to_dict() if self.retry else None,
+            **self._polling_kwargs(),
             "carry": self.carry,
         }
 
     @cached_property
     def hook(self) -> RescaleHook:
         """The hook (one per trigger instance; ``on_kill`` reuses the one ``run`` used)."""
-        policy = RetryPolicy.from_dict(self.retry) if self.retry else None
-        return RescaleHook(self.rescale_conn_id, retry=policy)
+        return RescaleHook(self.rescale_conn_id, retry=self.retry_policy)
 
-    async def run(self) -> AsyncIterator[TriggerEvent]:
-        """Poll until there is something to report; yield exactly one event."""
-        payload = await self.wait()
-        # The event leaves after the session lease ended, so nothing stays open while it is handled.
-        yield TriggerEvent(payload)
-
-    async def wait(self) -> dict[str, Any]:
-        """Return the event payload once the wait is over (the body of :meth:`run`)."""
-        try:
-            transport = await self.hook.async_transport()
-        except Exception as exc:  # a missing or broken connection: the task must hear why
-            return self._error(f"Cannot read connection {self.rescale_conn_id!r}: {exc}")
-        # One lease for the trigger's whole life: every poll reuses the same pooled session.
-        async with transport.session_lease():
-            return await self._poll_loop()
-
-    async def _poll_loop(self) -> dict[str, Any]:
-        schedule = PollSchedule(self.poll_interval, self.max_poll_interval, deadline=self.deadline)
-        failures = 0
-        while True:
-            try:
-                payload, changed = await self._poll()
-            except HpcApiError as exc:
-                failures += 1
-                if not is_transient(exc) or failures >= self.max_poll_failures:
-                    return self._error(self._failure_message(exc, failures))
-                self.log.warning(
-                    "Polling run %s of Rescale job %s failed (%d of %d tolerated failures): %s",
-                    self.run_id, self.job_id, failures, self.max_poll_failures - 1, exc,
-                )
-                payload, changed = None, False
-            else:
-                failures = 0
-            if payload is not None:
-                return payload
-            if schedule.expired:
-                return self._timeout()
-            await asyncio.sleep(schedule.next_wait(changed))
-
-    def _failure_message(self, exc: HpcApiError, failures: int) -> str:
-        if is_transient(exc):
-            return f"Could not poll run {self.run_id} of Rescale job {self.job_id} {failures} times in a row: {exc}"
-        return f"Rescale refused a request about run {self.run_id} of job {self.job_id}: {exc}"
-
-    @abstractmethod
-    async def _poll(self) -> tuple[dict[str, Any] | None, bool]:
-        """Poll once: return the event payload when the wait is over, and whether anything changed."""
-
-    @abstractmethod
-    def _error(self, message: str) -> dict[str, Any]:
-        """Return the ``error`` event payload carrying ``message``."""
-
-    @abstractmethod
-    def _timeout(self) -> dict[str, Any]:
-        """Return the ``timeout`` event payload."""
+    @property
+    def subject(self) -> str:
+        """The run waited on, for log lines and messages."""
+        return f"run {self.run_id} of Rescale job {self.job_id}"
 
 
 class RescaleRunTrigger(_RescalePollingTrigger):
