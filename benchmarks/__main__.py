@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
     # This process only orchestrates: its own log lines would drown the figures. The triggerer
     # load variants log at INFO, as a triggerer does (see triggerer_load.py).
-    os.environ["AIRFLOW__LOGGING__LOGGING_LEVEL"] = "WARNING"
+    os.environ["AIRFLOW__LOGGING__LOGGING_LEVEL"] = "ERROR"
     os.environ["HPC_BENCH_TMP"] = str(scratch)
     try:
         return _run(args, scratch)

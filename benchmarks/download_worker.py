@@ -3,9 +3,10 @@ One streaming download, alone in its process: ``python -m benchmarks.download_wo
 
 ``--mode hook`` streams a Muse download key to a local ``ObjectStoragePath`` with
 :meth:`MuseHook.download`; ``--mode bare`` fetches the same URL with a bare ``requests`` stream,
-an md5 and a plain file write, nothing else (what any Python client pays). Either way it writes
-the seconds taken, the bytes, the md5, and the resident memory before and during the transfer
-(sampled every 20 ms) as JSON.
+an md5 and a plain file write, nothing else (what any Python client that checks md5 pays);
+``--mode bare-nomd5`` does the same without the md5. Each writes the seconds taken, the bytes,
+the md5 (when computed), and the resident memory before and during the transfer (sampled every
+20 ms) as JSON.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ SAMPLE_SECONDS = 0.02
 def main(argv: list[str] | None = None) -> int:
     """Download once and write the figures."""
     parser = argparse.ArgumentParser(description="Stream one Muse download key to a local file with MuseHook.")
-    parser.add_argument("--mode", choices=("hook", "bare"), default="hook", help="the provider's hook, or bare requests")
+    parser.add_argument("--mode", choices=("hook", "bare", "bare-nomd5"), default="hook", help="hook, or bare requests")
     parser.add_argument("--key", required=True, help="the download key")
     parser.add_argument("--url", help="the download URL (bare mode)")
     parser.add_argument("--ca", help="the CA to trust (bare mode)")
@@ -54,15 +55,18 @@ def main(argv: list[str] | None = None) -> int:
 
         session = requests.Session()
 
+        hashing = args.mode == "bare"
+
         def download() -> tuple[int, str]:
             digest, size = hashlib.md5(usedforsecurity=False), 0
             with session.get(args.url, stream=True, verify=args.ca, timeout=60) as response, open(args.dest, "wb") as out:
                 response.raise_for_status()
                 for chunk in response.iter_content(1024 * 1024):
-                    digest.update(chunk)
+                    if hashing:
+                        digest.update(chunk)
                     out.write(chunk)
                     size += len(chunk)
-            return size, digest.hexdigest()
+            return size, digest.hexdigest() if hashing else ""
 
     base = rss_bytes()
     peak = [base]

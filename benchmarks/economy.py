@@ -7,9 +7,9 @@ job do not depend on the scale; delays are divided by it to be read in real seco
 scale is the request's own round trip (a few milliseconds here), which stretches the shortest
 scaled intervals a little, so the fixed interval makes slightly fewer requests than it would.
 
-Each job is watched by two triggers at once, one per policy, so both see exactly the same end.
-Requests are counted per trigger by wrapping ``MuseHook.a_get_state``, and the total is checked
-against the emulator's own count.
+Each policy watches its own jobs, of the same planned lengths, all at once. Requests are counted
+per job key by wrapping ``MuseHook.a_get_state``, and the total is checked against the emulator's
+own count.
 """
 
 from __future__ import annotations
@@ -38,49 +38,36 @@ def default_backoff() -> tuple[float, float]:
     return float(parameters["poll_interval"].default), float(parameters["max_poll_interval"].default)
 
 
-async def _watch(jobs: list[Any], policies: dict[str, tuple[float, float]], scale: float) -> dict[tuple[str, str], tuple[float, int, str]]:
-    """Run one trigger per (job, policy); return (event time, requests, status) for each."""
+async def _watch(watched: list[tuple[Any, str, float, float]], scale: float) -> dict[str, tuple[float, int, str]]:
+    """Run one trigger per (job, policy intervals); return (event time, state requests, status) by job key."""
     from airflow_provider_hpc.hooks.muse import MuseHook
     from airflow_provider_hpc.triggers.muse import MuseJobTrigger
 
-    counts: Counter[tuple[str, str]] = Counter()
+    counts: Counter[str] = Counter()
     original = MuseHook.a_get_state
 
     async def counted(hook: MuseHook, name: str, key: str) -> Any:
-        counts[(key, getattr(hook, "_bench_policy", ""))] += 1
+        counts[key] += 1
         return await original(hook, name, key)
 
-    class CountedTrigger(MuseJobTrigger):
-        """MuseJobTrigger whose hook says which policy it polls for (for counting only)."""
-
-        policy = ""
-
-        def _hook(self) -> MuseHook:
-            hook = super()._hook()
-            hook._bench_policy = self.policy  # type: ignore[attr-defined]
-            return hook
-
-    async def one(job: Any, policy: str, interval: float, maximum: float) -> tuple[tuple[str, str], tuple[float, int, str]]:
-        trigger = CountedTrigger(
+    async def one(job: Any, interval: float, maximum: float) -> tuple[str, float, str]:
+        trigger = MuseJobTrigger(
             muse_conn_id="muse_default", name="sw_example", key=job.ident,
             poll_interval=interval * scale, max_poll_interval=maximum * scale,
         )
-        trigger.policy = policy
         events = trigger.run()
         try:
             event = await events.__anext__()
         finally:
             await events.aclose()
-        return (job.ident, policy), (time.time(), 0, event.payload["status"])
+        return job.ident, time.time(), event.payload["status"]
 
     MuseHook.a_get_state = counted  # type: ignore[method-assign]
     try:
-        done = await asyncio.gather(
-            *(one(job, policy, *intervals) for job in jobs for policy, intervals in policies.items())
-        )
+        done = await asyncio.gather(*(one(job, interval, maximum) for job, _, interval, maximum in watched))
     finally:
         MuseHook.a_get_state = original  # type: ignore[method-assign]
-    return {key: (when, counts[key], status) for key, (when, _, status) in done}
+    return {key: (when, counts[key], status) for key, when, status in done}
 
 
 def run(emulator: EmulatorProcess, scale: float, jobs_per_length: int, seed: int) -> dict[str, Any]:
@@ -93,9 +80,12 @@ def run(emulator: EmulatorProcess, scale: float, jobs_per_length: int, seed: int
     }
     draw = random.Random(seed)
     planned = [(label, length * draw.uniform(0.9, 1.1)) for label, length in LENGTHS.items() for _ in range(jobs_per_length)]
+    # The same planned lengths for every policy, each on its own jobs.
+    plan = [(label, length, policy) for policy in policies for label, length in planned]
     before = emulator.requests_by_route()
-    jobs = submit_jobs(emulator, [length * scale for _, length in planned])
-    outcome = asyncio.run(_watch(jobs, policies, scale))
+    jobs = submit_jobs(emulator, [length * scale for _, length, _ in plan])
+    watched = [(job, policy, *policies[policy]) for job, (_, _, policy) in zip(jobs, plan, strict=True)]
+    outcome = asyncio.run(_watch(watched, scale))
     after = emulator.requests_by_route()
     ends = {key: job["ended_at"] for key, job in emulator.muse_jobs().items()}
     counted = sum(requests for _, requests, _ in outcome.values())
@@ -104,10 +94,14 @@ def run(emulator: EmulatorProcess, scale: float, jobs_per_length: int, seed: int
     rows = []
     for label in LENGTHS:
         for policy in policies:
-            picked = [(job, outcome[(job.ident, policy)]) for job, (lab, _) in zip(jobs, planned) if lab == label]
-            requests = [r for _, (_, r, _) in picked]
-            delays = [(when - ends[job.ident]) / scale for job, (when, _, _) in picked]
-            statuses = {status for _, (_, _, status) in picked}
+            picked = [
+                outcome[job.ident] + (ends[job.ident],)
+                for job, (lab, _, pol) in zip(jobs, plan, strict=True)
+                if (lab, pol) == (label, policy)
+            ]
+            requests = [r for _, r, _, _ in picked]
+            delays = [(when - end) / scale for when, _, _, end in picked]
+            statuses = {status for _, _, status, _ in picked}
             entry = {
                 "requests_per_job": sum(requests) / len(requests),
                 "requests_max": max(requests),
@@ -116,7 +110,10 @@ def run(emulator: EmulatorProcess, scale: float, jobs_per_length: int, seed: int
                 "statuses": sorted(statuses),
             }
             results[f"{label} / {policy}"] = entry
-            rows.append((label, policy, entry["requests_per_job"], entry["delay_mean_s"], entry["delay_max_s"], ",".join(entry["statuses"])))
+            rows.append((
+                label, policy, entry["requests_per_job"], entry["delay_mean_s"], entry["delay_max_s"],
+                ",".join(entry["statuses"]),
+            ))
     print(
         f"\n-- request economy: {jobs_per_length} Muse jobs per length (lengths +-10%), time scaled by {scale:g} "
         f"(1 h runs {3600 * scale:.0f}s); delays in real-time seconds"

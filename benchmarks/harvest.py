@@ -45,7 +45,10 @@ def create_output_job(emulator: EmulatorProcess, count: int, size: int) -> str:
         f"{emulator.base_url}/api/v2/jobs/", json={"name": "harvest", "jobanalyses": [{"command": command}]},
         headers=headers, verify=verify, timeout=60,
     ).json()
-    requests.post(f"{emulator.base_url}/api/v2/jobs/{job['id']}/submit/", headers=headers, verify=verify, timeout=60).raise_for_status()
+    submitted = requests.post(
+        f"{emulator.base_url}/api/v2/jobs/{job['id']}/submit/", headers=headers, verify=verify, timeout=60
+    )
+    submitted.raise_for_status()
     return job["id"]
 
 

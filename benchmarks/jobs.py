@@ -75,9 +75,8 @@ async def _submit_all(
 
         async def submit_muse(index: int, length: float) -> None:
             form = {"jwt": token, "cmd": job_command(length, gate), "returned_type": "stdout", "todownload": "no"}
-            async with slots:
-                async with session.post(f"{emulator.muse_url}software/muse/run/{MUSE_SOFTWARE}/", data=form) as response:
-                    answer = await response.json()
+            async with slots, session.post(f"{emulator.muse_url}software/muse/run/{MUSE_SOFTWARE}/", data=form) as response:
+                answer = await response.json()
             match = _KEY.search(str(answer.get("url", "")))
             if not match:
                 raise RuntimeError(f"The emulator refused a Muse submission: {answer}")

@@ -116,7 +116,8 @@ def ours(spec: dict[str, Any], jobs: list[dict[str, Any]]) -> tuple[Work, Callab
                 job_id=job["ident"], run_id="1", rescale_conn_id="rescale_default",
                 poll_interval=interval, max_poll_interval=interval,
             )
-        work.append((job["ident"], lambda t=round_trip(trigger): _event_status(t)))
+        rebuilt = round_trip(trigger)
+        work.append((job["ident"], lambda t=rebuilt: _event_status(t)))
     # The triggers release the shared session themselves; this only covers an aborted run.
     return work, close_all_sessions
 
@@ -186,7 +187,8 @@ def anchor(spec: dict[str, Any], jobs: list[dict[str, Any]]) -> tuple[Work, Call
             http_conn_id=spec["anchor_conn_id"], method="GET", poke_interval=spec["interval"],
         )
         stop_at = job["released_at"] + job["length"]
-        work.append((job["ident"], lambda t=round_trip(trigger), s=stop_at: _until(t, s)))
+        rebuilt = round_trip(trigger)
+        work.append((job["ident"], lambda t=rebuilt, s=stop_at: _until(t, s)))
     return work, _nothing
 
 
@@ -275,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     if profiler is not None:
         profiler.stop()
         with open(spec["profile"], "w") as report:
-            report.write(profiler.output_text(unicode=False, color=False, show_all=bool(os.environ.get("HPC_BENCH_PROFILE_ALL"))))
+            report.write(profiler.output_text(unicode=False, color=False))
     figures = {
         "variant": spec["variant"],
         "jobs": len(jobs),

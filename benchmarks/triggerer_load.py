@@ -265,7 +265,7 @@ def summarize(case: LoadCase, figures: dict[str, Any]) -> dict[str, Any]:
 
 def _interpolate(samples: list[list[float]] | list[tuple[float, float]], at: float, column: int) -> float | None:
     """Return the value of ``column`` at time ``at``, linearly between the two samples around it."""
-    for before, after in zip(samples, samples[1:]):
+    for before, after in zip(samples, samples[1:], strict=False):
         if before[0] <= at <= after[0]:
             if after[0] == before[0]:
                 return float(before[column])
@@ -274,7 +274,9 @@ def _interpolate(samples: list[list[float]] | list[tuple[float, float]], at: flo
     return None
 
 
-def steady_figures(cpu_samples: list[list[float]], poll_samples: list[list[float]], window: tuple[float, float]) -> dict[str, Any]:
+def steady_figures(
+    cpu_samples: list[list[float]], poll_samples: list[list[float]], window: tuple[float, float]
+) -> dict[str, Any]:
     """
     CPU per poll and CPU % of one core inside ``window``: every trigger alive, past the first poll round.
 

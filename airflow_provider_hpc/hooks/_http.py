@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import email.utils
+import functools
 import hashlib
 import json
 import logging
@@ -361,8 +362,10 @@ def _describe(exc: BaseException) -> str:
     return type(exc).__name__
 
 
+@functools.lru_cache(maxsize=8192)
 def endpoint_of(method: str, url: str) -> str:
     """Return ``METHOD /path`` of a request, as errors name it (no query string: no key, no token)."""
+    # Cached: a trigger names the same endpoint at every poll (pure function of two strings).
     return f"{method.upper()} {urlsplit(url).path}"
 
 
@@ -552,6 +555,7 @@ class BaseTransport:
         return decode_json(body, endpoint=endpoint, status=status, error_class=self.error_class, secrets=self.secrets)
 
 
+@functools.lru_cache(maxsize=1024)
 def _origin(url: str) -> tuple[str, str]:
     parts = urlsplit(url)
     return parts.scheme.lower(), parts.netloc.lower()
@@ -813,7 +817,8 @@ class AsyncTransport(BaseTransport):
     async def session_lease(self) -> AsyncIterator[aiohttp.ClientSession]:
         """Hold the shared session for the duration of the block (a trigger holds it for its life)."""
         loop = asyncio.get_running_loop()
-        pool = _SESSIONS.setdefault(loop, _LoopSessions())
+        # get() first: setdefault() would build a pool and a weak reference at every request.
+        pool = _SESSIONS.get(loop) or _SESSIONS.setdefault(loop, _LoopSessions())
         key = self._key
         session = pool.sessions.get(key)
         if session is None or session.closed:

@@ -1,5 +1,5 @@
 """
-A real, private Airflow deployment for crash tests: API server, scheduler (LocalExecutor) and
+A real, private Airflow deployment for crash tests and the fault soak: API server, scheduler (LocalExecutor) and
 triggerer, each its own process group, on SQLite in a temporary AIRFLOW_HOME, all on loopback.
 
 Every process is started here and ended here by its own process group id; nothing else is touched.
@@ -97,8 +97,17 @@ class AirflowStack:
 
     def start(self) -> AirflowStack:
         """Migrate the database, serialize the DAGs, start the three services; return once the API answers."""
+        self.prepare()
+        return self.start_services()
+
+    def prepare(self) -> AirflowStack:
+        """Migrate the database and serialize the DAGs, starting no service (the database can be adjusted then)."""
         self.run_cli("db", "migrate")
         self.run_cli("dags", "reserialize")
+        return self
+
+    def start_services(self) -> AirflowStack:
+        """Start the API server, scheduler and triggerer of a prepared home; return once the API answers."""
         self.spawn("api-server", "api-server", "--host", "127.0.0.1", "--port", str(self.api_port))
         self.spawn("scheduler", "scheduler")
         self.spawn("triggerer", "triggerer")
@@ -181,6 +190,15 @@ class AirflowStack:
     def _query(self, sql: str, *params: Any) -> list[tuple]:
         with sqlite3.connect(self.home / "airflow.db", timeout=30) as db:
             return db.execute(sql, params).fetchall()
+
+    def query(self, sql: str, *params: Any) -> list[tuple]:
+        """Run one SQL statement on the metadata database (SQLite); return its rows."""
+        return self._query(sql, *params)
+
+    def execute_script(self, sql: str) -> None:
+        """Run SQL statements on the metadata database (SQLite) and commit them."""
+        with sqlite3.connect(self.home / "airflow.db", timeout=30) as db:
+            db.executescript(sql)
 
     def task_states(self, dag_id: str, run_id: str) -> dict[str, str | None]:
         """Return the state of every task instance of a run, by task id."""
