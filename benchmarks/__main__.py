@@ -66,7 +66,10 @@ def profiles() -> dict[str, Profile]:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Read the command line."""
-    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.strip().splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description="Benchmarks of airflow-provider-hpc against its local emulator (see docs/benchmarks.md).",
+    )
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="the default: a few minutes on two cores")
     mode.add_argument("--full", action="store_true", help="also 5,000 triggers, 1 GiB, 1,000 files (much longer)")

@@ -26,6 +26,7 @@ from typing import Any
 import requests
 
 BANNER_TIMEOUT = 60.0
+SCRATCH_PREFIX = "hpc-bench-emulator-"
 STOP_TIMEOUT = 30.0
 MUSE_STATE_ROUTE = "GET /api/software/muse/state/{name}/{key}/"
 
@@ -56,7 +57,7 @@ class EmulatorProcess:
 
     def start(self) -> EmulatorProcess:
         """Start the server and wait for its banner."""
-        self._data_dir = Path(tempfile.mkdtemp(prefix="hpc-bench-emulator-"))
+        self._data_dir = Path(tempfile.mkdtemp(prefix=SCRATCH_PREFIX))
         command = [
             sys.executable, "-m", "benchmarks.emulator",
             "--host", "127.0.0.1", "--port", "0",
@@ -211,6 +212,11 @@ def main(argv: list[str] | None = None) -> int:
         pass
     finally:
         server.stop()
+        orphaned = args.parent_pid and os.getppid() != args.parent_pid
+        scratch = Path(args.data_dir).parent if args.data_dir else None
+        if orphaned and scratch is not None and scratch.name.startswith(SCRATCH_PREFIX):
+            # The benchmark died without cleaning up: its scratch folder is this server's to remove.
+            shutil.rmtree(scratch, ignore_errors=True)
     return 0
 
 

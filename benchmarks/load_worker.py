@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import importlib
 import json
 import os
@@ -57,10 +58,13 @@ async def drive(trigger: Any) -> Any:
 
 
 class Probe:
-    """CPU, memory and connection figures of this process, sampled from the running loop."""
+    """CPU, memory, garbage collection and connection figures of this process, sampled from the running loop."""
 
     def __init__(self) -> None:
         self.connections = 0
+        self.gc_seconds = [0.0, 0.0, 0.0]
+        self.gc_collections = [0, 0, 0]
+        self._gc_started = 0.0
         self.samples: list[tuple[float, float, int]] = []
         self.rss_base = 0
         self.rss_peak = 0
@@ -74,6 +78,18 @@ class Probe:
             return await original(*args, **kwargs)
 
         loop.create_connection = counting  # type: ignore[method-assign]
+
+    def time_gc(self) -> None:
+        """Add up the time the cyclic garbage collector takes (it grows with the objects kept alive)."""
+
+        def callback(phase: str, info: dict[str, Any]) -> None:
+            if phase == "start":
+                self._gc_started = time.perf_counter()
+            else:
+                self.gc_seconds[info["generation"]] += time.perf_counter() - self._gc_started
+                self.gc_collections[info["generation"]] += 1
+
+        gc.callbacks.append(callback)
 
     def sample(self) -> None:
         """Record (epoch seconds, CPU seconds, RSS bytes)."""
@@ -268,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         jobs = json.load(handle)
 
     probe = Probe()
+    probe.time_gc()
     probe.rss_base = rss_bytes()
     cpu_start, wall_start, started_at = time.process_time(), time.monotonic(), time.time()
     probe.sample()
@@ -288,6 +305,8 @@ def main(argv: list[str] | None = None) -> int:
         "rss_peak": probe.rss_peak,
         "maxrss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "connections_opened": probe.connections,
+        "gc_seconds": probe.gc_seconds,
+        "gc_collections": probe.gc_collections,
         "samples": probe.samples,
         **outcome,
     }

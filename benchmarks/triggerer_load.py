@@ -248,6 +248,10 @@ def summarize(case: LoadCase, figures: dict[str, Any]) -> dict[str, Any]:
         "rss_peak_mib": figures["rss_peak"] / 2**20,
         "mem_per_trigger_kib": (figures["rss_peak"] - figures["rss_base"]) / n / 1024 if n else None,
         "connections": figures["connections_opened"],
+        # Seconds and counts of the cyclic garbage collector's runs, per generation (young to full).
+        "gc_seconds": figures["gc_seconds"],
+        "gc_collections": figures["gc_collections"],
+        "gc_seconds_total": sum(figures["gc_seconds"]),
         "requests_per_job": polls / n if n else None,
         "delay_p50_s": median(delays),
         "delay_p95_s": percentile(delays, 0.95),
@@ -330,14 +334,14 @@ def print_case(case: LoadCase, results: dict[str, Any]) -> None:
         f"{case.lengths[0]:g}-{case.lengths[1]:g}s (uniform)"
     )
     headers = (
-        "variant", "polls", "CPU ms/poll", "steady ms/poll", "CPU % run", "CPU % steady", "KiB/trigger",
+        "variant", "polls", "CPU ms/poll", "steady ms/poll", "CPU % run", "CPU % steady", "GC s", "KiB/trigger",
         "peak RSS MiB", "TCP conns", "req/job", "delay p50 s", "delay max s", "errors",
     )
     rows = [
         (
             name, r["polls"], r["cpu_per_poll_ms"], r["cpu_per_poll_steady_ms"], r["cpu_pct_run"], r["cpu_pct_steady"],
-            r["mem_per_trigger_kib"], r["rss_peak_mib"], r["connections"], r["requests_per_job"], r["delay_p50_s"],
-            r["delay_max_s"], r["error_count"],
+            r["gc_seconds_total"], r["mem_per_trigger_kib"], r["rss_peak_mib"], r["connections"], r["requests_per_job"],
+            r["delay_p50_s"], r["delay_max_s"], r["error_count"],
         )
         for name, r in results.items()
     ]
