@@ -3,15 +3,15 @@ Fault soak: many Muse runs and Rescale runs with harvests while the emulator inj
 
 Two phases, each against an emulator of its own:
 
-1. **in-process** (volume): each run goes through the provider's real operators and sensors, the
+1. **in-process** (every delivery path; 100 Muse runs and 50 Rescale runs by default): each run goes through the provider's real operators and sensors, the
    way Airflow drives them: ``execute`` in a worker, the deferral's trigger rebuilt from its
    serialized kwargs and run to its event (as a triggerer does), then ``execute_complete`` on a
    fresh operator instance; the event is delivered twice to one run in five (events are
    at-least-once). A try that fails is tried again, up to ``--tries`` times, with the same
    ``task_state_store`` (Airflow's retries).
-2. **airflow** (the real thing): a private Airflow deployment (API server, scheduler with
-   LocalExecutor, triggerer, SQLite, a temporary AIRFLOW_HOME, all on loopback; see
-   ``tests/reliability/airflow_stack.py``) runs the DAG ``tests/reliability/dags/hpc_soak_dag.py``
+2. **airflow** (the real thing, and the volume: 300 Muse runs and 50 Rescale runs by default): a
+   private Airflow deployment (API server, scheduler with LocalExecutor, triggerer, SQLite, a
+   temporary AIRFLOW_HOME, all on loopback; see ``tests/reliability/airflow_stack.py``) runs the DAG ``tests/reliability/dags/hpc_soak_dag.py``
    once: mapped ``MuseRunOperator`` tasks (about one in seven with a command that exits non-zero;
    task retries set) and Rescale runs, each watched by a deferrable ``RescaleRunSensor`` and then
    harvested by ``RescaleDownloadOutputsOperator``. The emulator's Muse password and Rescale API
@@ -374,6 +374,7 @@ def check(outcomes: list[Outcome], harness: Harness, out: Path) -> tuple[dict[st
                 problems.append(f"{o.name}: no run known to the emulator ({o.status}: {o.error})")
                 continue
             decided = {"COMPLETED": "ok", "FAILED": "nok"}.get(job["state"], job["state"])
+            figures["outcomes_as_decided" if decided == o.status else "outcomes_not_as_decided"] += 1
             if decided != o.status:
                 problems.append(f"{o.name}: the emulator decided {job['state']}, the client saw {o.status} ({o.error})")
                 if decided == "ok":
@@ -392,6 +393,7 @@ def check(outcomes: list[Outcome], harness: Harness, out: Path) -> tuple[dict[st
             decided = "success" if reason == "Completed successfully" else "failed"
             if decided != o.extra["expected"]:
                 problems.append(f"{o.name}: the emulator decided {reason!r}, the soak expected {o.extra['expected']}")
+            figures["outcomes_as_decided" if decided == o.status else "outcomes_not_as_decided"] += 1
             if o.status != decided:
                 problems.append(f"{o.name}: the emulator decided {reason!r}, the client saw {o.status} ({o.error})")
                 if decided == "success":
@@ -425,7 +427,8 @@ def check(outcomes: list[Outcome], harness: Harness, out: Path) -> tuple[dict[st
     figures["requests"] = sum(counters.get("requests", {}).values())
     for kind, count in counters.get("faults", {}).items():
         figures[f"fault_{kind}"] = count
-    for name in ("client_crashes", "duplicate_submissions", "lost_results", "wrong_results", "lost_files", "files_md5_mismatch"):
+    for name in ("client_crashes", "duplicate_submissions", "lost_results", "wrong_results", "lost_files", "files_md5_mismatch",
+                 "outcomes_not_as_decided"):
         figures.setdefault(name, 0)
     return dict(sorted(figures.items())), problems
 
@@ -739,10 +742,12 @@ class AirflowPhase:
                 self.problems.append(f"{name}: the emulator decided {final['state']} for {planned['cmd']!r}")
             f[f"muse_emulator_{final['state'].lower()}"] += 1
             if state != decided:
+                f["outcomes_not_as_decided"] += 1
                 self.problems.append(f"{name}: the emulator decided {final['state']}, the task is {state}")
                 if decided == "success":
                     f["lost_results"] += 1
                 continue
+            f["outcomes_as_decided"] += 1
             if decided != "success":
                 continue
             value = self._xcom("muse", index)
@@ -783,10 +788,12 @@ class AirflowPhase:
             f[f"rescale_harvests_{harvest_state}"] += 1
             wanted_harvest = "success" if decided == "success" else "upstream_failed"
             if wait_state != decided or harvest_state != wanted_harvest:
+                f["outcomes_not_as_decided"] += 1
                 self.problems.append(f"{name}: the emulator decided {reason!r}; wait {wait_state}, harvest {harvest_state}")
                 if decided == "success":
                     f["lost_results"] += 1
                 continue
+            f["outcomes_as_decided"] += 1
             if decided != "success":
                 continue
             value = self._xcom(f"rescale_harvest_{index}")
@@ -913,7 +920,8 @@ def airflow_phase(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
         except Exception as exc:  # the deployment or the harness broke: reported, never hidden
             phase.problems.append("".join(traceback.format_exception(exc))[-4000:])
     for name in ("duplicate_submissions", "lost_results", "wrong_results", "lost_files", "files_md5_mismatch",
-                 "muse_lost_submit_answers", "muse_never_submitted", "secrets_found", "files_md5_verified"):
+                 "muse_lost_submit_answers", "muse_never_submitted", "secrets_found", "files_md5_verified",
+                 "outcomes_not_as_decided"):
         phase.figures.setdefault(name, 0)
     phase.figures["seconds"] = round(time.monotonic() - started)
     figures = dict(sorted(phase.figures.items()))
@@ -982,21 +990,22 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("--phase", choices=("all", "in-process", "airflow"), default="all",
                         help="which phases to run (default all: in-process, then airflow)")
-    parser.add_argument("--muse-runs", type=int, default=500, help="in-process phase: Muse runs (default 500)")
-    parser.add_argument("--rescale-jobs", type=int, default=100, help="in-process phase: Rescale jobs (default 100)")
+    parser.add_argument("--muse-runs", type=int, default=100, help="in-process phase: Muse runs (default 100)")
+    parser.add_argument("--rescale-jobs", type=int, default=25, help="in-process phase: Rescale jobs (default 25)")
     parser.add_argument("--runs-per-job", type=int, default=2, help="in-process phase: runs of each Rescale job (default 2)")
     parser.add_argument("--concurrency", type=int, default=16, help="in-process phase: runs driven at once (default 16)")
     parser.add_argument("--tries", type=int, default=3, help="in-process phase: tries of each task (default 3)")
-    parser.add_argument("--max-seconds", type=float, default=360,
-                        help="in-process phase: start no new run after this (default 360)")
-    parser.add_argument("--airflow-muse-runs", type=int, default=40,
-                        help="airflow phase: mapped Muse tasks (default 40)")
-    parser.add_argument("--airflow-rescale-jobs", type=int, default=3,
-                        help="airflow phase: Rescale jobs of 2 runs, each run watched and harvested (default 3)")
-    parser.add_argument("--airflow-parallelism", type=int, default=4,
-                        help="airflow phase: LocalExecutor parallelism (default 4, for 2 cores)")
-    parser.add_argument("--airflow-max-seconds", type=float, default=420,
-                        help="airflow phase: the longest wait for the DAG run to end (default 420)")
+    parser.add_argument("--max-seconds", type=float, default=120,
+                        help="in-process phase: start no new run after this (default 120)")
+    parser.add_argument("--airflow-muse-runs", type=int, default=300,
+                        help="airflow phase: mapped Muse tasks (default 300)")
+    parser.add_argument("--airflow-rescale-jobs", type=int, default=25,
+                        help="airflow phase: Rescale jobs of 2 runs, each run watched and harvested (default 25)")
+    parser.add_argument("--airflow-parallelism", type=int, default=8,
+                        help="airflow phase: LocalExecutor parallelism (default 8: on 2 cores, tasks spend much of "
+                             "their time waiting on the network)")
+    parser.add_argument("--airflow-max-seconds", type=float, default=900,
+                        help="airflow phase: the longest wait for the DAG run to end (default 900)")
     parser.add_argument("--fault-scale", type=float, default=1.0, help="multiplies every fault probability")
     parser.add_argument("--seed", type=int, default=20240601, help="seed of the runs and of the faults")
     parser.add_argument("--json", type=Path, help="also write the counts and problems to this file")
@@ -1015,7 +1024,6 @@ def main(argv: list[str] | None = None) -> int:
         print("Phase 2, airflow: DAG runs on a real API server, scheduler (LocalExecutor) and triggerer", flush=True)
         figures, problems = airflow_phase(args)
         print_figures("Phase 2, airflow", figures)
-        print(f"secrets found: {figures['secrets_found']}", flush=True)
         report["airflow_figures"] = figures
         report["problems"] += [f"airflow: {p}" for p in problems]
     report["seconds"] = round(time.monotonic() - started)
@@ -1034,11 +1042,23 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def print_figures(title: str, figures: dict[str, Any]) -> None:
-    """Print one phase's counts, one a line."""
+    """Print one phase's counts, one a line, then the line that says whether it held."""
     print(f"{title}:")
     for name, value in figures.items():
         print(f"  {name:42} {value}")
-    sys.stdout.flush()
+    muse = figures.get("muse_runs", figures.get("muse_tasks", 0))
+    rescale = figures.get("rescale_runs", 0)
+    summary = [
+        f"runs {muse + rescale} ({muse} Muse, {rescale} Rescale)",
+        f"outcomes as decided {figures.get('outcomes_as_decided', 0)} of {muse + rescale}"
+        f" ({figures.get('muse_never_submitted', 0)} Muse tasks never got a run: every submit refused)",
+        f"duplicates {figures.get('duplicate_submissions', 0)}",
+        f"lost {figures.get('lost_results', 0) + figures.get('lost_files', 0)}",
+        f"md5 failures {figures.get('files_md5_mismatch', 0)}",
+    ]
+    if "secrets_found" in figures:
+        summary.append(f"secrets found {figures['secrets_found']}")
+    print(f"{title} in short: " + "; ".join(summary), flush=True)
 
 
 if __name__ == "__main__":
