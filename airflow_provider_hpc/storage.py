@@ -12,6 +12,8 @@ from __future__ import annotations
 import hashlib
 import os
 import posixpath
+import queue
+import threading
 import uuid
 import zipfile
 import zlib
@@ -24,6 +26,14 @@ from airflow.sdk import ObjectStoragePath
 from airflow_provider_hpc.exceptions import HpcApiError, TransferIntegrityError, UnsafePathError
 
 TEMP_PREFIX = ".hpc-partial-"
+
+# A large body's md5 is computed in a helper thread once this many bytes have been hashed inline:
+# md5 costs about as much CPU as the TLS decrypt and the file write together, and hashlib releases
+# the GIL on large buffers, so the hash then runs beside the network read instead of after it.
+# Below it (Rescale outputs of a few hundred KiB, thousands of them) no thread is ever started.
+PIPELINE_AFTER_BYTES = 4 * 1024 * 1024
+# Chunks waiting for the helper thread at most (about 1 MiB each from the hooks): memory stays flat.
+PIPELINE_QUEUE_CHUNKS = 4
 
 
 @dataclass(frozen=True)
@@ -115,7 +125,7 @@ def write_atomically(
     # Beside the destination, so the final move stays within one folder (one filesystem, one bucket).
     # The name is cut so a long final name still leaves room for the prefix (255 bytes per name).
     temp = dest.parent / f"{TEMP_PREFIX}{uuid.uuid4().hex}-{dest.name[:100]}"
-    digest = hashlib.md5(usedforsecurity=False)
+    digest = StreamMd5()
     size = 0
     try:
         out = temp.open("wb")
@@ -132,6 +142,8 @@ def write_atomically(
                 digest.update(chunk)
                 out.write(chunk)
         except BaseException:
+            # Stop the helper thread first: nothing may keep hashing (or wait) once the transfer failed.
+            digest.close()
             _close_quietly(out)
             raise
         out.close()
@@ -144,7 +156,87 @@ def write_atomically(
     except BaseException:
         _remove_quietly(temp)
         raise
+    finally:
+        digest.close()  # never leave the helper thread behind, whatever happened
     return StoredFile(path=str(dest), size=size, md5=md5)
+
+
+class StreamMd5:
+    """
+    The md5 of a stream, hashed inline at first, then in a helper thread for a large body.
+
+    The first :data:`PIPELINE_AFTER_BYTES` are hashed in the caller's thread; past them, chunks go
+    through a bounded queue to one helper thread, so hashing overlaps the caller's network read and
+    file write. :meth:`hexdigest` waits for the helper and re-raises any error it met;
+    :meth:`close` stops it without waiting for the rest of the hash (call it on every error path).
+    """
+
+    _STOP = object()
+
+    def __init__(self) -> None:
+        self._digest = hashlib.md5(usedforsecurity=False)
+        self._inline = 0
+        self._queue: queue.Queue[Any] | None = None
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._cancelled = False
+        self._may_pipeline = True
+
+    def update(self, chunk: bytes) -> None:
+        """Add ``chunk`` to the hash; raise the helper thread's error, if it met one."""
+        if self._queue is None:
+            self._digest.update(chunk)
+            self._inline += len(chunk)
+            if self._may_pipeline and self._inline >= PIPELINE_AFTER_BYTES:
+                self._start()
+            return
+        if self._error is not None:
+            raise self._error
+        # The chunk is read later by the other thread: a mutable buffer could change under it meanwhile.
+        self._queue.put(chunk if isinstance(chunk, bytes) else bytes(chunk))
+
+    def hexdigest(self) -> str:
+        """Wait for every chunk to be hashed; return the hex md5 (or raise the helper thread's error)."""
+        self._stop(cancel=False)
+        if self._error is not None:
+            raise self._error
+        return self._digest.hexdigest()
+
+    def close(self) -> None:
+        """Stop the helper thread, dropping what it has not hashed yet; harmless if already stopped."""
+        self._stop(cancel=True)
+
+    def _start(self) -> None:
+        self._may_pipeline = False  # one helper per stream, tried once
+        chunks: queue.Queue[Any] = queue.Queue(maxsize=PIPELINE_QUEUE_CHUNKS)
+        thread = threading.Thread(target=self._run, args=(chunks,), name="hpc-md5", daemon=True)
+        try:
+            thread.start()
+        except RuntimeError:
+            return  # no thread to spare (thousands already running): keep hashing inline
+        self._queue, self._thread = chunks, thread
+
+    def _run(self, chunks: queue.Queue[Any]) -> None:
+        # Always drain the queue up to the stop mark, even after an error or a cancel, so the
+        # producer never blocks on a full queue.
+        while (chunk := chunks.get()) is not self._STOP:
+            if self._error is None and not self._cancelled:
+                try:
+                    self._digest.update(chunk)
+                except BaseException as exc:  # surfaced in the caller's thread by update/hexdigest
+                    self._error = exc
+
+    def _stop(self, *, cancel: bool) -> None:
+        thread = self._thread
+        if thread is None:
+            return
+        if cancel:
+            self._cancelled = True
+        assert self._queue is not None
+        self._queue.put(self._STOP)
+        thread.join()
+        self._thread = None
+        self._queue = None
 
 
 def _close_quietly(handle: Any) -> None:

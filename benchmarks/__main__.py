@@ -2,8 +2,9 @@
 ``python -m benchmarks [--quick | --full] [--only SECTION ...] [--json FILE] [--profile DIR]``
 
 The quick mode (the default, what ``make bench`` runs) keeps to a few minutes on two cores; ``--full``
-adds the large sizes (5,000 triggers, a 1 GiB transfer, 1,000 output files) and takes much longer.
-Everything binds 127.0.0.1 and stops by itself; the emulator is started and stopped here.
+adds the large sizes (5,000 triggers, a 1 GiB transfer, 1,000 output files, 150 s jobs for the
+worker cost) and takes much longer. Everything binds 127.0.0.1 and stops by itself; the emulator is
+started and stopped here, and so is the private Airflow deployment of the ``worker`` section.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-SECTIONS = ("load", "mix", "transfer", "harvest", "economy")
+SECTIONS = ("load", "mix", "worker", "transfer", "harvest", "economy")
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,12 @@ class Profile:
     harvest_latency: float = 0.020
     economy_scale: float = 1 / 60
     economy_jobs_per_length: int = 4
+    # Worker cost: M sensors watching M Muse runs of T seconds, every mode checking every P seconds.
+    # P stays above the supervisor's 5 s end lag ([workers] min_heartbeat_interval): at 5 s, Airflow
+    # 3.3's scheduler fails reschedule-mode sensors on the late executor event (apache/airflow#71172).
+    worker_jobs: int = 3
+    worker_length: float = 20.0
+    worker_poke_interval: float = 10.0
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -60,6 +67,7 @@ def profiles() -> dict[str, Profile]:
             mix_case=LoadCase("mix", 400, 100, 5.0, (20.0, 40.0), ("ours", "floor")),
             transfer_sizes_mib=(64, 256, 1024), transfer_repetitions=3, harvest_files=1000,
             economy_scale=1 / 20, economy_jobs_per_length=8,
+            worker_jobs=6, worker_length=150.0,
         ),
     }
 
@@ -72,7 +80,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="the default: a few minutes on two cores")
-    mode.add_argument("--full", action="store_true", help="also 5,000 triggers, 1 GiB, 1,000 files (much longer)")
+    mode.add_argument("--full", action="store_true",
+                      help="also 5,000 triggers, 1 GiB, 1,000 files, 150 s jobs for the worker cost (much longer)")
     parser.add_argument("--only", nargs="+", choices=SECTIONS, help="run only these sections")
     parser.add_argument("--json", type=Path, help="also write every figure to this JSON file")
     parser.add_argument("--profile", type=Path, help="write a pyinstrument profile of each load variant here")
@@ -98,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace, scratch: Path) -> int:
-    from benchmarks import economy, harvest, transfer, triggerer_load
+    from benchmarks import economy, harvest, transfer, triggerer_load, worker_cost
     from benchmarks.emulator import EmulatorProcess
     from benchmarks.report import Report, machine, print_machine
     from benchmarks.targets import evaluate
@@ -130,8 +139,11 @@ def _run(args: argparse.Namespace, scratch: Path) -> int:
     if section("mix", "1b. Triggerer load, Muse and Rescale triggers in one loop"):
         with EmulatorProcess(muse_max_running=100_000) as emulator:
             report.sections["mix"] = triggerer_load.run_case(emulator, profile.mix_case, args.seed, args.profile)
-    print("\n== 2. Worker cost per watched job (deferrable vs reschedule vs poke on a real scheduler): "
-          "not measured by this benchmark (see docs/benchmarks.md)")
+    if section("worker", "2. Worker cost per watched job: MuseJobSensor deferrable vs reschedule vs poke, real Airflow"):
+        with EmulatorProcess() as emulator:
+            report.sections["worker"] = worker_cost.run(
+                emulator, profile.worker_jobs, profile.worker_length, profile.worker_poke_interval
+            )
     if section("transfer", "3a. Result transfer: MuseHook.download vs curl -o, same URL"):
         with EmulatorProcess() as emulator:
             report.sections["transfer"] = transfer.run(

@@ -15,6 +15,7 @@ TRANSFER_VS_CURL = 0.8
 TRANSFER_PEAK_MIB = 150.0
 TRANSFER_PEAK_SIZE_MIB = 1024
 HARVEST_SPEEDUP = 5.0
+WORKER_CPU_VS_RESCHEDULE = 20.0
 
 
 def _largest_case(report: Report, variants: tuple[str, ...]) -> dict[str, Any] | None:
@@ -32,6 +33,7 @@ def evaluate(report: Report, profile: Any) -> list[Target]:
         _cpu_vs_floor(report),
         _cpu_vs_anchor(report),
         _big_load(report),
+        _worker_cost(report),
         _transfer_speed(report),
         _transfer_memory(report),
         _harvest(report),
@@ -80,6 +82,28 @@ def _big_load(report: Report) -> Target:
         name,
         f"{_fmt(pct, '%')} of one core (steady), {rss:.0f} MiB peak RSS",
         None if pct is None else pct < BIG_LOAD_CPU_PCT and rss < BIG_LOAD_RSS_MIB,
+    )
+
+
+def _worker_cost(report: Report) -> Target:
+    name = f"worker CPU per watched job at least {WORKER_CPU_VS_RESCHEDULE:g}x lower deferred than in reschedule mode"
+    worker = report.sections.get("worker")
+    if not worker:
+        return Target(name, "-", None, "worker section not run")
+    ratios, modes = worker["ratios"], worker["per_mode"]
+    resumed = ratios["reschedule/deferrable"]["worker_cpu_s_per_job"]
+    ended = ratios["reschedule/end_from_trigger"]["worker_cpu_s_per_job"]
+    best = max((r for r in (resumed, ended) if r is not None), default=None)
+    starts = [modes[mode]["task_starts_per_job"] for mode in ("reschedule", "deferrable", "end_from_trigger")]
+    return Target(
+        name,
+        f"reschedule/deferred {_fmt(resumed)} (resumed on a worker), {_fmt(ended)} (end_from_trigger); "
+        f"{worker['length_s']:g}s jobs, checked every {worker['poke_interval_s']:g}s; the triggerer's share: "
+        f"{modes['deferrable']['triggerer_cpu_s_per_job']:.2f} CPU s/job",
+        None if best is None else best >= WORKER_CPU_VS_RESCHEDULE,
+        f"task-process starts per job: {starts[0]:.1f} in reschedule mode, {starts[1]:.1f} deferred and resumed, "
+        f"{starts[2]:.1f} ended from the triggerer; the ratio follows the job length over the check interval "
+        "(a start per check in reschedule mode)",
     )
 
 

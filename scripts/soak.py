@@ -545,21 +545,6 @@ def decode_json(value: Any) -> Any:
     return value
 
 
-def leftover_processes(home: Path) -> list[int]:
-    """Return the ids of live processes whose environment names this AIRFLOW_HOME (our own processes only)."""
-    marker = f"AIRFLOW_HOME={home}".encode() + b"\0"
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            if marker in (entry / "environ").read_bytes() + b"\0":
-                found.append(int(entry.name))
-        except OSError:
-            continue
-    return found
-
-
 class AirflowPhase:
     """The deployment, the emulator it talks to, the DAG run, and the checks against both."""
 
@@ -613,7 +598,7 @@ class AirflowPhase:
             self.check_counters()
         finally:
             self.stack.stop()
-            left = leftover_processes(self.stack.home)
+            left = self.stack.leftover_processes()
             for pid in left:
                 try:
                     os.kill(pid, signal.SIGKILL)

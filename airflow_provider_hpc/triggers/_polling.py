@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from airflow.triggers.base import BaseTrigger, TriggerEvent
+from airflow.triggers.base import BaseTrigger, TaskSuccessEvent, TriggerEvent
 
 from airflow_provider_hpc.exceptions import HpcApiError, InvalidIdentifierError
 from airflow_provider_hpc.hooks._http import RetryPolicy
@@ -96,6 +96,9 @@ class PollingTrigger(BaseTrigger):
     :param deadline: epoch seconds after which a ``timeout`` event fires (``None``: wait forever).
     :param max_poll_failures: consecutive failed polls tolerated (after the transport's own retries).
     :param retry: the transport's retry policy as plain numbers (:meth:`RetryPolicy.to_dict`).
+    :param end_from_trigger: when the wait ends well, end the task here with its XCom value
+        (:meth:`task_result`) instead of resuming it on a worker; any other outcome still resumes
+        the task, which raises its usual error (and is retried as usual).
     """
 
     def __init__(
@@ -107,6 +110,7 @@ class PollingTrigger(BaseTrigger):
         deadline: float | None = None,
         max_poll_failures: int = 5,
         retry: Mapping[str, Any] | None = None,
+        end_from_trigger: bool = False,
     ) -> None:
         super().__init__()
         self.conn_id = conn_id
@@ -115,6 +119,7 @@ class PollingTrigger(BaseTrigger):
         self.deadline = None if deadline is None else float(deadline)
         self.max_poll_failures = max(1, int(max_poll_failures))
         self.retry = dict(retry) if retry else None
+        self.end_from_trigger = bool(end_from_trigger)
 
     def _polling_kwargs(self) -> dict[str, Any]:
         """The serialized form of the loop's settings, for the subclasses' ``serialize``."""
@@ -124,6 +129,7 @@ class PollingTrigger(BaseTrigger):
             "deadline": self.deadline,
             "max_poll_failures": self.max_poll_failures,
             "retry": RetryPolicy.from_dict(self.retry).to_dict() if self.retry else None,
+            "end_from_trigger": self.end_from_trigger,
         }
 
     @property
@@ -145,7 +151,24 @@ class PollingTrigger(BaseTrigger):
         """Poll until there is something to report; yield exactly one event."""
         payload = await self.wait()
         # The event leaves after the session lease ended, so nothing stays open while it is handled.
-        yield TriggerEvent(payload)
+        result = self.task_result(payload) if self.end_from_trigger else None
+        if result is None:
+            yield TriggerEvent(payload)
+            return
+        # The task ends here: no worker starts again only to turn this payload into the XCom value.
+        self.log.info("%s: the task ends from the triggerer, without resuming on a worker", self.subject)
+        yield TaskSuccessEvent(xcoms={"return_value": result})
+
+    def task_result(self, payload: dict[str, Any]) -> dict[str, Any] | None:
+        """
+        Return the task's XCom value when ``payload`` is a wait that ended well, else ``None``.
+
+        It must be exactly what the waiting task's ``execute_complete`` returns for the same payload.
+        By default nothing ends in the triggerer.
+
+        :param payload: the event payload :meth:`wait` returned.
+        """
+        return None
 
     async def wait(self) -> dict[str, Any]:
         """Return the event payload once the wait is over (the body of :meth:`run`)."""

@@ -33,6 +33,8 @@ class MuseJobTrigger(PollingTrigger):
     :param deadline: epoch seconds after which a ``timeout`` event fires (``None``: wait forever).
     :param max_poll_failures: consecutive failed polls tolerated before an ``error`` event.
     :param retry: the transport's retry policy as plain numbers (:meth:`RetryPolicy.to_dict`).
+    :param end_from_trigger: end the task in the triggerer when the run ends well, its XCom value the
+        run's report (what :class:`MuseJobSensor` returns); only a sensor may ask for it.
     """
 
     def __init__(
@@ -46,6 +48,7 @@ class MuseJobTrigger(PollingTrigger):
         deadline: float | None = None,
         max_poll_failures: int = 5,
         retry: Mapping[str, Any] | None = None,
+        end_from_trigger: bool = False,
     ) -> None:
         super().__init__(
             conn_id=muse_conn_id,
@@ -54,6 +57,7 @@ class MuseJobTrigger(PollingTrigger):
             deadline=deadline,
             max_poll_failures=max_poll_failures,
             retry=retry,
+            end_from_trigger=end_from_trigger,
         )
         self.muse_conn_id = muse_conn_id
         self.name = name
@@ -102,6 +106,13 @@ class MuseJobTrigger(PollingTrigger):
             f"{self.subject} ended badly: cr NOK, latest_cr {report.latest_cr}, "
             f"latest_state {report.latest_state}, SLURM job {report.job_id}",
         )
+
+    def task_result(self, payload: dict[str, Any]) -> dict[str, Any] | None:
+        """The report of a run that ended well (the sensor's XCom value), else ``None``."""
+        report = payload.get("report")
+        if payload.get("status") == "ok" and report and MuseReport.from_dict(report).is_successful:
+            return report
+        return None
 
     def _timeout(self) -> dict[str, Any]:
         state = self._report.state if self._report else "unknown"

@@ -97,6 +97,30 @@ def judge_completed_run(
     return RunVerdict("success", note, outcome)
 
 
+def run_result(job_id: str, run_id: str, run: dict[str, Any] | None, verdict_outcome: dict[str, Any] | None,
+               status: str, reason: str | None, message: str) -> dict[str, Any]:
+    """
+    Return the XCom value of a finished wait: ``{"job_id", "run_id", "status", "run", "outcome", "reason", "message"}``.
+
+    :param job_id: the job id.
+    :param run_id: the run id.
+    :param run: :meth:`RescaleRun.to_dict` of the completed run.
+    :param verdict_outcome: the job outcome as :func:`outcome_to_dict` gives it.
+    :param status: ``success`` or ``failed``.
+    :param reason: the status reason that decided.
+    :param message: the one-line summary.
+    """
+    return {
+        "job_id": job_id,
+        "run_id": run_id,
+        "status": status,
+        "run": run,
+        "outcome": verdict_outcome,
+        "reason": reason,
+        "message": message,
+    }
+
+
 def run_message(job_id: str, run_id: str, verdict: RunVerdict) -> str:
     """
     Return the one-line summary of a completed run for logs, events and errors.
@@ -189,6 +213,8 @@ class _RescalePollingTrigger(PollingTrigger):
     :param carry: plain values the deferring task needs back, returned as the event's ``carry``.
         The task's own ``defer(kwargs=...)`` are not enough: ``airflow dags test`` drops them when
         it resumes a task, so a task that must behave the same under test keeps its state here.
+    :param end_from_trigger: end the task in the triggerer when the wait ends well (see
+        :class:`PollingTrigger`).
     """
 
     def __init__(
@@ -203,6 +229,7 @@ class _RescalePollingTrigger(PollingTrigger):
         max_poll_failures: int = 5,
         retry: Mapping[str, Any] | None = None,
         carry: Mapping[str, Any] | None = None,
+        end_from_trigger: bool = False,
     ) -> None:
         super().__init__(
             conn_id=rescale_conn_id,
@@ -211,6 +238,7 @@ class _RescalePollingTrigger(PollingTrigger):
             deadline=deadline,
             max_poll_failures=max_poll_failures,
             retry=retry,
+            end_from_trigger=end_from_trigger,
         )
         self.job_id = str(job_id)
         self.run_id = str(run_id)
@@ -267,6 +295,8 @@ class RescaleRunTrigger(_RescalePollingTrigger):
     :param tail_path: a file of the run's working folder to follow into the task log.
     :param tail_lines: how many lines each tail reads (more than the file grows between two polls).
     :param cancel_on_kill: stop the run when the user kills the deferred task.
+    :param end_from_trigger: end the task in the triggerer when the run succeeds, its XCom value
+        :func:`run_result` (what :class:`RescaleRunSensor` returns); only a sensor may ask for it.
     """
 
     def __init__(
@@ -373,6 +403,13 @@ class RescaleRunTrigger(_RescalePollingTrigger):
             "message": message,
             "carry": self.carry,
         }
+
+    def task_result(self, payload: dict[str, Any]) -> dict[str, Any] | None:
+        """The sensor's XCom value for a run that succeeded, else ``None``."""
+        if payload.get("status") != "success":
+            return None
+        return run_result(self.job_id, self.run_id, payload.get("run"), payload.get("outcome"), "success",
+                          payload.get("reason"), str(payload.get("message")))
 
     def _error(self, message: str) -> dict[str, Any]:
         return self._event("error", message)

@@ -165,6 +165,20 @@ class AirflowStack:
             process.wait(timeout=10)
         self.processes.clear()
 
+    def leftover_processes(self) -> list[int]:
+        """Return the ids of live processes whose environment names this deployment's AIRFLOW_HOME."""
+        marker = f"AIRFLOW_HOME={self.home}".encode() + b"\0"
+        found = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit() or int(entry.name) == os.getpid():
+                continue
+            try:
+                if marker in (entry / "environ").read_bytes() + b"\0":
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+        return found
+
     def log_tail(self, name: str, chars: int = 4000) -> str:
         """Return the end of a service's latest log."""
         path = self.home / f"{name}-{self.generation.get(name, 1)}.log"

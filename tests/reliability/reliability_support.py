@@ -11,10 +11,8 @@ HTTP/1.0 on 127.0.0.1 and a free port, one connection per request, in a backgrou
 from __future__ import annotations
 
 import json
-import os
 import socket
 import threading
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any

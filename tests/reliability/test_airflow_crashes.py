@@ -6,7 +6,8 @@ Crash recovery with real Airflow processes (API server, scheduler with LocalExec
 - A deferred Rescale wait is marked failed by the user: the triggerer's ``on_kill`` stops the run,
   exactly once.
 - The triggerer is killed (SIGKILL, whole process group) while 50 waits are deferred, then started
-  again: every wait completes, nothing is submitted twice, nothing is stopped.
+  again: every wait completes, nothing is submitted twice, nothing is stopped (half the Rescale
+  waits end in the triggerer, ``end_from_trigger``).
 - The service is unreachable for 30 s while waits are deferred (a TCP proxy in front of the
   emulator refuses connections and cuts open ones): the waits ride the outage out with the default
   retry budget, then succeed.
@@ -85,8 +86,9 @@ with DAG("rel_triggerer_restart", schedule=None, start_date=datetime(2024, 1, 1)
                         cmd="until [ -e %s ]; do sleep 0.2; done; python /add.py %d 100" % (gate, i),
                         deferrable=True, **FAST)
     for i in range(RESTART_RESCALE_WAITS):
+        # Half of them end in the triggerer: the new triggerer must end those tasks itself.
         RescaleRunSensor(task_id=f"rescale_{i}", job_id="{{ dag_run.conf['job_ids'][%d] }}" % i, run_id="1",
-                         deferrable=True, timeout=600, outcome_wait=10, **FAST)
+                         deferrable=True, timeout=600, outcome_wait=10, end_from_trigger=i % 2 == 0, **FAST)
 
 # The same waits through connections behind a proxy, with the default retry budget.
 with DAG("rel_outage", schedule=None, start_date=datetime(2024, 1, 1), catchup=False):
@@ -221,7 +223,8 @@ def test_a_killed_triggerer_loses_no_wait(stack: AirflowStack, emulator_for_stac
         assert submissions.get(f"until [ -e {gate} ]; do sleep 0.2; done; python /add.py {i} 100") == 1, submissions
         assert stack.xcom(dag_id, run_id, f"muse_{i}")["stdout"].strip() == f"{i + 100}.0"
     for i in range(RESTART_RESCALE_WAITS):
-        assert stack.xcom(dag_id, run_id, f"rescale_{i}")["status"] == "success"
+        value = stack.xcom(dag_id, run_id, f"rescale_{i}")
+        assert value["status"] == "success" and value["job_id"] == job_ids[i], value
     assert sum(_counters(emulator_for_stack).get("rescale_stops", {}).values()) == stops_before
     # The new triggerer really took the waits over: each task has a trigger log of its own.
     task_logs = stack.home / "logs" / f"dag_id={dag_id}" / f"run_id={run_id}"

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import requests
 from airflow.sdk import ObjectStoragePath
-from reliability_support import MUSE_PASSWORD, MUSE_TOKEN, NO_WAIT_RETRY, RESCALE_KEY, HostileServer, assert_no_secret
+from reliability_support import MUSE_TOKEN, NO_WAIT_RETRY, RESCALE_KEY, HostileServer, assert_no_secret
 
 from airflow_provider_hpc.emulator import EmulatorConfig, EmulatorServer
 from airflow_provider_hpc.emulator.config import MuseUser

@@ -208,6 +208,7 @@ def test_serialize_round_trips_with_plain_values_and_no_secret() -> None:
     assert SECRET not in text and "password" not in text and "report" not in text
     assert set(kwargs) == {
         "muse_conn_id", "name", "key", "poll_interval", "max_poll_interval", "deadline", "max_poll_failures", "retry",
+        "end_from_trigger",
     }
     rebuilt = MuseJobTrigger(**json.loads(text))
     assert rebuilt.serialize() == (classpath, kwargs)

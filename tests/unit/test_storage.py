@@ -9,10 +9,12 @@ from __future__ import annotations
 import hashlib
 import io
 import itertools
+import threading
 import tracemalloc
 import uuid
 import zipfile
 from collections.abc import Iterator
+from types import SimpleNamespace
 from typing import Any
 
 import fsspec
@@ -21,6 +23,7 @@ import requests_mock as rm
 from airflow.sdk import ObjectStoragePath
 from airflow.sdk.io import attach
 
+import airflow_provider_hpc.storage as storage
 from airflow_provider_hpc.exceptions import HpcApiError, TransferIntegrityError, UnsafePathError
 from airflow_provider_hpc.hooks.rescale import OutputFile, RescaleHook
 from airflow_provider_hpc.storage import (
@@ -90,6 +93,7 @@ def test_nothing_is_visible_under_the_final_name_while_writing(root: ObjectStora
     assert names(root) == ["run.zip"]
 
 
+@pytest.mark.parametrize("hashed_in_a_helper", [False, True], ids=["inline-md5", "helper-md5"])
 @pytest.mark.parametrize(
     ("kwargs", "error"),
     [
@@ -100,12 +104,16 @@ def test_nothing_is_visible_under_the_final_name_while_writing(root: ObjectStora
     ],
     ids=["wrong-md5", "short", "long", "over-limit"],
 )
-def test_a_failed_check_keeps_nothing_and_leaves_the_old_file(root: ObjectStoragePath, kwargs: dict, error: type) -> None:
+def test_a_failed_check_keeps_nothing_and_leaves_the_old_file(
+    root: ObjectStoragePath, kwargs: dict, error: type, hashed_in_a_helper: bool, request: pytest.FixtureRequest
+) -> None:
     """A mismatch or an oversized body raises; the previous file under the final name is untouched."""
+    if hashed_in_a_helper:
+        request.getfixturevalue("pipelined")
     dest = root / "U"
     dest.write_bytes(b"previous good copy")
     with pytest.raises(error):
-        write_atomically(chunks(DATA), dest, **kwargs)
+        write_atomically(chunks(DATA, 16 * 1024), dest, **kwargs)
     assert dest.read_bytes() == b"previous good copy"
     assert names(root) == ["U"]
 
@@ -141,6 +149,127 @@ def test_memory_stays_flat_whatever_the_size(tmp_path: Any) -> None:
         tracemalloc.stop()
     assert stored.size == 64 * MIB
     assert peak < 8 * MIB
+
+
+# ----- the md5 of a large body, hashed in a helper thread --------------------------------------------
+
+
+def md5_threads() -> list[threading.Thread]:
+    """The helper threads hashing a stream that are still alive."""
+    return [t for t in threading.enumerate() if t.name == "hpc-md5" and t.is_alive()]
+
+
+@pytest.fixture
+def pipelined(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Hash in the helper thread after 64 KiB, so a small body goes through it; check no helper is left."""
+    monkeypatch.setattr(storage, "PIPELINE_AFTER_BYTES", 64 * 1024)
+    yield
+    assert md5_threads() == []
+
+
+def test_a_large_body_has_the_right_md5(tmp_path: Any) -> None:
+    """Past the inline part, chunks of every size (bytes, bytearray, memoryview) are hashed in order."""
+    data = bytes(range(256)) * (48 * 1024) + b"tail"  # 12 MiB and 4 bytes
+    pieces: list[Any] = list(chunks(data, MIB))
+    pieces[5], pieces[6], pieces[7] = bytearray(pieces[5]), memoryview(pieces[6]), pieces[7][:1]
+    pieces.insert(8, data[7 * MIB + 1 : 8 * MIB])
+    seen: list[int] = []
+
+    def watched() -> Iterator[Any]:
+        for piece in pieces:
+            seen.append(len(md5_threads()))
+            yield piece
+
+    dest = ObjectStoragePath(f"file://{tmp_path}/run.zip")
+    stored = write_atomically(watched(), dest, expected_size=len(data), expected_md5=hashlib.md5(data).hexdigest())
+    assert (stored.size, stored.md5) == (len(data), hashlib.md5(data).hexdigest())
+    assert dest.read_bytes() == data
+    assert seen[0] == 0 and max(seen) == 1  # inline at first, then one helper
+    assert md5_threads() == []
+
+
+def test_a_small_body_never_starts_a_thread(root: ObjectStoragePath) -> None:
+    """A file below the threshold (a Rescale output of a few hundred KiB) is hashed inline."""
+    seen: list[int] = []
+
+    def watched() -> Iterator[bytes]:
+        for piece in chunks(DATA):
+            seen.append(len(md5_threads()))
+            yield piece
+
+    assert write_atomically(watched(), root / "U").md5 == hashlib.md5(DATA).hexdigest()
+    assert seen and not any(seen)
+
+
+@pytest.mark.usefixtures("pipelined")
+@pytest.mark.parametrize("failure", [ConnectionResetError("Connection reset by peer"), KeyboardInterrupt()])
+def test_a_stream_broken_while_the_helper_hashes_keeps_nothing(root: ObjectStoragePath, failure: BaseException) -> None:
+    """An error (or Ctrl-C) from the stream after the helper started: no temporary file, no thread left."""
+    alive: list[int] = []
+
+    def broken() -> Iterator[bytes]:
+        yield from chunks(DATA, 16 * 1024)
+        alive.append(len(md5_threads()))
+        raise failure
+
+    with pytest.raises(type(failure)):
+        write_atomically(broken(), root / "nut")
+    assert alive == [1]
+    assert names(root) == []
+
+
+@pytest.mark.usefixtures("pipelined")
+def test_an_abandoned_stream_stops_the_helper(root: ObjectStoragePath) -> None:
+    """A consumer that stops reading (GeneratorExit in the stream) still stops the helper thread."""
+
+    def stream() -> Iterator[bytes]:
+        yield from chunks(DATA, 16 * 1024)
+        raise GeneratorExit
+
+    with pytest.raises(GeneratorExit):
+        write_atomically(stream(), root / "nut")
+    assert names(root) == []
+
+
+@pytest.mark.usefixtures("pipelined")
+def test_no_thread_to_spare_hashes_inline(root: ObjectStoragePath, monkeypatch: pytest.MonkeyPatch) -> None:
+    """When no thread can be started (thousands already running), the body is still hashed, inline."""
+
+    def refuse(self: threading.Thread) -> None:
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(threading.Thread, "start", refuse)
+    stored = write_atomically(chunks(DATA, 16 * 1024), root / "U", expected_md5=hashlib.md5(DATA).hexdigest())
+    assert stored.md5 == hashlib.md5(DATA).hexdigest()
+    assert names(root) == ["U"]
+
+
+class FailingMd5:
+    """An md5 whose ``update`` fails once it is called from the helper thread."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.digest = hashlib.md5()
+
+    def update(self, data: bytes) -> None:
+        if threading.current_thread().name == "hpc-md5":
+            raise MemoryError("no memory left for the hash")
+        self.digest.update(data)
+
+    def hexdigest(self) -> str:
+        return self.digest.hexdigest()
+
+
+@pytest.mark.usefixtures("pipelined")
+@pytest.mark.parametrize("count", [40, 4000], ids=["short", "long-stream"])
+def test_a_failure_in_the_helper_surfaces_and_keeps_nothing(
+    root: ObjectStoragePath, monkeypatch: pytest.MonkeyPatch, count: int
+) -> None:
+    """The helper's own error is raised in the caller (never a hang on a full queue); nothing is kept."""
+    monkeypatch.setattr(storage, "hashlib", SimpleNamespace(md5=FailingMd5))
+    piece = bytes(16 * 1024)
+    with pytest.raises(MemoryError, match="no memory left"):
+        write_atomically((piece for _ in range(count)), root / "big")
+    assert names(root) == []
 
 
 class Zeros(io.RawIOBase):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import time
 import uuid
 import zipfile
@@ -10,6 +12,7 @@ from typing import Any
 
 import pytest
 from airflow.sdk.exceptions import AirflowRescheduleException, AirflowSensorTimeout, AirflowSkipException, TaskDeferred
+from airflow.triggers.base import TaskSuccessEvent, TriggerEvent
 
 from airflow_provider_hpc.emulator import EmulatorServer
 from airflow_provider_hpc.exceptions import MuseApiError, MuseJobFailed
@@ -18,7 +21,7 @@ from airflow_provider_hpc.links.muse import STATE_URL_XCOM_KEY
 from airflow_provider_hpc.operators.muse import MuseGetResultOperator
 from airflow_provider_hpc.sensors.muse import MuseJobSensor
 
-from muse_support import STATE_ROUTE, drive, make_context
+from muse_support import STATE_ROUTE, drive, make_context, rebuild
 
 LONG_CMD = "sleep 0.6; python /add.py 4 5"
 
@@ -99,6 +102,56 @@ def test_sensor_in_reschedule_mode(muse: EmulatorServer) -> None:
     value = task.execute(make_context())
 
     assert value["cr"] == "OK"
+
+
+async def _raw_event(trigger: Any) -> TriggerEvent:
+    async for event in trigger.run():
+        return event
+    raise AssertionError("the trigger ended without an event")
+
+
+def _deferral(task: MuseJobSensor, context: dict[str, Any]) -> TaskDeferred:
+    with pytest.raises(TaskDeferred) as deferred:
+        task.execute(context)
+    return deferred.value
+
+
+def test_end_from_trigger_ends_a_run_that_ended_well_with_the_sensors_own_value(muse: EmulatorServer) -> None:
+    key = submit(LONG_CMD)
+    context = make_context()
+    deferral = _deferral(sensor(key, end_from_trigger=True), context)
+
+    event = asyncio.run(_raw_event(rebuild(deferral.trigger)))
+
+    assert isinstance(event, TaskSuccessEvent)
+    assert deferral.trigger.serialize()[1]["end_from_trigger"] is True
+    # Exactly what a sensor that does not end in the triggerer returns for the same run.
+    on_a_worker = drive(sensor(key), make_context()).value
+    assert event.xcoms == {"return_value": on_a_worker}
+    assert on_a_worker["cr"] == "OK" and on_a_worker["latest_state"] == "COMPLETED"
+    assert json.loads(json.dumps(event.xcoms)) == event.xcoms
+
+
+def test_end_from_trigger_still_resumes_a_failed_run_on_the_worker(muse: EmulatorServer, tmp_path: Path) -> None:
+    key = submit("sleep 0.6; python /add.py 4 x")
+    task = sensor(key, end_from_trigger=True, output_path=str(tmp_path))
+    deferral = _deferral(task, make_context())
+
+    event = asyncio.run(_raw_event(rebuild(deferral.trigger)))
+
+    assert not isinstance(event, TaskSuccessEvent) and event.payload["status"] == "nok"
+    with pytest.raises(MuseJobFailed, match=key):
+        task.execute_complete(make_context(), json.loads(json.dumps(event.payload)))
+
+
+def test_a_resume_without_payload_reads_the_state_again(muse: EmulatorServer) -> None:
+    # `airflow dags test` resumes even a task its trigger ended, with the state's name as event.
+    key = submit()
+    wait_until_ended(key)
+
+    value = sensor(key, end_from_trigger=True).execute_complete(make_context(), "success")
+
+    assert value["cr"] == "OK" and value["latest_state"] == "COMPLETED"
 
 
 @pytest.mark.parametrize("deferrable", [True, False])

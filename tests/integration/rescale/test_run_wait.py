@@ -9,12 +9,21 @@ from typing import Any
 
 import pytest
 from airflow.sdk.exceptions import AirflowSensorTimeout
+from airflow.triggers.base import TaskSuccessEvent, TriggerEvent
 
 from airflow_provider_hpc.exceptions import RescaleApiError, RescaleRunFailed
-from airflow_provider_hpc.hooks._http import RetryPolicy
+from airflow_provider_hpc.hooks._http import RetryPolicy, close_all_sessions
 from airflow_provider_hpc.sensors.rescale import RescaleRunSensor
 from airflow_provider_hpc.triggers.rescale import RescaleRunTrigger
-from tests.integration.rescale.support import API_KEY, FAST_RETRY, RescaleApi, first_event, rebuild, run_deferrable
+from tests.integration.rescale.support import (
+    API_KEY,
+    FAST_RETRY,
+    RescaleApi,
+    execute_until_deferred,
+    first_event,
+    rebuild,
+    run_deferrable,
+)
 
 #: Writes ``step 1`` ... ``step 12`` to ``solver.log``, one line every 0.15 s.
 STEPS_COMMAND = 'for i in $(seq 1 12); do echo "step $i" >> solver.log; sleep 0.15; done'
@@ -85,6 +94,53 @@ def test_trigger_success_event_carries_run_and_outcome(api: RescaleApi) -> None:
         "history": ["Pending", "Queued", "Started", "Validated", "Executing", "Completed"],
     }
     assert "completed successfully" in event["message"]
+
+
+async def _raw_event(trigger: RescaleRunTrigger) -> TriggerEvent:
+    try:
+        async for event in trigger.run():
+            return event
+    finally:
+        await close_all_sessions()
+    raise AssertionError("the trigger ended without an event")
+
+
+def test_end_from_trigger_ends_a_successful_wait_with_the_sensors_own_value(
+    api: RescaleApi, context: dict[str, Any]
+) -> None:
+    job_id = api.start_job("sleep 0.5; echo done > out.txt")
+    deferral = execute_until_deferred(sensor(job_id, deferrable=True, end_from_trigger=True), context)
+    assert deferral.serialized["end_from_trigger"] is True
+
+    event = asyncio.run(_raw_event(deferral.trigger))
+
+    assert isinstance(event, TaskSuccessEvent)
+    # Exactly what a sensor that does not end in the triggerer returns for the same run.
+    on_a_worker = sensor(job_id, deferrable=False).execute(context)
+    assert event.xcoms == {"return_value": on_a_worker}
+    assert on_a_worker["status"] == "success" and on_a_worker["reason"] == "Completed successfully"
+
+
+def test_end_from_trigger_still_resumes_a_failed_run_on_the_worker(api: RescaleApi, context: dict[str, Any]) -> None:
+    job_id = api.start_job("sleep 0.5; echo boom; exit 3")
+    task = sensor(job_id, deferrable=True, end_from_trigger=True)
+    deferral = execute_until_deferred(task, context)
+
+    event = asyncio.run(_raw_event(deferral.trigger))
+
+    assert not isinstance(event, TaskSuccessEvent) and event.payload["status"] == "failed"
+    with pytest.raises(RescaleRunFailed):
+        task.execute_complete(context, json.loads(json.dumps(event.payload)))
+
+
+def test_a_resume_without_payload_reads_the_run_again(api: RescaleApi, context: dict[str, Any]) -> None:
+    # `airflow dags test` resumes even a task its trigger ended, with the state's name as event.
+    job_id = api.start_job("echo done > out.txt")
+    asyncio.run(first_event(trigger(job_id)))
+
+    value = sensor(job_id, end_from_trigger=True).execute_complete(context, "success")
+
+    assert value["status"] == "success" and value["job_id"] == job_id
 
 
 def test_poke_mode_succeeds_and_tails(api: RescaleApi, context: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
