@@ -42,9 +42,9 @@ database and logs):
 
 Prints the counts; exits 1 when any check fails.
 
-    python scripts/soak.py                                   # both phases (about 7 minutes on 2 cores)
+    python scripts/soak.py                                   # both phases (about 8 minutes on 2 cores)
     python scripts/soak.py --phase in-process --muse-runs 8 --rescale-jobs 3 --max-seconds 90   # a short one
-    python scripts/soak.py --phase airflow --airflow-muse-runs 10 --airflow-rescale-jobs 2     # phase 2 only
+    python scripts/soak.py --phase airflow --airflow-muse-runs 12 --airflow-rescale-jobs 2     # phase 2, short
 """
 
 from __future__ import annotations
