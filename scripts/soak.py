@@ -3,15 +3,16 @@ Fault soak: many Muse runs and Rescale runs with harvests while the emulator inj
 
 Two phases, each against an emulator of its own:
 
-1. **in-process** (every delivery path; 100 Muse runs and 50 Rescale runs by default): each run goes through the provider's real operators and sensors, the
-   way Airflow drives them: ``execute`` in a worker, the deferral's trigger rebuilt from its
-   serialized kwargs and run to its event (as a triggerer does), then ``execute_complete`` on a
-   fresh operator instance; the event is delivered twice to one run in five (events are
-   at-least-once). A try that fails is tried again, up to ``--tries`` times, with the same
-   ``task_state_store`` (Airflow's retries).
+1. **in-process** (every delivery path; 100 Muse runs and 50 Rescale runs by default): each run
+   goes through the provider's real operators and sensors, the way Airflow drives them:
+   ``execute`` in a worker, the deferral's trigger rebuilt from its serialized kwargs and run to
+   its event (as a triggerer does), then ``execute_complete`` on a fresh operator instance; the
+   event is delivered twice to one run in five (events are at-least-once). A try that fails is
+   tried again, up to ``--tries`` times, with the same ``task_state_store`` (Airflow's retries).
 2. **airflow** (the real thing, and the volume: 300 Muse runs and 50 Rescale runs by default): a
    private Airflow deployment (API server, scheduler with LocalExecutor, triggerer, SQLite, a
-   temporary AIRFLOW_HOME, all on loopback; see ``tests/reliability/airflow_stack.py``) runs the DAG ``tests/reliability/dags/hpc_soak_dag.py``
+   temporary AIRFLOW_HOME, all on loopback; see ``tests/reliability/airflow_stack.py``) runs the
+   DAG ``tests/reliability/dags/hpc_soak_dag.py``
    once: mapped ``MuseRunOperator`` tasks (about one in seven with a command that exits non-zero;
    task retries set) and Rescale runs, each watched by a deferrable ``RescaleRunSensor`` and then
    harvested by ``RescaleDownloadOutputsOperator``. The emulator's Muse password and Rescale API
