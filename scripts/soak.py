@@ -342,6 +342,24 @@ class Harness:
         raise RuntimeError(f"could not read the statuses of job {job_id}")
 
 
+def count_outcome(figures: Counter[str], problems: list[str], agrees: bool, succeeded: bool, problem: str) -> bool:
+    """
+    Count one run's outcome against the emulator's decision; return whether they agree.
+
+    :param agrees: whether what the client (or Airflow) saw is what the emulator decided.
+    :param succeeded: whether the emulator decided success: a disagreement then lost a result.
+    :param problem: what to report when they disagree.
+    """
+    if agrees:
+        figures["outcomes_as_decided"] += 1
+        return True
+    figures["outcomes_not_as_decided"] += 1
+    problems.append(problem)
+    if succeeded:
+        figures["lost_results"] += 1
+    return False
+
+
 def check(outcomes: list[Outcome], harness: Harness, out: Path) -> tuple[dict[str, Any], list[str]]:
     problems: list[str] = []
     counters = harness.server.counters.snapshot()
@@ -375,12 +393,11 @@ def check(outcomes: list[Outcome], harness: Harness, out: Path) -> tuple[dict[st
                 problems.append(f"{o.name}: no run known to the emulator ({o.status}: {o.error})")
                 continue
             decided = {"COMPLETED": "ok", "FAILED": "nok"}.get(job["state"], job["state"])
-            figures["outcomes_as_decided" if decided == o.status else "outcomes_not_as_decided"] += 1
-            if decided != o.status:
-                problems.append(f"{o.name}: the emulator decided {job['state']}, the client saw {o.status} ({o.error})")
-                if decided == "ok":
-                    figures["lost_results"] += 1
-            elif o.status == "ok":
+            seen_as_decided = count_outcome(
+                figures, problems, decided == o.status, decided == "ok",
+                f"{o.name}: the emulator decided {job['state']}, the client saw {o.status} ({o.error})",
+            )
+            if seen_as_decided and o.status == "ok":
                 value = o.value
                 text = value.get("stdout")
                 if text is None and value.get("file"):
@@ -394,11 +411,8 @@ def check(outcomes: list[Outcome], harness: Harness, out: Path) -> tuple[dict[st
             decided = "success" if reason == "Completed successfully" else "failed"
             if decided != o.extra["expected"]:
                 problems.append(f"{o.name}: the emulator decided {reason!r}, the soak expected {o.extra['expected']}")
-            figures["outcomes_as_decided" if decided == o.status else "outcomes_not_as_decided"] += 1
-            if o.status != decided:
-                problems.append(f"{o.name}: the emulator decided {reason!r}, the client saw {o.status} ({o.error})")
-                if decided == "success":
-                    figures["lost_results"] += 1
+            if not count_outcome(figures, problems, o.status == decided, decided == "success",
+                                 f"{o.name}: the emulator decided {reason!r}, the client saw {o.status} ({o.error})"):
                 continue
             if decided != "success":
                 continue
@@ -727,13 +741,9 @@ class AirflowPhase:
             if decided != wanted:
                 self.problems.append(f"{name}: the emulator decided {final['state']} for {planned['cmd']!r}")
             f[f"muse_emulator_{final['state'].lower()}"] += 1
-            if state != decided:
-                f["outcomes_not_as_decided"] += 1
-                self.problems.append(f"{name}: the emulator decided {final['state']}, the task is {state}")
-                if decided == "success":
-                    f["lost_results"] += 1
+            if not count_outcome(f, self.problems, state == decided, decided == "success",
+                                 f"{name}: the emulator decided {final['state']}, the task is {state}"):
                 continue
-            f["outcomes_as_decided"] += 1
             if decided != "success":
                 continue
             value = self._xcom("muse", index)
@@ -773,13 +783,10 @@ class AirflowPhase:
             f[f"rescale_waits_{wait_state}"] += 1
             f[f"rescale_harvests_{harvest_state}"] += 1
             wanted_harvest = "success" if decided == "success" else "upstream_failed"
-            if wait_state != decided or harvest_state != wanted_harvest:
-                f["outcomes_not_as_decided"] += 1
-                self.problems.append(f"{name}: the emulator decided {reason!r}; wait {wait_state}, harvest {harvest_state}")
-                if decided == "success":
-                    f["lost_results"] += 1
+            agrees = (wait_state, harvest_state) == (decided, wanted_harvest)
+            if not count_outcome(f, self.problems, agrees, decided == "success",
+                                 f"{name}: the emulator decided {reason!r}; wait {wait_state}, harvest {harvest_state}"):
                 continue
-            f["outcomes_as_decided"] += 1
             if decided != "success":
                 continue
             value = self._xcom(f"rescale_harvest_{index}")

@@ -109,10 +109,8 @@ class MuseJobTrigger(PollingTrigger):
 
     def task_result(self, payload: dict[str, Any]) -> dict[str, Any] | None:
         """The report of a run that ended well (the sensor's XCom value), else ``None``."""
-        report = payload.get("report")
-        if payload.get("status") == "ok" and report and MuseReport.from_dict(report).is_successful:
-            return report
-        return None
+        # An "ok" event is only ever built from a successful report (see _terminal_event).
+        return payload.get("report") if payload.get("status") == "ok" else None
 
     def _timeout(self) -> dict[str, Any]:
         state = self._report.state if self._report else "unknown"
