@@ -14,7 +14,7 @@ from airflow_provider_hpc import results
 from airflow_provider_hpc.exceptions import JobTimeout, MuseApiError, MuseJobFailed
 from airflow_provider_hpc.hooks.muse import MuseHook, MuseReport
 from airflow_provider_hpc.links.muse import MuseJobStateLink
-from airflow_provider_hpc.triggers._polling import deadline_from_timeout
+from airflow_provider_hpc.triggers._polling import deadline_from_timeout, first_poll_after
 from airflow_provider_hpc.triggers.muse import MuseJobTrigger
 from airflow_provider_hpc.settings import default_deferrable
 
@@ -234,6 +234,7 @@ class MuseRunOperator(MuseResultMixin, BaseOperator):
             max_poll_interval=self.max_poll_interval,
             deadline=deadline_from_timeout(self.timeout),
             max_poll_failures=self.max_poll_failures,
+            first_poll_at=first_poll_after(self.poll_interval),  # the task has just submitted or looked
         )
 
     def execute_complete(self, context: Context, event: dict[str, Any]) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from airflow_provider_hpc.results import resolve_output_path
 from airflow_provider_hpc.sensors.rescale import DEFERRAL_TIMEOUT_MARGIN
 from airflow_provider_hpc.settings import default_deferrable
 from airflow_provider_hpc.storage import safe_join
-from airflow_provider_hpc.triggers._polling import PollSchedule, deadline_from_timeout
+from airflow_provider_hpc.triggers._polling import PollSchedule, deadline_from_timeout, first_poll_after
 from airflow_provider_hpc.triggers.rescale import RescaleRunTrigger, RescaleSnapshotTrigger, pick_new_snapshot
 
 if TYPE_CHECKING:
@@ -114,6 +114,7 @@ class _RescaleRunOperator(BaseOperator):
             "deadline": time.time() + self.wait_timeout,
             "max_poll_failures": self.max_poll_failures,
             "retry": self.retry.to_dict() if self.retry else None,
+            "first_poll_at": first_poll_after(self.poll_interval),  # the task has just read the run
         }
 
     def _defer_to(self, trigger: Any, method_name: str) -> None:

@@ -15,6 +15,7 @@ from airflow_provider_hpc.hooks.muse import MuseHook, MuseReport
 from airflow_provider_hpc.links.muse import MuseJobStateLink
 from airflow_provider_hpc.operators.muse import DEFERRAL_GRACE, MuseResultMixin
 from airflow_provider_hpc.results import DEFAULT_MAX_XCOM_STDOUT
+from airflow_provider_hpc.triggers._polling import first_poll_after
 from airflow_provider_hpc.triggers.muse import MuseJobTrigger
 from airflow_provider_hpc.settings import default_deferrable
 
@@ -94,6 +95,7 @@ class MuseJobSensor(MuseResultMixin, BaseSensorOperator):
                 deadline=time.time() + self.timeout,
                 max_poll_failures=self.max_poll_failures,
                 end_from_trigger=self.end_from_trigger,
+                first_poll_at=first_poll_after(self.poke_interval),  # the state was just read above
             ),
             method_name="execute_complete",
             timeout=timedelta(seconds=self.timeout) + DEFERRAL_GRACE,

@@ -16,6 +16,7 @@ from airflow_provider_hpc.hooks._http import RetryPolicy
 from airflow_provider_hpc.hooks.rescale import RescaleHook, RescaleRun
 from airflow_provider_hpc.links.rescale import RescaleJobLink
 from airflow_provider_hpc.settings import default_deferrable
+from airflow_provider_hpc.triggers._polling import first_poll_after
 from airflow_provider_hpc.triggers.rescale import (
     MAX_TAIL_LINES,
     RescaleRunTrigger,
@@ -151,6 +152,7 @@ class RescaleRunSensor(BaseSensorOperator):
             tail_lines=self.tail_lines,
             cancel_on_kill=self.cancel_on_kill,
             end_from_trigger=self.end_from_trigger,
+            first_poll_at=first_poll_after(self.poll_interval),  # execute has just read the run
         )
 
     def poke(self, context: Context) -> bool | PokeReturnValue:

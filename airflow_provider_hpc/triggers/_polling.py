@@ -64,6 +64,20 @@ def deadline_from_timeout(timeout: float | None) -> float | None:
     return None if timeout is None else time.time() + float(timeout)
 
 
+def first_poll_after(poll_interval: float) -> float:
+    """
+    Return when a trigger should first poll a run the deferring task has just looked at itself.
+
+    One ``poll_interval`` ahead: an immediate poll would only repeat the task's own look. It also
+    keeps a run that ends within seconds from firing the trigger before the scheduler has seen the
+    deferral: Airflow 3.3 can report a deferred task's exit up to 5 s late and then takes the
+    resumed task for one killed externally (apache/airflow#71580, #72716).
+
+    :param poll_interval: the trigger's ``poll_interval``, in seconds.
+    """
+    return time.time() + float(poll_interval)
+
+
 def is_transient(exc: HpcApiError) -> bool:
     """
     Tell whether another poll may succeed after ``exc`` (no answer, 429, 5xx, a non-JSON body).
@@ -99,6 +113,9 @@ class PollingTrigger(BaseTrigger):
     :param end_from_trigger: when the wait ends well, end the task here with its XCom value
         (:meth:`task_result`) instead of resuming it on a worker; any other outcome still resumes
         the task, which raises its usual error (and is retried as usual).
+    :param first_poll_at: epoch seconds before which the trigger does not poll (``None``: at once).
+        A task that has just looked at the run itself sets it one ``poll_interval`` ahead (see
+        :func:`first_poll_after`).
     """
 
     def __init__(
@@ -111,6 +128,7 @@ class PollingTrigger(BaseTrigger):
         max_poll_failures: int = 5,
         retry: Mapping[str, Any] | None = None,
         end_from_trigger: bool = False,
+        first_poll_at: float | None = None,
     ) -> None:
         super().__init__()
         self.conn_id = conn_id
@@ -120,6 +138,7 @@ class PollingTrigger(BaseTrigger):
         self.max_poll_failures = max(1, int(max_poll_failures))
         self.retry = dict(retry) if retry else None
         self.end_from_trigger = bool(end_from_trigger)
+        self.first_poll_at = None if first_poll_at is None else float(first_poll_at)
 
     def _polling_kwargs(self) -> dict[str, Any]:
         """The serialized form of the loop's settings, for the subclasses' ``serialize``."""
@@ -130,6 +149,7 @@ class PollingTrigger(BaseTrigger):
             "max_poll_failures": self.max_poll_failures,
             "retry": RetryPolicy.from_dict(self.retry).to_dict() if self.retry else None,
             "end_from_trigger": self.end_from_trigger,
+            "first_poll_at": self.first_poll_at,
         }
 
     @property
@@ -182,6 +202,10 @@ class PollingTrigger(BaseTrigger):
 
     async def _poll_loop(self) -> dict[str, Any]:
         schedule = PollSchedule(self.poll_interval, self.max_poll_interval, deadline=self.deadline)
+        if self.first_poll_at is not None:
+            # Never past the deadline, so that a timeout still fires on time.
+            start = self.first_poll_at if self.deadline is None else min(self.first_poll_at, self.deadline)
+            await asyncio.sleep(max(0.0, start - time.time()))
         failures = 0
         while True:
             try:

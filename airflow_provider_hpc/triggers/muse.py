@@ -35,6 +35,7 @@ class MuseJobTrigger(PollingTrigger):
     :param retry: the transport's retry policy as plain numbers (:meth:`RetryPolicy.to_dict`).
     :param end_from_trigger: end the task in the triggerer when the run ends well, its XCom value the
         run's report (what :class:`MuseJobSensor` returns); only a sensor may ask for it.
+    :param first_poll_at: epoch seconds before which the trigger does not poll (``None``: at once).
     """
 
     def __init__(
@@ -49,6 +50,7 @@ class MuseJobTrigger(PollingTrigger):
         max_poll_failures: int = 5,
         retry: Mapping[str, Any] | None = None,
         end_from_trigger: bool = False,
+        first_poll_at: float | None = None,
     ) -> None:
         super().__init__(
             conn_id=muse_conn_id,
@@ -58,6 +60,7 @@ class MuseJobTrigger(PollingTrigger):
             max_poll_failures=max_poll_failures,
             retry=retry,
             end_from_trigger=end_from_trigger,
+            first_poll_at=first_poll_at,
         )
         self.muse_conn_id = muse_conn_id
         self.name = name

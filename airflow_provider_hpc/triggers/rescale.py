@@ -215,6 +215,7 @@ class _RescalePollingTrigger(PollingTrigger):
         it resumes a task, so a task that must behave the same under test keeps its state here.
     :param end_from_trigger: end the task in the triggerer when the wait ends well (see
         :class:`PollingTrigger`).
+    :param first_poll_at: epoch seconds before which the trigger does not poll (``None``: at once).
     """
 
     def __init__(
@@ -230,6 +231,7 @@ class _RescalePollingTrigger(PollingTrigger):
         retry: Mapping[str, Any] | None = None,
         carry: Mapping[str, Any] | None = None,
         end_from_trigger: bool = False,
+        first_poll_at: float | None = None,
     ) -> None:
         super().__init__(
             conn_id=rescale_conn_id,
@@ -239,6 +241,7 @@ class _RescalePollingTrigger(PollingTrigger):
             max_poll_failures=max_poll_failures,
             retry=retry,
             end_from_trigger=end_from_trigger,
+            first_poll_at=first_poll_at,
         )
         self.job_id = str(job_id)
         self.run_id = str(run_id)

@@ -179,10 +179,19 @@ class AirflowStack:
                 continue
         return found
 
+    def log_text(self, name: str) -> str:
+        """Return a service's latest log."""
+        path = self.home / f"{name}-{self.generation.get(name, 1)}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
     def log_tail(self, name: str, chars: int = 4000) -> str:
         """Return the end of a service's latest log."""
-        path = self.home / f"{name}-{self.generation.get(name, 1)}.log"
-        return path.read_text(errors="replace")[-chars:] if path.exists() else ""
+        return self.log_text(name)[-chars:]
+
+    def executor_reported(self, dag_id: str, run_id: str, task_id: str, try_number: int, state: str) -> bool:
+        """Tell whether the scheduler has taken in the executor's report that a try's workload ended."""
+        key = f"TaskInstanceKey(dag_id='{dag_id}', task_id='{task_id}', run_id='{run_id}', try_number={try_number},"
+        return f"Received executor event with state {state} for task instance {key}" in self.log_text("scheduler")
 
     # ----- DAG runs ------------------------------------------------------------------------------
 

@@ -123,6 +123,40 @@ async def test_timeout_event_keeps_the_last_report(connection: Connection, monke
     assert time.monotonic() - started < 2
 
 
+async def test_no_poll_before_first_poll_at(connection: Connection, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The deferring task has just looked at the run: the trigger's first poll waits its turn.
+    polled_at: list[float] = []
+    scripted = script(monkeypatch, report("OK", "COMPLETED", "ENDED_OK"))
+
+    async def a_get_state(hook: MuseHook, name: str, key: str) -> MuseReport:
+        polled_at.append(time.time())
+        return await scripted(hook, name, key)
+
+    monkeypatch.setattr(MuseHook, "a_get_state", a_get_state)
+    first_poll_at = time.time() + 0.3
+    (event,) = await all_events(make_trigger(first_poll_at=first_poll_at))
+    assert event["status"] == "ok"
+    assert len(polled_at) == 1 and polled_at[0] >= first_poll_at
+
+
+async def test_a_first_poll_at_in_the_past_polls_at_once(connection: Connection, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A triggerer that restarts long after the deferral does not wait again.
+    script(monkeypatch, report("OK", "COMPLETED", "ENDED_OK"))
+    started = time.monotonic()
+    (event,) = await all_events(make_trigger(first_poll_at=time.time() - 3600))
+    assert event["status"] == "ok"
+    assert time.monotonic() - started < 0.2
+
+
+async def test_the_deadline_beats_a_later_first_poll_at(connection: Connection, monkeypatch: pytest.MonkeyPatch) -> None:
+    scripted = script(monkeypatch, report("WAIT", "RUNNING"))
+    started = time.monotonic()
+    (event,) = await all_events(make_trigger(deadline=time.time() + 0.15, first_poll_at=time.time() + 60))
+    assert event["status"] == "timeout"
+    assert scripted.calls == 1  # one look at the deadline, so the timeout names the last state
+    assert time.monotonic() - started < 2
+
+
 async def test_transient_failures_are_absorbed(connection: Connection, monkeypatch: pytest.MonkeyPatch) -> None:
     flaky = MuseApiError("HTTP 503 from the server", status=503, retryable=True)
     scripted = script(monkeypatch, flaky, flaky, report("OK", "COMPLETED"))
@@ -201,14 +235,14 @@ async def test_polls_share_one_session(connection: Connection, monkeypatch: pyte
 
 
 def test_serialize_round_trips_with_plain_values_and_no_secret() -> None:
-    trigger = make_trigger(deadline=1_900_000_000.5)
+    trigger = make_trigger(deadline=1_900_000_000.5, first_poll_at=1_899_999_000.25)
     classpath, kwargs = trigger.serialize()
     assert classpath == "airflow_provider_hpc.triggers.muse.MuseJobTrigger"
     text = json.dumps(kwargs)  # plain JSON: no objects, nothing the database cannot hold
     assert SECRET not in text and "password" not in text and "report" not in text
     assert set(kwargs) == {
         "muse_conn_id", "name", "key", "poll_interval", "max_poll_interval", "deadline", "max_poll_failures", "retry",
-        "end_from_trigger",
+        "end_from_trigger", "first_poll_at",
     }
     rebuilt = MuseJobTrigger(**json.loads(text))
     assert rebuilt.serialize() == (classpath, kwargs)

@@ -248,12 +248,15 @@ def test_a_run_outliving_its_timeout_fails_as_a_timeout(muse: EmulatorServer) ->
 
 
 def test_the_deferral_is_bounded_by_airflow_beyond_the_trigger_deadline(muse: EmulatorServer) -> None:
+    before = time.time()
     with pytest.raises(TaskDeferred) as caught:
-        operator(timeout=60).execute(make_context(MemoryStateStore()))
+        operator(timeout=60, poll_interval=2.0).execute(make_context(MemoryStateStore()))
 
     assert caught.value.timeout == timedelta(seconds=60) + DEFERRAL_GRACE
     _, kwargs = caught.value.trigger.serialize()
     assert kwargs["deadline"] == pytest.approx(time.time() + 60, abs=5)
+    # The task has just submitted: the trigger's first poll comes one interval later, not at once.
+    assert before + 2.0 <= kwargs["first_poll_at"] <= time.time() + 2.0
 
 
 def test_polling_faults_are_absorbed(muse: EmulatorServer) -> None:

@@ -201,12 +201,15 @@ def test_sensor_timeout_with_soft_fail_skips(muse: EmulatorServer, deferrable: b
 def test_sensor_deferral_carries_its_timeout_to_the_trigger(muse: EmulatorServer) -> None:
     key = submit("sleep 5; python /add.py 1 2")
 
+    before = time.time()
     with pytest.raises(TaskDeferred) as caught:
-        sensor(key, timeout=120).execute(make_context())
+        sensor(key, timeout=120, poke_interval=2.0, max_poll_interval=5.0).execute(make_context())
 
     _, kwargs = caught.value.trigger.serialize()
     assert kwargs["deadline"] == pytest.approx(time.time() + 120, abs=5)
-    assert kwargs["poll_interval"] == 0.05 and kwargs["max_poll_interval"] == 0.2
+    assert kwargs["poll_interval"] == 2.0 and kwargs["max_poll_interval"] == 5.0
+    # The sensor has just read the state: the trigger's first poll comes one interval later.
+    assert before + 2.0 <= kwargs["first_poll_at"] <= time.time() + 2.0
 
 
 def test_sensor_on_an_unknown_key_fails_clearly(muse: EmulatorServer) -> None:

@@ -211,7 +211,7 @@ def test_serialized_kwargs_hold_no_secret(muse: EmulatorServer) -> None:
     assert classpath == "airflow_provider_hpc.triggers.muse.MuseJobTrigger"
     assert set(kwargs) == {
         "muse_conn_id", "name", "key", "poll_interval", "max_poll_interval", "deadline", "max_poll_failures", "retry",
-        "end_from_trigger",
+        "end_from_trigger", "first_poll_at",
     }
     assert all(isinstance(v, (str, int, float, type(None), dict)) for v in kwargs.values())
     dumped = json.dumps(kwargs) + json.dumps(event)

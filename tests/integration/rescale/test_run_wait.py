@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import time
 from typing import Any
 
 import pytest
@@ -232,6 +233,15 @@ def test_unknown_run_is_an_error_event(api: RescaleApi) -> None:
 
     assert event["status"] == "error"
     assert "404" in event["message"]
+
+
+def test_the_trigger_first_polls_one_interval_after_the_sensors_own_look(api: RescaleApi, context: dict[str, Any]) -> None:
+    job_id = api.start_job("sleep 5")
+    before = time.time()
+    deferral = execute_until_deferred(sensor(job_id, deferrable=True, poll_interval=2.0), context)
+    # An immediate poll would only repeat the sensor's look, and could end the wait before the
+    # scheduler has seen the deferral.
+    assert before + 2.0 <= deferral.serialized["first_poll_at"] <= time.time() + 2.0
 
 
 # ----- deferrable by default ---------------------------------------------------------------------
