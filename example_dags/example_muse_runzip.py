@@ -31,6 +31,8 @@ with DAG(
         name="sw_example",
         cmd="python /add.py 4 55",
         returned_type="run.zip",
+        # 2 s suits the emulator's quick runs; on a real cluster keep the default 10 s or more
+        # (docs/errors.md: "A deferred task failed with no error in its log").
         poll_interval=2,
         max_poll_interval=30,
         timeout=3600,

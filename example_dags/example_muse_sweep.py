@@ -44,6 +44,8 @@ with DAG(
         cmd="python /add.py",
         files_order=["stdin.txt"],
         returned_type="stdout",
+        # 2 s suits the emulator's quick runs; on a real cluster keep the default 10 s or more
+        # (docs/errors.md: "A deferred task failed with no error in its log").
         poll_interval=2,
         max_poll_interval=30,
         timeout=3600,
