@@ -12,8 +12,9 @@ Crash recovery with real Airflow processes (API server, scheduler with LocalExec
   emulator refuses connections and cuts open ones): the waits ride the outage out with the default
   retry budget, then succeed.
 
-The runs wait for a gate file the test creates, so they end only once the crash or the outage is
-over, however long the deployment took to defer every wait. In the first scenario the gate opens
+The runs of every scenario but the Rescale wait marked failed wait for a gate file the test
+creates, so they end only once the crash or the outage is over, however long the deployment took
+to defer every wait. In the first scenario the gate opens
 once the scheduler has taken in the end of the retry's deferring workload: Airflow 3.3 can report
 it seconds late, and a trigger that fires before it makes the scheduler fail the resumed task as
 killed externally (apache/airflow#71580, #72716), which is not what this scenario is about.
