@@ -142,8 +142,6 @@ def write_atomically(
                 digest.update(chunk)
                 out.write(chunk)
         except BaseException:
-            # Stop the helper thread first: nothing may keep hashing (or wait) once the transfer failed.
-            digest.close()
             _close_quietly(out)
             raise
         out.close()

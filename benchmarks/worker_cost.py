@@ -38,7 +38,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import threading
 import time
 from collections import defaultdict
@@ -399,12 +398,7 @@ def run(emulator: EmulatorProcess, jobs: int, length: float, poke_interval: floa
         idle = _idle_rates(deployment)
     finally:
         stack.stop()
-        left = stack.leftover_processes()
-        for pid in left:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        left = stack.kill_leftovers()
         shutil.rmtree(home, ignore_errors=True)
     if left:
         raise RuntimeError(f"{len(left)} processes of the deployment outlived it (killed): {left}")

@@ -59,7 +59,6 @@ import os
 import random
 import re
 import shutil
-import signal
 import sys
 import tempfile
 import threading
@@ -613,12 +612,7 @@ class AirflowPhase:
             self.check_counters()
         finally:
             self.stack.stop()
-            left = self.stack.leftover_processes()
-            for pid in left:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+            left = self.stack.kill_leftovers()
             self.figures["processes_left_behind"] = len(left)
             if left:
                 self.problems.append(f"{len(left)} processes of the deployment were still alive after it stopped: {left}")

@@ -165,8 +165,12 @@ class AirflowStack:
             process.wait(timeout=10)
         self.processes.clear()
 
-    def leftover_processes(self) -> list[int]:
-        """Return the ids of live processes whose environment names this deployment's AIRFLOW_HOME."""
+    def kill_leftovers(self) -> list[int]:
+        """
+        Kill (SIGKILL) the live processes whose environment names this deployment's AIRFLOW_HOME.
+
+        Call it after :meth:`stop`: anything found then outlived the deployment. Returns their ids.
+        """
         marker = f"AIRFLOW_HOME={self.home}".encode() + b"\0"
         found = []
         for entry in Path("/proc").iterdir():
@@ -177,6 +181,11 @@ class AirflowStack:
                     found.append(int(entry.name))
             except OSError:
                 continue
+        for pid in found:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         return found
 
     def log_text(self, name: str) -> str:
