@@ -6,9 +6,13 @@ STAMP := $(VENV)/.installed-stamp
 
 .PHONY: demo test bench soak clean
 
-$(STAMP): pyproject.toml constraints.txt
+# The provider, then the emulator (its own distribution, under emulator/), both editable and pinned.
+# Two calls, in this order: a venv made before the split has the provider's old hpc-emulator
+# script, which reinstalling the provider removes; the emulator's install then puts it back.
+$(STAMP): pyproject.toml emulator/pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test,bench]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ./emulator
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -6,72 +6,17 @@ from typing import Any
 
 from airflow.exceptions import AirflowException
 
+from airflow_provider_hpc.transport.errors import TransportError
 
-class HpcApiError(AirflowException):
+
+class HpcApiError(TransportError, AirflowException):
     """
     An HPC service answered with an error, or could not be reached.
 
-    :param message: what happened, in one sentence.
-    :param status: the HTTP status, or ``None`` when no answer came back.
-    :param endpoint: ``METHOD path`` of the request (never a query string, never a token).
-    :param error: the server's own error text (Muse ``error``, Rescale ``detail``).
-    :param error_type: the server's error type (Muse ``type``).
-    :param more: the server's extra details (Muse ``more``).
-    :param excerpt: a short excerpt of the body, for non-JSON answers such as a proxy's HTML page.
-    :param retryable: whether trying the same request again may succeed.
-    :param retry_after: seconds the server asked to wait (``Retry-After``), if it said.
+    It carries what :class:`~airflow_provider_hpc.transport.errors.TransportError` does: ``message``,
+    ``status``, ``endpoint``, the server's ``error``/``error_type``/``more``, a redacted ``excerpt``,
+    whether it is ``retryable`` and the ``retry_after`` the server asked for.
     """
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        status: int | None = None,
-        endpoint: str | None = None,
-        error: str | None = None,
-        error_type: str | None = None,
-        more: Any = None,
-        excerpt: str | None = None,
-        retryable: bool = False,
-        retry_after: float | None = None,
-    ) -> None:
-        self.message = message
-        self.status = status
-        self.endpoint = endpoint
-        self.error = error
-        self.error_type = error_type
-        self.more = more
-        self.excerpt = excerpt
-        self.retryable = retryable
-        self.retry_after = retry_after
-        self.attempts: int | None = None
-        super().__init__(self._render())
-
-    def note_attempts(self, attempts: int) -> None:
-        """Record that the request was tried ``attempts`` times before this error was raised."""
-        self.attempts = attempts
-        self.args = (self._render(),)
-
-    def __str__(self) -> str:
-        return self._render()
-
-    def _render(self) -> str:
-        parts = [self.message]
-        if self.attempts and self.attempts > 1:
-            parts[0] += f" (gave up after {self.attempts} attempts)"
-        if self.endpoint:
-            parts.append(f"endpoint: {self.endpoint}")
-        if self.status is not None:
-            parts.append(f"status: {self.status}")
-        if self.error:
-            parts.append(f"server said: {self.error}")
-        if self.error_type:
-            parts.append(f"type: {self.error_type}")
-        if self.more:
-            parts.append(f"more: {self.more}")
-        if self.excerpt:
-            parts.append(f"body: {self.excerpt!r}")
-        return " | ".join(parts)
 
 
 class MuseApiError(HpcApiError):

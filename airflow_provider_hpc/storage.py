@@ -1,5 +1,6 @@
 """
-Writing remote bytes to object storage safely: atomic, verified, confined to a destination.
+Writing remote bytes to object storage safely: atomic, verified, confined to a destination; the
+folders task results go to; the one md5 of the provider.
 
 Every file lands through :func:`write_atomically`: the bytes go to a temporary name beside the
 destination, are checked against the size and md5 the server announced, and only then are
@@ -9,23 +10,32 @@ object is itself atomic). A failed or interrupted transfer leaves nothing under 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import posixpath
 import queue
+import re
 import threading
 import uuid
 import zipfile
 import zlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import ObjectStoragePath
 
 from airflow_provider_hpc.exceptions import HpcApiError, TransferIntegrityError, UnsafePathError
 
+if TYPE_CHECKING:
+    from airflow.sdk import Context
+
 TEMP_PREFIX = ".hpc-partial-"
+RESULTS_SECTION = "hpc"
+RESULTS_OPTION = "results_base"
+DEFAULT_RESULTS_DIR = "hpc-results"
+_UNSAFE_SEGMENT_CHARS = re.compile(r"[^A-Za-z0-9._=-]+")
 
 # A large body's md5 is computed in a helper thread once this many bytes have been hashed inline:
 # md5 costs about as much CPU as the TLS decrypt and the file write together, and hashlib releases
@@ -159,6 +169,26 @@ def write_atomically(
     return StoredFile(path=str(dest), size=size, md5=md5)
 
 
+def file_sink(
+    dest: ObjectStoragePath,
+    *,
+    expected_size: int | None = None,
+    expected_md5: str | None = None,
+    max_bytes: int | None = None,
+) -> Callable[[Iterable[bytes]], StoredFile]:
+    """
+    Return a sink that writes a body's chunks to ``dest`` with :func:`write_atomically` (what a download streams into).
+
+    :param dest: the final path.
+    :param expected_size: the size the server announced.
+    :param expected_md5: the md5 the server announced.
+    :param max_bytes: refuse a body larger than this.
+    """
+    return functools.partial(
+        write_atomically, dest=dest, expected_size=expected_size, expected_md5=expected_md5, max_bytes=max_bytes
+    )
+
+
 class StreamMd5:
     """
     The md5 of a stream, hashed inline at first, then in a helper thread for a large body.
@@ -245,13 +275,21 @@ def _close_quietly(handle: Any) -> None:
         pass
 
 
+def md5_of(chunks: Iterable[bytes]) -> str:
+    """Return the hex md5 of a byte stream (the same hash every download is checked with)."""
+    digest = StreamMd5()
+    try:
+        for chunk in chunks:
+            digest.update(chunk)
+        return digest.hexdigest()
+    finally:
+        digest.close()
+
+
 def file_md5(path: ObjectStoragePath) -> str:
     """Return the hex md5 of a stored file, read in chunks."""
-    digest = hashlib.md5(usedforsecurity=False)
     with path.open("rb") as handle:
-        while chunk := handle.read(1024 * 1024):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return md5_of(iter(lambda: handle.read(1024 * 1024), b""))
 
 
 def same_file_exists(path: ObjectStoragePath, size: int | None, md5: str | None) -> bool:
@@ -319,3 +357,87 @@ def _remove_quietly(path: ObjectStoragePath) -> None:
             path.unlink()
     except Exception:
         pass
+
+
+# ----- where task results go ---------------------------------------------------------------------
+
+
+def results_base() -> ObjectStoragePath:
+    """
+    Return the folder under which every task's results go (``[hpc] results_base``, or under AIRFLOW_HOME).
+
+    ``results_base`` is the Airflow option ``[hpc] results_base`` (environment
+    ``AIRFLOW__HPC__RESULTS_BASE``): any fsspec URL (``s3://bucket/prefix``, ``gs://...``) or a local
+    path. On several machines it must be shared storage: one worker's disk is not seen by another.
+    """
+    from airflow.sdk.configuration import conf
+
+    configured = conf.get(RESULTS_SECTION, RESULTS_OPTION, fallback=None)
+    if configured:
+        return as_storage_path(configured)
+    airflow_home = os.path.expanduser(os.environ.get("AIRFLOW_HOME", "~/airflow"))
+    return as_storage_path(os.path.join(airflow_home, DEFAULT_RESULTS_DIR))
+
+
+def _segment(value: Any) -> str:
+    """Turn a dag id, run id or task id into one path segment that every object store accepts."""
+    text = _UNSAFE_SEGMENT_CHARS.sub("_", str(value)).strip("._") or "_"
+    return text[:200]
+
+
+def default_output_path(context: Context) -> ObjectStoragePath:
+    """
+    Return the task instance's own results folder: ``{results_base}/{dag_id}/{run_id}/{task_id}``.
+
+    A mapped task instance gets ``{task_id}__{map_index}``, so the runs of a sweep never collide;
+    tries of one task instance share the folder (every file is replaced atomically).
+
+    :param context: the running task's context.
+    """
+    ti: Any = context["ti"]
+    leaf = _segment(ti.task_id)
+    map_index = getattr(ti, "map_index", None)
+    if map_index is not None and map_index >= 0:
+        leaf = f"{leaf}__{map_index}"
+    return results_base() / _segment(ti.dag_id) / _segment(ti.run_id) / leaf
+
+
+def resolve_output_path(output_path: str | ObjectStoragePath | None, context: Context) -> ObjectStoragePath:
+    """
+    Return ``output_path`` as an ``ObjectStoragePath``, or the task's default results folder.
+
+    :param output_path: a local path, an fsspec URL or an ``ObjectStoragePath``; empty for the default.
+    :param context: the running task's context.
+    """
+    if output_path:
+        return as_storage_path(output_path)
+    return default_output_path(context)
+
+
+def read_zip_text(
+    archive: str | ObjectStoragePath, member: str, *, tail_bytes: int | None = None, max_bytes: int = 16 * 1024 * 1024
+) -> str | None:
+    """
+    Return the text of ``member`` in a zip (matched by its base name, the shallowest first), or ``None``.
+
+    Reads from any object store, streaming: with ``tail_bytes`` only the end of the member is kept,
+    so a huge stderr costs no memory.
+
+    :param archive: the zip (local path, URL or ``ObjectStoragePath``).
+    :param member: the member's base name, e.g. ``__WS__stdout.txt``.
+    :param tail_bytes: keep only the last bytes.
+    :param max_bytes: without ``tail_bytes``, refuse a member larger than this.
+    """
+    with as_storage_path(archive).open("rb") as handle, zipfile.ZipFile(handle) as zipped:
+        candidates = [i for i in zipped.infolist() if not i.is_dir() and i.filename.rsplit("/", 1)[-1] == member]
+        if not candidates:
+            return None
+        info = min(candidates, key=lambda i: i.filename.count("/"))
+        if tail_bytes is None and info.file_size > max_bytes:
+            raise HpcApiError(f"{member} in {archive} is {info.file_size} bytes, more than {max_bytes}")
+        keep = tail_bytes if tail_bytes is not None else max_bytes
+        buffer = b""
+        with zipped.open(info) as source:
+            while chunk := source.read(64 * 1024):
+                buffer = (buffer + chunk)[-keep:]
+    return buffer.decode("utf-8", errors="replace")

@@ -190,8 +190,8 @@ def _watch_parent(parent_pid: int, stop: threading.Event) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Serve the emulator until SIGTERM, Ctrl-C, or the parent benchmark process ending."""
-    from airflow_provider_hpc.emulator.__main__ import banner, build_parser, config_from
-    from airflow_provider_hpc.emulator.server import EmulatorServer
+    from hpc_emulator.__main__ import banner, build_parser, config_from
+    from hpc_emulator.server import EmulatorServer
 
     parser = build_parser()
     parser.add_argument("--muse-max-running", type=int, default=32, help="Muse jobs running at once")

@@ -115,7 +115,7 @@ async def _nothing() -> None:
 
 def ours(spec: dict[str, Any], jobs: list[dict[str, Any]]) -> tuple[Work, Callable[[], Awaitable[None]]]:
     """The provider's triggers, one per job, rebuilt from ``serialize()``."""
-    from airflow_provider_hpc.hooks._http import close_all_sessions
+    from airflow_provider_hpc.transport.aio import close_all_sessions
     from airflow_provider_hpc.triggers.muse import MuseJobTrigger
     from airflow_provider_hpc.triggers.rescale import RescaleRunTrigger
 

@@ -3,7 +3,7 @@ Worker cost per watched job: ``MuseJobSensor`` deferred (resumed on a worker, or
 triggerer with ``end_from_trigger``), in ``reschedule`` mode and in ``poke`` mode, on a real
 Airflow deployment.
 
-One private deployment (``tests/reliability/airflow_stack.py``: API server, scheduler with the
+One private deployment (``dev/airflow_stack.py``: API server, scheduler with the
 LocalExecutor, triggerer, SQLite, all on 127.0.0.1) serves three DAGs (``dags/bench_worker_cost.py``),
 one per mode, each mapping M sensors over M Muse runs of T seconds. The modes run one after the
 other; each mode's runs are submitted right before its DAG run, so every mode watches runs of the
@@ -361,7 +361,7 @@ def summarise(raw: Mapping[str, Mapping[str, Any]], idle: Mapping[str, float], j
 
 def run(emulator: EmulatorProcess, jobs: int, length: float, poke_interval: float) -> dict[str, Any]:
     """Run every mode on one deployment, one after the other; print and return the figures."""
-    from tests.reliability.airflow_stack import AirflowStack
+    from dev.airflow_stack import AirflowStack
 
     scratch = Path(os.environ.get("HPC_BENCH_TMP") or "/tmp")
     home = Path(os.path.realpath(scratch)) / "worker-cost-airflow"

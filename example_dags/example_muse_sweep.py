@@ -14,7 +14,7 @@ from typing import Any
 from airflow.sdk import DAG, Param, task
 
 from airflow_provider_hpc.operators.muse import MuseRunOperator
-from airflow_provider_hpc.results import results_base
+from airflow_provider_hpc.storage import results_base
 
 with DAG(
     dag_id="example_muse_sweep",

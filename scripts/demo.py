@@ -20,8 +20,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from airflow_provider_hpc.emulator.config import EmulatorConfig  # noqa: E402
-from airflow_provider_hpc.emulator.server import EmulatorServer  # noqa: E402
+from hpc_emulator.config import EmulatorConfig  # noqa: E402
+from hpc_emulator.server import EmulatorServer  # noqa: E402
 from scripts.rescale_demo_job import create_demo_run  # noqa: E402
 
 DEMO = ROOT / ".demo"

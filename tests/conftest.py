@@ -18,7 +18,7 @@ os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
 
 import pytest  # noqa: E402
 
-from airflow_provider_hpc.emulator import EmulatorConfig, EmulatorServer  # noqa: E402
+from hpc_emulator import EmulatorConfig, EmulatorServer  # noqa: E402
 
 
 @pytest.fixture

@@ -1,20 +1,21 @@
-"""What both hooks share: reading the Airflow connection and building the sync and async transports."""
+"""What both hooks share: reading the Airflow connection into transport settings, secrets, both transports."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
+
+from urllib.parse import urlsplit
 
 from airflow.sdk import BaseHook
 
 from airflow_provider_hpc.exceptions import HpcApiError
-from airflow_provider_hpc.hooks._http import (
-    AsyncTransport,
-    RetryPolicy,
-    SyncTransport,
-    TransportSettings,
-    connection_extra,
-)
+from airflow_provider_hpc.hooks._forms import connection_form_widgets, ui_field_behaviour
+from airflow_provider_hpc.transport.aio import AsyncTransport
+from airflow_provider_hpc.transport.base import TransportSettings
+from airflow_provider_hpc.transport.retry import RetryPolicy
+from airflow_provider_hpc.transport.sync import SyncTransport
 
 if TYPE_CHECKING:
     from airflow.sdk import Connection
@@ -31,6 +32,90 @@ def mask(secret: str | None) -> None:
     mask_secret(secret)
 
 
+def settings_from_connection(
+    conn: Connection, *, default_url: str | None = None, default_path: str = ""
+) -> TransportSettings:
+    """
+    Read the transport settings of an Airflow connection.
+
+    ``host`` may be a whole base URL (``http://147.100.179.250/api/``) or a bare host name, in
+    which case ``port``, ``schema`` (the path) and the ``scheme`` extra complete it.
+
+    :param conn: the Airflow connection.
+    :param default_url: the base URL when the connection gives no host (Rescale's platform).
+    :param default_path: the path after a bare host name (``api`` for Muse).
+    """
+    host = (conn.host or "").strip()
+    if not host:
+        if not default_url:
+            raise HpcApiError(f"Connection {conn.conn_id!r} has no host (the service's base URL)")
+        base = default_url
+    elif "://" in host:
+        base = host
+    else:
+        scheme = str(connection_extra(conn, "scheme") or "https").strip().lower()
+        port = f":{conn.port}" if conn.port else ""
+        path = (conn.schema or default_path).strip("/")
+        base = f"{scheme}://{host}{port}/{path}"
+    parts = urlsplit(base)
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        # Name the scheme only: a URL may carry credentials.
+        raise HpcApiError(
+            f"Connection {conn.conn_id!r}: the host is not an http(s) URL (scheme {parts.scheme!r}); "
+            "give the service's base URL, e.g. https://platform.rescale.com or http://147.100.179.250/api/"
+        )
+    if not base.endswith("/"):
+        base += "/"
+    policy = RetryPolicy.from_dict({"max_attempts": _number(connection_extra(conn, "max_attempts"), int)})
+    verify = _as_verify(connection_extra(conn, "verify", True))
+    ca_bundle = str(connection_extra(conn, "ca_bundle") or "").strip()
+    if ca_bundle and verify is True:
+        verify = ca_bundle
+    return TransportSettings(
+        base_url=base,
+        verify=verify,
+        connect_timeout=_number(connection_extra(conn, "connect_timeout"), float) or 10.0,
+        read_timeout=_number(connection_extra(conn, "read_timeout"), float) or 60.0,
+        retry=policy,
+    )
+
+
+def connection_extra(conn: Connection, name: str, default: Any = None) -> Any:
+    """
+    Return the extra ``name`` of a connection, or ``default`` when it is missing or empty.
+
+    Older connection forms stored their fields as ``extra__{conn_type}__{name}``: both spellings are read.
+    """
+    extra = conn.extra_dejson or {}
+    for key in (name, f"extra__{conn.conn_type}__{name}"):
+        value = extra.get(key)
+        if value is not None and value != "":
+            return value
+    return default
+
+
+def _number(value: Any, kind: type) -> Any:
+    if value in (None, ""):
+        return None
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        raise HpcApiError(f"Connection extra value {value!r} is not a number") from None
+
+
+def _as_verify(value: Any) -> bool | str:
+    if value is None:
+        return True
+    if isinstance(value, str):
+        lowered = value.strip().lower()
+        if lowered in ("false", "no", "0", "off"):
+            return False
+        if lowered in ("true", "yes", "1", "on", ""):
+            return True
+        return value  # a CA bundle path
+    return bool(value)
+
+
 class HpcHttpHook(BaseHook):
     """
     Base of the Muse and Rescale hooks: one Airflow connection, one sync and one async transport.
@@ -39,6 +124,7 @@ class HpcHttpHook(BaseHook):
     :param retry: a retry policy overriding the connection's ``max_attempts`` extra.
     """
 
+    conn_type: str
     error_class: type[HpcApiError] = HpcApiError
     default_url: str | None = None
     default_path: str = ""
@@ -49,6 +135,16 @@ class HpcHttpHook(BaseHook):
         self.retry_policy = retry
         self._async: AsyncTransport | None = None
 
+    @classmethod
+    def get_ui_field_behaviour(cls) -> dict[str, Any]:
+        """Return the connection form's labels, placeholders and hidden fields (for forms that ask the hook)."""
+        return ui_field_behaviour(cls.conn_type)
+
+    @classmethod
+    def get_connection_form_widgets(cls) -> dict[str, Any]:
+        """Return the connection form's extra fields as WTForms fields (for forms that ask the hook)."""
+        return connection_form_widgets(cls.conn_type)
+
     @cached_property
     def connection(self) -> Connection:
         """The Airflow connection (read once per hook)."""
@@ -57,11 +153,9 @@ class HpcHttpHook(BaseHook):
         return conn
 
     def _settings(self, conn: Connection) -> TransportSettings:
-        settings = TransportSettings.from_connection(
-            conn, default_url=self.default_url, default_path=self.default_path
-        )
+        settings = settings_from_connection(conn, default_url=self.default_url, default_path=self.default_path)
         if self.retry_policy is not None:
-            settings = TransportSettings(**{**settings.__dict__, "retry": self.retry_policy})
+            settings = replace(settings, retry=self.retry_policy)
         return settings
 
     def _register_secrets(self, conn: Connection) -> None:

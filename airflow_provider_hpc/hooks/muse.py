@@ -5,155 +5,36 @@ from __future__ import annotations
 import json
 import re
 import threading
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
-from enum import Enum
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import requests
 
 from airflow_provider_hpc.exceptions import MuseApiError
-from airflow_provider_hpc.hooks._base import HpcHttpHook, mask
-from airflow_provider_hpc.hooks._forms import connection_form_widgets, ui_field_behaviour
-from airflow_provider_hpc.hooks._http import (
-    CHUNK_SIZE,
-    MAX_JSON_BYTES,
-    RetryPolicy,
-    UploadFile,
-    connection_extra,
-    endpoint_of,
-    optional_int,
-    read_capped,
-    redact,
-    server_error_fields,
-    validate_segment,
+from airflow_provider_hpc.hooks._base import HpcHttpHook, connection_extra, mask
+from airflow_provider_hpc.models.muse import (
+    DOWNLOAD_KEY_IN_URL,
+    KEY_IN_URL,
+    RETURNED_TYPES,
+    MuseCr,
+    MuseReport,
+    MuseResult,
+    MuseSubmission,
 )
-from airflow_provider_hpc.storage import StoredFile, as_storage_path, write_atomically
+from airflow_provider_hpc.models.values import optional_text, short_json, validate_segment
+from airflow_provider_hpc.storage import StoredFile, as_storage_path, file_sink
+from airflow_provider_hpc.transport.base import UploadFile
+from airflow_provider_hpc.transport.errors import MAX_JSON_BYTES, server_error_fields
+from airflow_provider_hpc.transport.retry import RetryPolicy
+from airflow_provider_hpc.transport.sync import body_chunks, read_capped
+from airflow_provider_hpc.transport.urls import endpoint_of
 
 if TYPE_CHECKING:
     from airflow.sdk import Connection, ObjectStoragePath
 
-RETURNED_TYPES = ("stdout", "stdout.txt", "run.zip")
-_KEY_IN_URL = re.compile(r"/([0-9a-fA-F-]{8,64})/?$")
-_DOWNLOAD_KEY = re.compile(r"[?&]key=([A-Za-z0-9_.:-]+)")
 _BARE_TOKEN = re.compile(r"[A-Za-z0-9._~+/=-]{8,8192}")
 
-
-class MuseCr(str, Enum):
-    """The report's ``cr``: ``WAIT`` while the job runs, ``OK`` when results may be asked, ``NOK`` when it failed."""
-
-    WAIT = "WAIT"
-    OK = "OK"
-    NOK = "NOK"
-
-
-@dataclass(frozen=True)
-class MuseReport:
-    """
-    The state of a Muse run, as ``GET software/muse/state/{name}/{key}/`` reports it.
-
-    :param name: the software name.
-    :param cr: ``WAIT``, ``OK`` or ``NOK``.
-    :param latest_cr: ``process.latest_cr`` (``IN_PROGRESS``, ``ENDED_OK``, ``ENDED_NOK``...).
-    :param latest_state: ``process.latest_state``, a SLURM job state (``PENDING``, ``RUNNING``, ``COMPLETED``...).
-    :param job_id: the SLURM job id.
-    :param jobname: the SLURM job name, like ``114-ws-sw_example``.
-    :param request: the request the service echoes back (cmd, returned_type, todownload...).
-    """
-
-    name: str
-    cr: MuseCr
-    latest_cr: str | None = None
-    latest_state: str | None = None
-    job_id: int | None = None
-    jobname: str | None = None
-    request: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def is_terminal(self) -> bool:
-        """Whether the run has ended (well or badly)."""
-        return self.cr is not MuseCr.WAIT
-
-    @property
-    def is_successful(self) -> bool:
-        """Whether the run ended well and its results may be asked."""
-        return self.cr is MuseCr.OK
-
-    @property
-    def state(self) -> str:
-        """The most telling state word: the SLURM state when known, else ``cr``."""
-        return self.latest_state or self.latest_cr or self.cr.value
-
-    def to_dict(self) -> dict[str, Any]:
-        """Return a JSON-able dict (trigger events, XCom)."""
-        data = asdict(self)
-        data["cr"] = self.cr.value
-        return data
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> MuseReport:
-        """Rebuild a report from :meth:`to_dict` output."""
-        return cls(**{**data, "cr": MuseCr(data["cr"])})
-
-    @classmethod
-    def from_answer(cls, answer: Any, endpoint: str = "") -> MuseReport:
-        """Parse a state (or result) answer; a missing ``report`` or an unknown ``cr`` is a :class:`MuseApiError`."""
-        info = answer.get("info") if isinstance(answer, dict) else None
-        report = info.get("report") if isinstance(info, dict) else None
-        if not isinstance(report, dict):
-            raise MuseApiError("The answer holds no info.report", endpoint=endpoint, excerpt=_short(answer))
-        try:
-            cr = MuseCr(report.get("cr"))
-        except ValueError:
-            raise MuseApiError(
-                f"Unknown cr value {report.get('cr')!r} (expected WAIT, OK or NOK)", endpoint=endpoint
-            ) from None
-        process = report.get("process") if isinstance(report.get("process"), dict) else {}
-        request = report.get("request") if isinstance(report.get("request"), dict) else {}
-        return cls(
-            name=str(report.get("name") or ""),
-            cr=cr,
-            latest_cr=_text(process.get("latest_cr")),
-            latest_state=_text(process.get("latest_state")),
-            job_id=optional_int(process.get("job_id")),
-            jobname=_text(process.get("jobname")),
-            request=request,
-        )
-
-
-@dataclass(frozen=True)
-class MuseSubmission:
-    """
-    What a submit answered.
-
-    :param name: the software name.
-    :param key: the run's key (a UUID), the last path segment of ``url``.
-    :param state_url: the URL to follow the run's state.
-    :param message: the service's ``msg``.
-    """
-
-    name: str
-    key: str
-    state_url: str
-    message: str = ""
-
-
-@dataclass(frozen=True)
-class MuseResult:
-    """
-    The result of a run, in one of three forms depending on ``returned_type`` and ``todownload``.
-
-    :param kind: ``stdout`` (the text is in ``stdout``), ``file`` (written to ``file``) or
-        ``download`` (a download key to fetch later, in ``download_key``/``download_url``).
-    :param report: the run's report, when the answer carries it.
-    """
-
-    kind: str
-    stdout: str | None = None
-    file: StoredFile | None = None
-    download_key: str | None = None
-    download_url: str | None = None
-    report: MuseReport | None = None
+__all__ = ["MuseCr", "MuseHook", "MuseReport", "MuseResult", "MuseSubmission"]
 
 
 class MuseHook(HpcHttpHook):
@@ -181,16 +62,6 @@ class MuseHook(HpcHttpHook):
         self.muse_conn_id = muse_conn_id
         self._token: str | None = None
         self._token_lock = threading.Lock()
-
-    @classmethod
-    def get_ui_field_behaviour(cls) -> dict[str, Any]:
-        """Return the connection form's labels, placeholders and hidden fields (for forms that ask the hook)."""
-        return ui_field_behaviour(cls.conn_type)
-
-    @classmethod
-    def get_connection_form_widgets(cls) -> dict[str, Any]:
-        """Return the connection form's extra fields as WTForms fields (for forms that ask the hook)."""
-        return connection_form_widgets(cls.conn_type)
 
     # ----- token --------------------------------------------------------------------------------
 
@@ -320,12 +191,12 @@ class MuseHook(HpcHttpHook):
 
         answer = self._with_token(post)
         url = answer.get("url") if isinstance(answer, dict) else None
-        match = _KEY_IN_URL.search(str(url or ""))
+        match = KEY_IN_URL.search(str(url or ""))
         if not match:
             raise MuseApiError(
                 "The submit answer has no url ending with the run key",
                 endpoint=self._endpoint("POST", path),
-                excerpt=_short(answer, self.known_secrets),
+                excerpt=short_json(answer, self.known_secrets),
             )
         submission = MuseSubmission(name=name, key=match.group(1), state_url=str(url), message=str(answer.get("msg", "")))
         self.log.info("Submitted %s to Muse: key %s (state: %s)", name, submission.key, submission.state_url)
@@ -426,7 +297,7 @@ class MuseHook(HpcHttpHook):
             return self._result_from_json(answer, endpoint)
         if dest is None:
             raise MuseApiError("The result is a file: give a destination path to write it to", endpoint=endpoint)
-        stored = write_atomically(response.iter_content(CHUNK_SIZE), as_storage_path(dest), max_bytes=max_bytes)
+        stored = file_sink(as_storage_path(dest), max_bytes=max_bytes)(body_chunks(response))
         return MuseResult(kind="file", file=stored)
 
     def _result_from_json(self, answer: Any, endpoint: str) -> MuseResult:
@@ -434,15 +305,15 @@ class MuseHook(HpcHttpHook):
         info = answer.get("info") if isinstance(answer, dict) else None
         if isinstance(info, dict) and "stdout" in info:
             report = MuseReport.from_answer(answer, endpoint) if isinstance(info.get("report"), dict) else None
-            return MuseResult(kind="stdout", stdout=_text(info.get("stdout")) or "", report=report)
+            return MuseResult(kind="stdout", stdout=optional_text(info.get("stdout")) or "", report=report)
         url = answer.get("url") if isinstance(answer, dict) else None
-        match = _DOWNLOAD_KEY.search(str(url or ""))
+        match = DOWNLOAD_KEY_IN_URL.search(str(url or ""))
         if match:
             return MuseResult(kind="download", download_key=match.group(1), download_url=str(url))
         raise MuseApiError(
             "The result answer is neither stdout nor a download key",
             endpoint=endpoint,
-            excerpt=_short(answer, self.known_secrets),
+            excerpt=short_json(answer, self.known_secrets),
         )
 
     def download(self, download_key: str, dest: ObjectStoragePath, *, max_bytes: int | None = None) -> StoredFile:
@@ -464,9 +335,9 @@ class MuseHook(HpcHttpHook):
             answer = self.transport.parse_json(read_capped(response, MAX_JSON_BYTES + 1), endpoint, response.status_code)
             self._raise_for_error_body(answer, endpoint)
             raise MuseApiError(
-                "Expected a file, the service answered JSON", endpoint=endpoint, excerpt=_short(answer, self.known_secrets)
+                "Expected a file, the service answered JSON", endpoint=endpoint, excerpt=short_json(answer, self.known_secrets)
             )
-        return write_atomically(response.iter_content(CHUNK_SIZE), as_storage_path(dest), max_bytes=max_bytes)
+        return file_sink(as_storage_path(dest), max_bytes=max_bytes)(body_chunks(response))
 
     def _endpoint(self, method: str, path: str) -> str:
         """Name a request of the sync transport as the transport's own errors do (``POST /api/jwt/obtain/``)."""
@@ -480,7 +351,7 @@ class MuseHook(HpcHttpHook):
             )
         if not isinstance(answer, dict):
             raise MuseApiError(
-                "The answer is not a JSON object", endpoint=endpoint, excerpt=_short(answer, self.known_secrets)
+                "The answer is not a JSON object", endpoint=endpoint, excerpt=short_json(answer, self.known_secrets)
             )
 
     def test_connection(self) -> tuple[bool, str]:
@@ -519,12 +390,3 @@ def _token_from(answer: Any) -> str | None:
             if isinstance(answer.get(field_name), str) and answer[field_name]:
                 return answer[field_name]
     return None
-
-
-def _text(value: Any) -> str | None:
-    return None if value is None else str(value)
-
-
-def _short(value: Any, secrets: Sequence[str] = ()) -> str:
-    """Return a short JSON excerpt of an answer for an error, with every known secret replaced."""
-    return redact(json.dumps(value, default=str), secrets)[:300]

@@ -2,223 +2,42 @@
 
 from __future__ import annotations
 
-import json
-import re
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlsplit
 
 from airflow_provider_hpc.exceptions import RescaleApiError
-from airflow_provider_hpc.hooks._base import HpcHttpHook
-from airflow_provider_hpc.hooks._forms import RESCALE_PLATFORM_URL, connection_form_widgets, ui_field_behaviour
-from airflow_provider_hpc.hooks._http import (
-    RetryPolicy,
-    connection_extra,
-    next_page_link,
-    optional_int,
-    page_results,
-    validate_segment,
-    with_query,
+from airflow_provider_hpc.hooks._base import HpcHttpHook, connection_extra
+from airflow_provider_hpc.hooks._forms import RESCALE_PLATFORM_URL
+from airflow_provider_hpc.models.rescale import (
+    DirectoryEntry,
+    JobOutcome,
+    JobStatus,
+    OutputFile,
+    RescaleRun,
+    RunVariable,
+    SnapshotResult,
+    directory_from_answer,
+    statuses_from_answer,
+    tail_lines_from_answer,
 )
-from airflow_provider_hpc.storage import StoredFile, as_storage_path
+from airflow_provider_hpc.models.values import validate_segment
+from airflow_provider_hpc.storage import StoredFile, as_storage_path, file_sink
+from airflow_provider_hpc.transport.base import TransportSettings
+from airflow_provider_hpc.transport.retry import RetryPolicy
+from airflow_provider_hpc.transport.urls import with_query
 
 if TYPE_CHECKING:
     from airflow.sdk import Connection, ObjectStoragePath
 
 DEFAULT_PLATFORM_URL = RESCALE_PLATFORM_URL
-# Statuses on the way to Completed that mean the job did not succeed, whatever the final reason says.
-FAILURE_STATUSES = frozenset({"stopping", "stopped", "failed", "terminated", "terminating"})
 # A job id no platform hands out, used to check the API key where the jobs list is not served.
 _PROBE_JOB_ID = "airflow-connection-test"
-_SUCCESS_WORD = re.compile(r"\bsuccess", re.IGNORECASE)
-_NEGATED_SUCCESS = re.compile(r"\b(?:not|no|never)\s+(?:\w+\s+)?success", re.IGNORECASE)
 
-
-@dataclass(frozen=True)
-class RunVariable:
-    """A run's variable: ``name``, numeric ``value`` and ``displayValue``."""
-
-    name: str
-    value: Any
-    display_value: str | None = None
-    is_relative: bool = False
-
-
-@dataclass(frozen=True)
-class RescaleRun:
-    """
-    One run of a Rescale job.
-
-    :param id: the run id within the job.
-    :param date_started: ISO 8601 start, ``None`` until started.
-    :param date_completed: ISO 8601 end, ``None`` until the run completed.
-    :param type: 1 optimization, 2 iteration, 3 case.
-    """
-
-    id: str
-    date_started: str | None = None
-    date_completed: str | None = None
-    display_order: int | None = None
-    is_optimal: bool = False
-    output_file_count: int | None = None
-    output_file_size: int | None = None
-    parent: str | None = None
-    type: int | None = None
-    variables: tuple[RunVariable, ...] = ()
-
-    @property
-    def is_completed(self) -> bool:
-        """Whether the run has completed (its output files can be listed)."""
-        return bool(self.date_completed)
-
-    @property
-    def variables_dict(self) -> dict[str, Any]:
-        """The variables as ``{name: value}``."""
-        return {v.name: v.value for v in self.variables}
-
-    def to_dict(self) -> dict[str, Any]:
-        """Return a JSON-able dict (XCom, trigger events)."""
-        data = asdict(self)
-        data["variables"] = self.variables_dict
-        return data
-
-    @classmethod
-    def from_api(cls, data: Any) -> RescaleRun:
-        """Parse a run object of the API; a malformed one is a :class:`RescaleApiError`."""
-        if not isinstance(data, dict) or data.get("id") in (None, ""):
-            raise RescaleApiError("A run object has no id", excerpt=str(data)[:300])
-        listed = data.get("variables")
-        variables = tuple(
-            RunVariable(
-                name=str(v.get("name")),
-                value=v.get("value"),
-                display_value=v.get("displayValue"),
-                is_relative=bool(v.get("isRelative")),
-            )
-            for v in (listed if isinstance(listed, list) else [])
-            if isinstance(v, dict) and v.get("name") is not None
-        )
-        return cls(
-            id=str(data["id"]),
-            date_started=data.get("dateStarted"),
-            date_completed=data.get("dateCompleted"),
-            display_order=optional_int(data.get("displayOrder")),
-            is_optimal=bool(data.get("isOptimal")),
-            output_file_count=optional_int(data.get("outputFileCount")),
-            output_file_size=optional_int(data.get("outputFileSize")),
-            parent=None if data.get("parent") is None else str(data.get("parent")),
-            type=optional_int(data.get("type")),
-            variables=variables,
-        )
-
-
-@dataclass(frozen=True)
-class OutputFile:
-    """
-    One output file of a run, as listed by ``GET .../runs/{run_id}/files/``.
-
-    :param relative_path: the path under the run's folder (untrusted: join it with ``safe_join``).
-    :param decrypted_size: the size in bytes.
-    :param md5: the hex md5 of the bytes.
-    """
-
-    id: str
-    name: str
-    relative_path: str
-    decrypted_size: int | None = None
-    md5: str | None = None
-    path: str | None = None
-    date_uploaded: str | None = None
-    is_uploaded: bool = True
-
-    def to_dict(self) -> dict[str, Any]:
-        """Return a JSON-able dict."""
-        return asdict(self)
-
-    @classmethod
-    def from_api(cls, data: Any) -> OutputFile:
-        """Parse a file object of the API."""
-        if not isinstance(data, dict) or not data.get("id"):
-            raise RescaleApiError("An output file object has no id", excerpt=str(data)[:300])
-        name = data.get("name") if isinstance(data.get("name"), str) else ""
-        relative = data.get("relativePath") if isinstance(data.get("relativePath"), str) else ""
-        if not (relative or name):
-            raise RescaleApiError("An output file object has neither relativePath nor name", excerpt=str(data)[:300])
-        return cls(
-            id=str(data["id"]),
-            name=name,
-            relative_path=relative or name,
-            decrypted_size=optional_int(data.get("decryptedSize")),
-            md5=data.get("md5") if isinstance(data.get("md5"), str) else None,
-            path=data.get("path"),
-            date_uploaded=data.get("dateUploaded"),
-            is_uploaded=bool(data.get("isUploaded", True)),
-        )
-
-
-@dataclass(frozen=True)
-class JobStatus:
-    """One entry of a job's status history."""
-
-    status: str
-    status_date: datetime
-    status_reason: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        """Return a JSON-able dict."""
-        return {"status": self.status, "statusDate": self.status_date.isoformat(), "statusReason": self.status_reason}
-
-
-@dataclass(frozen=True)
-class JobOutcome:
-    """
-    Whether a job's history says it succeeded, read from its statuses sorted by date.
-
-    :param completed: a ``Completed`` status is present.
-    :param succeeded: completed, with no stop or failure on the way and no failure reason.
-    :param reason: why it did not succeed (or the success reason).
-    """
-
-    completed: bool
-    succeeded: bool
-    reason: str | None = None
-    history: tuple[str, ...] = field(default_factory=tuple)
-
-    @classmethod
-    def from_statuses(cls, statuses: list[JobStatus]) -> JobOutcome:
-        """Decide from a date-sorted status history."""
-        history = tuple(s.status for s in statuses)
-        completed = [s for s in statuses if s.status.lower() == "completed"]
-        if not completed:
-            return cls(completed=False, succeeded=False, reason=None, history=history)
-        final = completed[-1]
-        troubled = [s for s in statuses if s.status.lower() in FAILURE_STATUSES]
-        if troubled:
-            return cls(True, False, troubled[0].status_reason or troubled[0].status, history)
-        reason = (final.status_reason or "").strip()
-        # "Completed successfully" is the good reason; "unsuccessfully" / "not successful" are not.
-        succeeded = not reason or (bool(_SUCCESS_WORD.search(reason)) and not _NEGATED_SUCCESS.search(reason))
-        return cls(True, succeeded, reason or None, history)
-
-
-@dataclass(frozen=True)
-class SnapshotResult:
-    """What a snapshot request answered: ``lastSnapshotID`` is the file id of the previous snapshot."""
-
-    exitcode: int | None
-    last_snapshot_id: str | None
-    reason: str | None = None
-    data: str | None = None
-
-
-@dataclass(frozen=True)
-class DirectoryEntry:
-    """A file of an in-progress run's working folder."""
-
-    path: str
-    resource: str | None = None
+__all__ = [
+    "DirectoryEntry", "JobOutcome", "JobStatus", "OutputFile", "RescaleHook", "RescaleRun", "RunVariable", "SnapshotResult",
+]
 
 
 class RescaleHook(HpcHttpHook):
@@ -248,23 +67,13 @@ class RescaleHook(HpcHttpHook):
         self._async_headers: dict[str, str] | None = None
         self._async_prefix = "api/"
 
-    @classmethod
-    def get_ui_field_behaviour(cls) -> dict[str, Any]:
-        """Return the connection form's labels, placeholders and hidden fields (for forms that ask the hook)."""
-        return ui_field_behaviour(cls.conn_type)
-
-    @classmethod
-    def get_connection_form_widgets(cls) -> dict[str, Any]:
-        """Return the connection form's extra fields as WTForms fields (for forms that ask the hook)."""
-        return connection_form_widgets(cls.conn_type)
-
     # ----- connection ---------------------------------------------------------------------------
 
-    def _settings(self, conn: Connection):
+    def _settings(self, conn: Connection) -> TransportSettings:
         settings = super()._settings(conn)
         # The platform URL is an origin; the API paths carry their own /api/ prefix.
         parts = urlsplit(settings.base_url)
-        return type(settings)(**{**settings.__dict__, "base_url": f"{parts.scheme}://{parts.netloc}/"})
+        return replace(settings, base_url=f"{parts.scheme}://{parts.netloc}/")
 
     @staticmethod
     def _api_key(conn: Connection) -> str:
@@ -324,15 +133,7 @@ class RescaleHook(HpcHttpHook):
         answer = self.transport.request_json(
             "POST", self._run_path(job_id, run_id, "snapshot/"), headers=self._headers, idempotent=False
         )
-        if not isinstance(answer, dict):
-            raise RescaleApiError("The snapshot answer is not a JSON object", excerpt=str(answer)[:300])
-        last = answer.get("lastSnapshotID")
-        return SnapshotResult(
-            exitcode=optional_int(answer.get("exitcode")),
-            last_snapshot_id=str(last) if last not in (None, "") else None,
-            reason=answer.get("reason"),
-            data=answer.get("data"),
-        )
+        return SnapshotResult.from_api(answer)
 
     def list_output_files(self, job_id: str, run_id: str, *, page_size: int = 100) -> list[OutputFile]:
         """Return every output file of a completed run (all pages)."""
@@ -342,16 +143,16 @@ class RescaleHook(HpcHttpHook):
     def get_directory_contents(self, job_id: str, run_id: str) -> list[DirectoryEntry]:
         """Return the files of an in-progress run's working folder."""
         answer = self.transport.get_json(self._run_path(job_id, run_id, "directory-contents/"), headers=self._headers)
-        return _directory(answer)
+        return directory_from_answer(answer)
 
     def tail(self, job_id: str, run_id: str, path: str, lines: int = 100) -> list[str]:
         """Return the last ``lines`` lines of a file of an in-progress run."""
         answer = self.transport.get_json(self._tail_path(job_id, run_id, path), params={"lines": int(lines)}, headers=self._headers)
-        return _tail_lines(answer)
+        return tail_lines_from_answer(answer)
 
     def tail_raw(self, job_id: str, run_id: str, path: str, dest: ObjectStoragePath) -> StoredFile:
         """Stream the whole file of an in-progress run (``tail`` without ``lines``) to ``dest``."""
-        return self.transport.download(self._tail_path(job_id, run_id, path), as_storage_path(dest), headers=self._headers)
+        return self.transport.download(self._tail_path(job_id, run_id, path), file_sink(as_storage_path(dest)), headers=self._headers)
 
     def _tail_path(self, job_id: str, run_id: str, path: str, prefix: str | None = None) -> str:
         parts = str(path).split("/")
@@ -362,14 +163,13 @@ class RescaleHook(HpcHttpHook):
     def download_file(self, file: OutputFile, dest: ObjectStoragePath) -> StoredFile:
         """Stream one output file to ``dest``, checked against its ``decryptedSize`` and ``md5``."""
         path = f"{self._prefix(self.connection)}files/{validate_segment(file.id, 'File id')}/contents/"
-        return self.transport.download(
-            path, as_storage_path(dest), headers=self._headers, expected_size=file.decrypted_size, expected_md5=file.md5
-        )
+        sink = file_sink(as_storage_path(dest), expected_size=file.decrypted_size, expected_md5=file.md5)
+        return self.transport.download(path, sink, headers=self._headers)
 
     def get_job_statuses(self, job_id: str) -> list[JobStatus]:
         """Return a job's status history, sorted by date (the API's order is not reliable)."""
         answer = self.transport.get_json(f"api/v2/jobs/{validate_segment(job_id, 'Job id')}/statuses/", headers=self._headers)
-        return _statuses(answer)
+        return statuses_from_answer(answer)
 
     def test_connection(self) -> tuple[bool, str]:
         """
@@ -411,34 +211,23 @@ class RescaleHook(HpcHttpHook):
 
     async def a_get_job_statuses(self, job_id: str) -> list[JobStatus]:
         """Return a job's sorted status history without blocking the event loop."""
-        return _statuses(await self._aget(f"api/v2/jobs/{validate_segment(job_id, 'Job id')}/statuses/"))
+        return statuses_from_answer(await self._aget(f"api/v2/jobs/{validate_segment(job_id, 'Job id')}/statuses/"))
 
     async def a_get_directory_contents(self, job_id: str, run_id: str) -> list[DirectoryEntry]:
         """Return an in-progress run's files without blocking the event loop."""
-        return _directory(await self._aget(await self._a_run_path(job_id, run_id, "directory-contents/")))
+        return directory_from_answer(await self._aget(await self._a_run_path(job_id, run_id, "directory-contents/")))
 
     async def a_tail(self, job_id: str, run_id: str, path: str, lines: int = 100) -> list[str]:
         """Return the last lines of an in-progress run's file without blocking the event loop."""
         await self.async_transport()
         answer = await self._aget(self._tail_path(job_id, run_id, path, self._async_prefix), {"lines": int(lines)})
-        return _tail_lines(answer)
+        return tail_lines_from_answer(answer)
 
     async def a_list_output_files(self, job_id: str, run_id: str, *, page_size: int = 100) -> list[OutputFile]:
         """Return every output file of a run without blocking the event loop."""
         transport = await self.async_transport()
-        url: str | None = with_query(transport.url(await self._a_run_path(job_id, run_id, "files/")), page=1, page_size=page_size)
-        files: list[OutputFile] = []
-        seen: set[str] = set()
-        while url:
-            if url in seen:
-                raise RescaleApiError(f"The server's next page repeats an earlier one ({url}); stopping")
-            seen.add(url)
-            page = await transport.get_json(url, headers=self._async_headers)
-            endpoint = f"GET {urlsplit(url).path}"
-            files += [OutputFile.from_api(f) for f in page_results(page, RescaleApiError, endpoint)]
-            following = next_page_link(page, RescaleApiError, endpoint)
-            url = with_query(transport.url(following), page_size=page_size) if following else None
-        return files
+        path = await self._a_run_path(job_id, run_id, "files/")
+        return [OutputFile.from_api(f) async for f in transport.iter_pages(path, page_size=page_size, headers=self._async_headers)]
 
     async def a_stop_run(self, job_id: str, run_id: str) -> None:
         """Stop a run without blocking the event loop (a trigger's ``on_kill``)."""
@@ -447,39 +236,3 @@ class RescaleHook(HpcHttpHook):
             "POST", await self._a_run_path(job_id, run_id, "stop/"), headers=self._async_headers, idempotent=True
         )
         self.log.info("Asked Rescale to stop run %s of job %s", run_id, job_id)
-
-
-def _directory(answer: Any) -> list[DirectoryEntry]:
-    if not isinstance(answer, list):
-        raise RescaleApiError("directory-contents did not answer a list", excerpt=str(answer)[:300])
-    return [DirectoryEntry(path=str(e["path"]), resource=e.get("resource")) for e in answer if isinstance(e, dict) and e.get("path")]
-
-
-def _tail_lines(answer: Any) -> list[str]:
-    lines = answer.get("lines") if isinstance(answer, dict) else None
-    if not isinstance(lines, list):
-        raise RescaleApiError("tail did not answer a lines list", excerpt=str(answer)[:300])
-    return [str(line) for line in lines]
-
-
-def _statuses(answer: Any) -> list[JobStatus]:
-    items = answer.get("results") if isinstance(answer, dict) else answer
-    if not isinstance(items, list):
-        raise RescaleApiError("statuses did not answer a results list", excerpt=str(answer)[:300])
-    statuses = []
-    for item in items:
-        if not isinstance(item, dict) or not item.get("status"):
-            continue
-        reason = item.get("statusReason")
-        if reason is not None and not isinstance(reason, str):
-            reason = json.dumps(reason, default=str)  # read as text rather than refused: it is only shown
-        statuses.append(JobStatus(str(item["status"]), _date(item.get("statusDate")), reason))
-    return sorted(statuses, key=lambda s: s.status_date)
-
-
-def _date(value: Any) -> datetime:
-    try:
-        parsed = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
-    except ValueError:
-        raise RescaleApiError(f"Unreadable statusDate {value!r}") from None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)

@@ -2,21 +2,21 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
 from datetime import timedelta
-from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
-from airflow.sdk import Asset, BaseOperator
+from airflow.sdk import BaseOperator
 
-from airflow_provider_hpc import results
 from airflow_provider_hpc.exceptions import JobTimeout, MuseApiError, MuseJobFailed
-from airflow_provider_hpc.hooks.muse import MuseHook, MuseReport
+from airflow_provider_hpc.hooks.muse import MuseHook
 from airflow_provider_hpc.links.muse import MuseJobStateLink
-from airflow_provider_hpc.triggers._polling import deadline_from_timeout, first_poll_after
-from airflow_provider_hpc.triggers.muse import MuseJobTrigger
+from airflow_provider_hpc.models.muse import DEFAULT_MAX_XCOM_STDOUT, RESULT_FILE_NAMES, MuseReport, describe_result, result_value
+from airflow_provider_hpc.muse_results import MuseResultMixin, store_result
 from airflow_provider_hpc.settings import default_deferrable
+from airflow_provider_hpc.storage import resolve_output_path
+from airflow_provider_hpc.triggers._polling import deadline_from_timeout, deferral_timeout, first_poll_after, wait_in_worker
+from airflow_provider_hpc.triggers.muse import MuseJobTrigger
 
 if TYPE_CHECKING:
     from airflow.sdk import Context, ObjectStoragePath
@@ -25,9 +25,6 @@ if TYPE_CHECKING:
 STATE_STORE_KEY = "muse_run"
 #: The XCom key holding the submitted run's key (for a sensor or a later task to template).
 KEY_XCOM_KEY = "muse_key"
-# The triggerer's own timeout comes this long after the trigger's deadline, so the trigger's
-# clearer "timeout" event normally wins; Airflow's bound still holds if the trigger misbehaves.
-DEFERRAL_GRACE = timedelta(minutes=5)
 
 
 def as_flag(value: bool | str | None) -> bool:
@@ -42,67 +39,6 @@ def as_seconds(value: float | timedelta | None) -> float | None:
     if value is None:
         return None
     return value.total_seconds() if isinstance(value, timedelta) else float(value)
-
-
-class MuseResultMixin:
-    """What both operators share: the hook, the output folder, fetching results, announcing assets."""
-
-    muse_conn_id: str
-    output_path: str | ObjectStoragePath | None
-    extract_zip: bool
-    max_stdout_chars: int
-    max_file_bytes: int | None
-    outlets: list[Any]
-    log: Any
-
-    @cached_property
-    def hook(self) -> MuseHook:
-        """The Muse hook of this task's connection."""
-        return MuseHook(self.muse_conn_id)
-
-    def _collect(
-        self, context: Context, name: str, key: str, report: MuseReport | None, returned_type: str | None
-    ) -> dict[str, Any]:
-        returned_type = returned_type or (report.request.get("returned_type") if report else None) or "stdout"
-        value = results.fetch_result(
-            self.hook,
-            name=name,
-            key=key,
-            report=report,
-            returned_type=returned_type,
-            output_path=results.resolve_output_path(self.output_path, context),
-            state_url=self.hook.state_url(name, key),
-            extract=self.extract_zip,
-            max_stdout_chars=self.max_stdout_chars,
-            max_file_bytes=self.max_file_bytes,
-        )
-        self.log.info("Muse run %s/%s result: %s", name, key, _describe(value))
-        self._announce(context, value)
-        return value
-
-    def _failure(self, context: Context, name: str, key: str, report: MuseReport | None) -> MuseJobFailed:
-        """Fetch a failed run's folder, log its stderr tail, and return the error naming where it is."""
-        output_path = results.resolve_output_path(self.output_path, context)
-        stored, stderr_tail, missing = results.fetch_failure_evidence(self.hook, name=name, key=key, output_path=output_path)
-        if stderr_tail:
-            self.log.error("Tail of %s of Muse run %s/%s:\n%s", results.STDERR_MEMBER, name, key, stderr_tail)
-        elif stored is not None:
-            self.log.error("Muse run %s/%s left no %s to show (%s)", name, key, results.STDERR_MEMBER, missing or "missing or empty")
-        where = f"content zip at {stored.path}" if stored else f"content zip could not be fetched ({missing})"
-        return MuseJobFailed(
-            f"Muse run {name}/{key} ended badly: key {key}, SLURM job {report.job_id if report else None}, "
-            f"latest_state {report.latest_state if report else None}, "
-            f"latest_cr {report.latest_cr if report else None}; {where}; state: {self.hook.state_url(name, key)}",
-        )
-
-    def _announce(self, context: Context, value: dict[str, Any]) -> None:
-        """Attach the result's summary to every asset this task declares as an outlet."""
-        assets = [outlet for outlet in self.outlets or () if isinstance(outlet, Asset)]
-        if not assets:
-            return
-        extra = results.asset_extra(value)
-        for asset in assets:
-            context["outlet_events"][asset].extra.update(extra)
 
 
 class MuseRunOperator(MuseResultMixin, BaseOperator):
@@ -177,7 +113,7 @@ class MuseRunOperator(MuseResultMixin, BaseOperator):
         timeout: float | timedelta | None = None,
         deferrable: bool | None = None,
         max_poll_failures: int = 5,
-        max_stdout_chars: int = results.DEFAULT_MAX_XCOM_STDOUT,
+        max_stdout_chars: int = DEFAULT_MAX_XCOM_STDOUT,
         max_file_bytes: int | None = None,
         **kwargs: Any,
     ) -> None:
@@ -218,12 +154,11 @@ class MuseRunOperator(MuseResultMixin, BaseOperator):
             self.defer(
                 trigger=trigger,
                 method_name="execute_complete",
-                timeout=None if self.timeout is None else timedelta(seconds=self.timeout) + DEFERRAL_GRACE,
+                timeout=deferral_timeout(self.timeout),
             )
         # Without a triggerer, the worker runs the very same wait the trigger would.
         self.log.info("Waiting for Muse run %s/%s in the worker (deferrable=False)", self.name, key)
-        event = asyncio.run(trigger.wait())
-        return self.execute_complete(context, event)
+        return self.execute_complete(context, wait_in_worker(trigger))
 
     def _trigger(self, key: str) -> MuseJobTrigger:
         return MuseJobTrigger(
@@ -343,8 +278,8 @@ class MuseRunOperator(MuseResultMixin, BaseOperator):
     # ----- outcomes -----------------------------------------------------------------------------
 
     def _run_off_cluster(self, context: Context) -> dict[str, Any]:
-        output_path = results.resolve_output_path(self.output_path, context)
-        dest = output_path / results.RESULT_FILE_NAMES.get(self.returned_type, "result")
+        output_path = resolve_output_path(self.output_path, context)
+        dest = output_path / RESULT_FILE_NAMES.get(self.returned_type, "result")
         result = self.hook.run(
             self.name,
             cmd=self.cmd,
@@ -362,15 +297,15 @@ class MuseRunOperator(MuseResultMixin, BaseOperator):
                 f"Muse off-cluster run of {self.name} ended badly (cr {result.report.cr.value}); "
                 f"its stdout was: {(result.stdout or '')[-1000:]!r}"
             )
-        value = results.result_value(
+        value = result_value(
             name=self.name, key=None, report=result.report, returned_type=self.returned_type,
             state_url=None, output_path=output_path,
         )
-        value = results.store_result(
+        value = store_result(
             self.hook, result, value, dest=dest, extract=self.extract_zip,
             max_stdout_chars=self.max_stdout_chars, max_file_bytes=self.max_file_bytes,
         )
-        self.log.info("Muse off-cluster run of %s: %s", self.name, _describe(value))
+        self.log.info("Muse off-cluster run of %s: %s", self.name, describe_result(value))
         self._announce(context, value)
         return value
 
@@ -414,7 +349,7 @@ class MuseGetResultOperator(MuseResultMixin, BaseOperator):
         output_path: str | ObjectStoragePath | None = None,
         extract_zip: bool = False,
         muse_conn_id: str = MuseHook.default_conn_name,
-        max_stdout_chars: int = results.DEFAULT_MAX_XCOM_STDOUT,
+        max_stdout_chars: int = DEFAULT_MAX_XCOM_STDOUT,
         max_file_bytes: int | None = None,
         **kwargs: Any,
     ) -> None:
@@ -439,13 +374,3 @@ class MuseGetResultOperator(MuseResultMixin, BaseOperator):
         if not report.is_successful:
             raise self._failure(context, self.name, self.key, report)
         return self._collect(context, self.name, self.key, report, self.returned_type)
-
-
-def _describe(value: dict[str, Any]) -> str:
-    """One log line about a result: its stdout or its file, never the whole text."""
-    if value.get("stdout") is not None:
-        text = value["stdout"]
-        return f"stdout {text[:200]!r}" + ("..." if len(text) > 200 else "")
-    if value.get("file"):
-        return f"{value['file']['path']} ({value['file']['size']} bytes)"
-    return "no result"

@@ -7,53 +7,24 @@ Harvesting a run's output files is :class:`~airflow_provider_hpc.operators.resca
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
-from datetime import timedelta
+from collections.abc import Sequence
 from functools import cached_property
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseOperator, ObjectStoragePath
 
 from airflow_provider_hpc.exceptions import HpcApiError, JobTimeout, RescaleApiError
-from airflow_provider_hpc.hooks._http import RetryPolicy
-from airflow_provider_hpc.hooks.rescale import OutputFile, RescaleHook, RescaleRun, SnapshotResult
+from airflow_provider_hpc.hooks.rescale import RescaleHook
 from airflow_provider_hpc.links.rescale import RescaleJobLink
-from airflow_provider_hpc.results import resolve_output_path
-from airflow_provider_hpc.sensors.rescale import DEFERRAL_TIMEOUT_MARGIN
+from airflow_provider_hpc.models.rescale import OutputFile, SnapshotResult
 from airflow_provider_hpc.settings import default_deferrable
-from airflow_provider_hpc.storage import safe_join
-from airflow_provider_hpc.triggers._polling import PollSchedule, deadline_from_timeout, first_poll_after
-from airflow_provider_hpc.triggers.rescale import RescaleRunTrigger, RescaleSnapshotTrigger, pick_new_snapshot
+from airflow_provider_hpc.storage import resolve_output_path, safe_join
+from airflow_provider_hpc.transport.retry import RetryPolicy
+from airflow_provider_hpc.triggers._polling import PollingTrigger, deferral_timeout, first_poll_after, wait_in_worker
+from airflow_provider_hpc.triggers.rescale import RescaleRunTrigger, RescaleSnapshotTrigger
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
-
-T = TypeVar("T")
-
-
-def poll_until(
-    probe: Callable[[], T | None], *, poll_interval: float, max_poll_interval: float, timeout: float | None, what: str
-) -> T:
-    """
-    Call ``probe`` until it returns something, backing off between calls; raise :class:`JobTimeout` past ``timeout``.
-
-    The worker-side twin of the triggers' loop, for ``deferrable=False``.
-
-    :param probe: returns ``None`` while the awaited thing has not happened.
-    :param poll_interval: seconds between the first calls.
-    :param max_poll_interval: the longest wait between two calls.
-    :param timeout: seconds to wait in all (``None``: forever).
-    :param what: what is awaited, for the timeout message.
-    """
-    schedule = PollSchedule(poll_interval, max_poll_interval, deadline=deadline_from_timeout(timeout))
-    while True:
-        found = probe()
-        if found is not None:
-            return found
-        if schedule.expired:
-            raise JobTimeout(f"Timed out after {timeout} s waiting for {what}")
-        time.sleep(schedule.next_wait(False))
-
 
 class _RescaleRunOperator(BaseOperator):
     """
@@ -117,20 +88,13 @@ class _RescaleRunOperator(BaseOperator):
             "first_poll_at": first_poll_after(self.poll_interval),  # the task has just read the run
         }
 
-    def _defer_to(self, trigger: Any, method_name: str) -> None:
-        # What execute_complete needs travels in the trigger's ``carry``, not in defer kwargs,
-        # which ``airflow dags test`` drops when it resumes the task.
-        self.defer(
-            trigger=trigger,
-            method_name=method_name,
-            timeout=timedelta(seconds=self.wait_timeout + DEFERRAL_TIMEOUT_MARGIN),
-        )
-
-    def _poll_until(self, probe: Callable[[], T | None], what: str) -> T:
-        return poll_until(
-            probe, poll_interval=self.poll_interval, max_poll_interval=self.max_poll_interval,
-            timeout=self.wait_timeout, what=what,
-        )
+    def _wait(self, context: Context, trigger: PollingTrigger) -> dict[str, Any]:
+        """Wait with ``trigger``: in the triggerer when deferrable, else the same loop in this worker."""
+        if self.deferrable:
+            # What execute_complete needs travels in the trigger's ``carry``, not in defer kwargs,
+            # which ``airflow dags test`` drops when it resumes the task.
+            self.defer(trigger=trigger, method_name="execute_complete", timeout=deferral_timeout(self.wait_timeout))
+        return self.execute_complete(context, wait_in_worker(trigger))
 
     @staticmethod
     def _raise_for_event(event: dict[str, Any]) -> None:
@@ -184,13 +148,10 @@ class RescaleStopRunOperator(_RescaleRunOperator):
             stopped = self._stop()
         if not self.wait_for_completion or run.is_completed:
             return self._result(stopped, run.to_dict())
-        if self.deferrable:
-            trigger = RescaleRunTrigger(
-                **self._trigger_kwargs(), accept_any_completion=True, cancel_on_kill=False, carry={"stopped": stopped}
-            )
-            self._defer_to(trigger, "execute_complete")
-        final = self._poll_until(self._completed_run, f"run {self.run_id} of Rescale job {self.job_id} to complete")
-        return self._result(stopped, final.to_dict())
+        trigger = RescaleRunTrigger(
+            **self._trigger_kwargs(), accept_any_completion=True, cancel_on_kill=False, carry={"stopped": stopped}
+        )
+        return self._wait(context, trigger)
 
     def _stop(self) -> bool:
         try:
@@ -202,10 +163,6 @@ class RescaleStopRunOperator(_RescaleRunOperator):
             self.log.info("Run %s of Rescale job %s completed meanwhile: nothing to stop (%s)", self.run_id, self.job_id, exc)
             return False
         return True
-
-    def _completed_run(self) -> RescaleRun | None:
-        run = self.hook.get_run(self.job_id, self.run_id)
-        return run if run.is_completed else None
 
     def _result(self, stopped: bool, run: dict[str, Any] | None) -> dict[str, Any]:
         return {"job_id": str(self.job_id), "run_id": str(self.run_id), "stopped": stopped, "run": run}
@@ -291,14 +248,8 @@ class RescaleSnapshotRunOperator(_RescaleRunOperator):
         # The previous snapshot may still be uploading: its id must not be taken for the new one's.
         if snapshot.last_snapshot_id:
             known.append(snapshot.last_snapshot_id)
-        if self.deferrable:
-            trigger = RescaleSnapshotTrigger(**self._trigger_kwargs(), known_file_ids=known, carry={"snapshot": result})
-            self._defer_to(trigger, "execute_complete")
-        file = self._poll_until(
-            lambda: pick_new_snapshot(self.hook.list_output_files(self.job_id, self.run_id), known),
-            f"the snapshot of run {self.run_id} of Rescale job {self.job_id} to appear",
-        )
-        return self._with_file(context, result, file)
+        trigger = RescaleSnapshotTrigger(**self._trigger_kwargs(), known_file_ids=known, carry={"snapshot": result})
+        return self._wait(context, trigger)
 
     def execute_complete(self, context: Context, event: dict[str, Any]) -> dict[str, Any]:
         """

@@ -13,11 +13,11 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk import BaseOperator, ObjectStoragePath
 
 from airflow_provider_hpc.exceptions import HpcApiError, RescaleApiError, UnsafePathError
-from airflow_provider_hpc.hooks._http import RetryPolicy
-from airflow_provider_hpc.hooks.rescale import OutputFile, RescaleHook
+from airflow_provider_hpc.hooks.rescale import RescaleHook
 from airflow_provider_hpc.links.rescale import RescaleJobLink
-from airflow_provider_hpc.results import resolve_output_path
-from airflow_provider_hpc.storage import safe_join, same_file_exists, write_atomically
+from airflow_provider_hpc.models.rescale import OutputFile
+from airflow_provider_hpc.storage import resolve_output_path, safe_join, same_file_exists, write_atomically
+from airflow_provider_hpc.transport.retry import RetryPolicy
 
 if TYPE_CHECKING:
     from airflow.sdk import Context

@@ -4,20 +4,19 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseSensorOperator, PokeReturnValue
 from airflow.sdk.exceptions import AirflowSensorTimeout, AirflowSkipException
 
 from airflow_provider_hpc.exceptions import MuseApiError, MuseJobFailed
-from airflow_provider_hpc.hooks.muse import MuseHook, MuseReport
+from airflow_provider_hpc.hooks.muse import MuseHook
 from airflow_provider_hpc.links.muse import MuseJobStateLink
-from airflow_provider_hpc.operators.muse import DEFERRAL_GRACE, MuseResultMixin
-from airflow_provider_hpc.results import DEFAULT_MAX_XCOM_STDOUT
-from airflow_provider_hpc.triggers._polling import first_poll_after
-from airflow_provider_hpc.triggers.muse import MuseJobTrigger
+from airflow_provider_hpc.models.muse import DEFAULT_MAX_XCOM_STDOUT, MuseReport
+from airflow_provider_hpc.muse_results import MuseResultMixin
 from airflow_provider_hpc.settings import default_deferrable
+from airflow_provider_hpc.triggers._polling import deferral_timeout, first_poll_after
+from airflow_provider_hpc.triggers.muse import MuseJobTrigger
 
 if TYPE_CHECKING:
     from airflow.sdk import Context, ObjectStoragePath
@@ -98,7 +97,7 @@ class MuseJobSensor(MuseResultMixin, BaseSensorOperator):
                 first_poll_at=first_poll_after(self.poke_interval),  # the state was just read above
             ),
             method_name="execute_complete",
-            timeout=timedelta(seconds=self.timeout) + DEFERRAL_GRACE,
+            timeout=deferral_timeout(self.timeout),
         )
 
     def poke(self, context: Context) -> bool | PokeReturnValue:

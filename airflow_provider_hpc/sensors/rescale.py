@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from datetime import timedelta
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
@@ -12,29 +11,26 @@ from airflow.sdk import BaseSensorOperator, PokeReturnValue
 from airflow.sdk.exceptions import AirflowSensorTimeout
 
 from airflow_provider_hpc.exceptions import HpcApiError, RescaleApiError, RescaleRunFailed
-from airflow_provider_hpc.hooks._http import RetryPolicy
-from airflow_provider_hpc.hooks.rescale import RescaleHook, RescaleRun
+from airflow_provider_hpc.hooks.rescale import RescaleHook
 from airflow_provider_hpc.links.rescale import RescaleJobLink
-from airflow_provider_hpc.settings import default_deferrable
-from airflow_provider_hpc.triggers._polling import first_poll_after
-from airflow_provider_hpc.triggers.rescale import (
+from airflow_provider_hpc.models.rescale import RescaleRun
+from airflow_provider_hpc.models.rescale_state import (
     MAX_TAIL_LINES,
-    RescaleRunTrigger,
+    RescaleRunState,
     RunVerdict,
     TailFollower,
     judge_completed_run,
-    outcome_to_dict,
     run_message,
     run_result,
-    tail_is_over,
+    run_result_of,
 )
+from airflow_provider_hpc.settings import default_deferrable
+from airflow_provider_hpc.transport.retry import RetryPolicy
+from airflow_provider_hpc.triggers._polling import deferral_timeout, first_poll_after
+from airflow_provider_hpc.triggers.rescale import RescaleRunTrigger
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
-
-#: Extra seconds Airflow's own deferral timeout allows beyond the trigger's deadline, so the
-#: trigger's clearer ``timeout`` event normally arrives first.
-DEFERRAL_TIMEOUT_MARGIN = 120.0
 
 
 class RescaleRunSensor(BaseSensorOperator):
@@ -132,7 +128,7 @@ class RescaleRunSensor(BaseSensorOperator):
         self.defer(
             trigger=self.make_trigger(),
             method_name="execute_complete",
-            timeout=timedelta(seconds=self.timeout + DEFERRAL_TIMEOUT_MARGIN),
+            timeout=deferral_timeout(self.timeout),
         )
 
     def make_trigger(self) -> RescaleRunTrigger:
@@ -175,7 +171,7 @@ class RescaleRunSensor(BaseSensorOperator):
             self._watching = True
             if follow_tail:
                 self._follow_tail()
-            state = "running" if run.date_started else "waiting to start"
+            state = RescaleRunState.of(run).life_cycle
             if state != self._last_state:
                 self.log.info("Run %s of Rescale job %s is %s", self.run_id, self.job_id, state)
                 self._last_state = state
@@ -196,10 +192,10 @@ class RescaleRunSensor(BaseSensorOperator):
 
     def _verdict_result(self, run: RescaleRun, verdict: RunVerdict) -> dict[str, Any]:
         message = run_message(self.job_id, self.run_id, verdict)
-        if verdict.status != "success":
+        if not verdict.is_successful:
             raise RescaleRunFailed(message)
         self.log.info("%s", message)
-        return run_result(self.job_id, self.run_id, run.to_dict(), outcome_to_dict(verdict.outcome), verdict.status, verdict.reason, message)
+        return run_result(self.job_id, self.run_id, verdict.status, message, run=run.to_dict(), verdict=verdict)
 
     def _follow_tail(self) -> None:
         if not self.tail_path:
@@ -207,18 +203,12 @@ class RescaleRunSensor(BaseSensorOperator):
         tail = self._tail = self._tail or TailFollower(self.tail_path, self.tail_lines)
         try:
             if not tail.found:
-                tail.found = any(e.path == tail.path for e in self.hook.get_directory_contents(self.job_id, self.run_id))
-                if not tail.found:
+                entries = self.hook.get_directory_contents(self.job_id, self.run_id)
+                if not tail.spot([entry.path for entry in entries]):
                     return
-            new, gap = tail.take(self.hook.tail(self.job_id, self.run_id, tail.path, tail.lines))
+            tail.show(self.hook.tail(self.job_id, self.run_id, tail.path, tail.lines), self.log)
         except HpcApiError as exc:
-            if not tail_is_over(exc):
-                self.log.warning("Could not tail %s of run %s: %s", tail.path, self.run_id, exc)
-            return
-        if gap:
-            self.log.info("[%s] ... (more than %d lines since the last poll; some were skipped)", tail.path, tail.lines)
-        for line in new:
-            self.log.info("[%s] %s", tail.path, line)
+            tail.note_failure(exc, self.run_id, self.log)
 
     def execute_complete(self, context: Context, event: dict[str, Any]) -> dict[str, Any]:
         """
@@ -238,10 +228,7 @@ class RescaleRunSensor(BaseSensorOperator):
         message = str(event.get("message") or f"Rescale run {self.run_id} of job {self.job_id}: {status}")
         if status == "success":
             self.log.info("%s", message)
-            return run_result(
-                str(event.get("job_id", self.job_id)), str(event.get("run_id", self.run_id)), event.get("run"),
-                event.get("outcome"), "success", event.get("reason"), message,
-            )
+            return run_result_of(event)
         if status == "failed":
             raise RescaleRunFailed(message)
         if status == "timeout":

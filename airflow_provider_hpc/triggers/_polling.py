@@ -1,6 +1,9 @@
 """
-What every polling trigger shares: the backoff between polls, the deadline, the budget of failed
-polls, one pooled session for the trigger's whole life, and exactly one event.
+The one wait loop: the backoff between polls, the deadline, the budget of failed polls, one pooled
+session for the trigger's whole life, and exactly one event.
+
+Every wait runs it: in the triggerer when a task defers, in the worker (:func:`wait_in_worker`)
+when it does not.
 """
 
 from __future__ import annotations
@@ -10,15 +13,21 @@ import time
 from abc import abstractmethod
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from airflow.triggers.base import BaseTrigger, TaskSuccessEvent, TriggerEvent
 
 from airflow_provider_hpc.exceptions import HpcApiError, InvalidIdentifierError
-from airflow_provider_hpc.hooks._http import RetryPolicy
+from airflow_provider_hpc.transport.retry import RetryPolicy
 
 if TYPE_CHECKING:
     from airflow_provider_hpc.hooks._base import HpcHttpHook
+
+#: How much longer than the trigger's own deadline Airflow's deferral timeout is set, so the
+#: trigger's clearer ``timeout`` event normally arrives first. It covers a poll still in flight at
+#: the deadline, retries included (up to five attempts with backoffs of up to 30 s each).
+DEFERRAL_TIMEOUT_MARGIN = timedelta(minutes=5)
 
 
 @dataclass
@@ -76,6 +85,27 @@ def first_poll_after(poll_interval: float) -> float:
     :param poll_interval: the trigger's ``poll_interval``, in seconds.
     """
     return time.time() + float(poll_interval)
+
+
+def deferral_timeout(timeout: float | None) -> timedelta | None:
+    """
+    Return the ``timeout`` to give ``defer()`` for a wait of ``timeout`` seconds (``None``: no limit).
+
+    :param timeout: the wait's own limit, which the trigger's deadline enforces.
+    """
+    return None if timeout is None else timedelta(seconds=float(timeout)) + DEFERRAL_TIMEOUT_MARGIN
+
+
+def wait_in_worker(trigger: PollingTrigger) -> dict[str, Any]:
+    """
+    Run a trigger's wait in the calling (worker) thread and return its event payload.
+
+    What a task does with ``deferrable=False``: the very same loop as in the triggerer, so both
+    paths poll, back off, time out and fail alike.
+
+    :param trigger: the trigger the task would have deferred to.
+    """
+    return asyncio.run(trigger.wait())
 
 
 def is_transient(exc: HpcApiError) -> bool:

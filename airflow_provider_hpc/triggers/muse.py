@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from functools import cached_property
 from typing import Any
 
-from airflow_provider_hpc.hooks.muse import MuseHook, MuseReport
+from airflow_provider_hpc.hooks.muse import MuseHook
+from airflow_provider_hpc.models.muse import MuseReport, report_signature
 from airflow_provider_hpc.triggers._polling import PollingTrigger
 
 EVENT_STATUSES = ("ok", "nok", "timeout", "error")
@@ -29,39 +29,14 @@ class MuseJobTrigger(PollingTrigger):
     :param name: the software name.
     :param key: the run's key.
     :param poll_interval: seconds between polls at first and after each state change.
-    :param max_poll_interval: the longest wait between two polls while nothing changes.
-    :param deadline: epoch seconds after which a ``timeout`` event fires (``None``: wait forever).
-    :param max_poll_failures: consecutive failed polls tolerated before an ``error`` event.
-    :param retry: the transport's retry policy as plain numbers (:meth:`RetryPolicy.to_dict`).
-    :param end_from_trigger: end the task in the triggerer when the run ends well, its XCom value the
-        run's report (what :class:`MuseJobSensor` returns); only a sensor may ask for it.
-    :param first_poll_at: epoch seconds before which the trigger does not poll (``None``: at once).
+    :param polling: the loop's other settings (``max_poll_interval``, ``deadline``,
+        ``max_poll_failures``, ``retry``, ``first_poll_at``, see :class:`PollingTrigger`), and
+        ``end_from_trigger``: end the task in the triggerer when the run ends well, its XCom value
+        the run's report (what :class:`MuseJobSensor` returns); only a sensor may ask for it.
     """
 
-    def __init__(
-        self,
-        *,
-        muse_conn_id: str,
-        name: str,
-        key: str,
-        poll_interval: float = 10.0,
-        max_poll_interval: float = 300.0,
-        deadline: float | None = None,
-        max_poll_failures: int = 5,
-        retry: Mapping[str, Any] | None = None,
-        end_from_trigger: bool = False,
-        first_poll_at: float | None = None,
-    ) -> None:
-        super().__init__(
-            conn_id=muse_conn_id,
-            poll_interval=poll_interval,
-            max_poll_interval=max_poll_interval,
-            deadline=deadline,
-            max_poll_failures=max_poll_failures,
-            retry=retry,
-            end_from_trigger=end_from_trigger,
-            first_poll_at=first_poll_at,
-        )
+    def __init__(self, *, muse_conn_id: str, name: str, key: str, poll_interval: float = 10.0, **polling: Any) -> None:
+        super().__init__(conn_id=muse_conn_id, poll_interval=poll_interval, **polling)
         self.muse_conn_id = muse_conn_id
         self.name = name
         self.key = key
@@ -86,7 +61,7 @@ class MuseJobTrigger(PollingTrigger):
 
     async def _poll(self) -> tuple[dict[str, Any] | None, bool]:
         current = await self.hook.a_get_state(self.name, self.key)
-        changed = _signature(current) != _signature(self._report)
+        changed = report_signature(current) != report_signature(self._report)
         if changed:
             self._log_change(self._report, current)
         self._report = current
@@ -141,8 +116,3 @@ class MuseJobTrigger(PollingTrigger):
             "The task was killed, but Muse offers no way to cancel a run: %s keeps running on the cluster",
             self.subject,
         )
-
-
-def _signature(report: MuseReport | None) -> tuple[Any, ...] | None:
-    """What counts as a state change: cr, latest_cr or latest_state moved."""
-    return None if report is None else (report.cr, report.latest_cr, report.latest_state)

@@ -13,186 +13,29 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
 from airflow_provider_hpc.exceptions import HpcApiError
-from airflow_provider_hpc.hooks.rescale import FAILURE_STATUSES, JobOutcome, JobStatus, OutputFile, RescaleHook, RescaleRun
+from airflow_provider_hpc.hooks.rescale import RescaleHook
+from airflow_provider_hpc.models.rescale import OutputFile, RescaleRun
+from airflow_provider_hpc.models.rescale_state import (
+    MAX_TAIL_LINES,
+    RescaleRunState,
+    RunVerdict,
+    TailFollower,
+    judge_completed_run,
+    pick_new_snapshot,
+    run_message,
+    run_result,
+    run_result_of,
+)
 from airflow_provider_hpc.triggers._polling import PollingTrigger
 
 #: The ``status`` values of a :class:`RescaleRunTrigger` event.
 RUN_EVENT_STATUSES = ("success", "failed", "timeout", "error")
-#: The most lines one tail request asks for (the API reads them from the end of the file).
-MAX_TAIL_LINES = 1000
 #: Seconds :meth:`RescaleRunTrigger.on_kill` gives the stop request (retries included).
 ON_KILL_TIMEOUT = 20.0
-
-
-# ----- deciding a completed run's outcome (shared with the sensor's poke mode) --------------------
-
-
-def outcome_to_dict(outcome: JobOutcome) -> dict[str, Any]:
-    """
-    Return a job outcome as JSON-able values (trigger events, XCom).
-
-    :param outcome: the outcome read from the job's statuses.
-    """
-    return {
-        "completed": outcome.completed,
-        "succeeded": outcome.succeeded,
-        "reason": outcome.reason,
-        "history": list(outcome.history),
-    }
-
-
-@dataclass(frozen=True)
-class RunVerdict:
-    """
-    What a completed run's job statuses say: ``success`` or ``failed``, why, and the outcome seen.
-
-    :param status: ``success`` or ``failed``.
-    :param reason: the status reason that decided it (or a note when the job is still going).
-    :param outcome: the job outcome read from the date-sorted statuses.
-    """
-
-    status: str
-    reason: str | None
-    outcome: JobOutcome
-
-
-def judge_completed_run(
-    statuses: Sequence[JobStatus],
-    *,
-    accept_any_completion: bool,
-    waited_for_job: float,
-    outcome_wait: float,
-) -> RunVerdict | None:
-    """
-    Decide whether a completed run succeeded from its job's status history, or ``None`` to ask again.
-
-    Rescale keeps statuses per job, not per run. A ``Completed`` job decides through
-    :meth:`JobOutcome.from_statuses` (a ``Stopping``/``Stopped`` on the way or a failure
-    ``statusReason`` is a failure). A job that has not completed yet (its ``Completed`` status may
-    lag the run's ``dateCompleted`` by a moment, or other runs of the job are still going) is
-    waited for up to ``outcome_wait`` seconds; past that, the run counts as a success unless a stop
-    or failure status is already in the history.
-
-    :param statuses: the job's statuses, sorted by date.
-    :param accept_any_completion: count any completion as a success (a stopped run included).
-    :param waited_for_job: seconds since the run was first seen completed.
-    :param outcome_wait: the longest wait for the job's ``Completed`` status.
-    """
-    outcome = JobOutcome.from_statuses(list(statuses))
-    troubled = [s for s in statuses if s.status.lower() in FAILURE_STATUSES]
-    if accept_any_completion:
-        return RunVerdict("success", outcome.reason, outcome)
-    if outcome.completed:
-        return RunVerdict("success" if outcome.succeeded else "failed", outcome.reason, outcome)
-    if troubled:
-        return RunVerdict("failed", troubled[0].status_reason or troubled[0].status, outcome)
-    if waited_for_job < outcome_wait:
-        return None
-    note = "the run completed; its job has not completed yet (other runs still going?), no failure status so far"
-    return RunVerdict("success", note, outcome)
-
-
-def run_result(job_id: str, run_id: str, run: dict[str, Any] | None, verdict_outcome: dict[str, Any] | None,
-               status: str, reason: str | None, message: str) -> dict[str, Any]:
-    """
-    Return the XCom value of a finished wait: ``{"job_id", "run_id", "status", "run", "outcome", "reason", "message"}``.
-
-    :param job_id: the job id.
-    :param run_id: the run id.
-    :param run: :meth:`RescaleRun.to_dict` of the completed run.
-    :param verdict_outcome: the job outcome as :func:`outcome_to_dict` gives it.
-    :param status: ``success`` or ``failed``.
-    :param reason: the status reason that decided.
-    :param message: the one-line summary.
-    """
-    return {
-        "job_id": job_id,
-        "run_id": run_id,
-        "status": status,
-        "run": run,
-        "outcome": verdict_outcome,
-        "reason": reason,
-        "message": message,
-    }
-
-
-def run_message(job_id: str, run_id: str, verdict: RunVerdict) -> str:
-    """
-    Return the one-line summary of a completed run for logs, events and errors.
-
-    :param job_id: the job id.
-    :param run_id: the run id.
-    :param verdict: the decision read from the job's statuses.
-    """
-    history = " -> ".join(verdict.outcome.history) or "no statuses"
-    word = "completed successfully" if verdict.status == "success" else "did not succeed"
-    return f"Rescale run {run_id} of job {job_id} {word}: {verdict.reason or 'no reason given'} (job statuses: {history})"
-
-
-# ----- following a file of a run in progress ------------------------------------------------------
-
-
-def fresh_lines(previous: Sequence[str], current: Sequence[str]) -> tuple[list[str], bool]:
-    """
-    Return the lines of ``current`` not already shown in ``previous``, and whether some were missed.
-
-    Both are the last lines of the same growing file, read at two moments. The longest suffix of
-    ``previous`` that is also a prefix of ``current`` is what both tails share; what follows it is
-    new. No overlap at all means more lines were appended than one tail returns (or the file was
-    rewritten): every line of ``current`` is new, and some lines between the two tails were missed.
-
-    :param previous: the tail shown last time (empty at first).
-    :param current: the tail just read.
-    """
-    previous, current = list(previous), list(current)
-    if not previous:
-        return current, False
-    for overlap in range(min(len(previous), len(current)), 0, -1):
-        if previous[-overlap:] == current[:overlap]:
-            return current[overlap:], False
-    return current, bool(current)
-
-
-@dataclass
-class TailFollower:
-    """
-    Remember what was shown of a growing file, so each new line is logged once.
-
-    :param path: the file's path in the run's working folder (as ``directory-contents`` lists it).
-    :param lines: how many lines each tail asks for.
-    """
-
-    path: str
-    lines: int = 100
-    found: bool = False
-    shown: list[str] = field(default_factory=list)
-
-    def take(self, current: Sequence[str]) -> tuple[list[str], bool]:
-        """
-        Return the new lines of a fresh tail (and whether some were missed), remembering it.
-
-        :param current: the tail just read.
-        """
-        new, gap = fresh_lines(self.shown, current)
-        self.shown = list(current)
-        return new, gap
-
-
-def tail_is_over(exc: HpcApiError) -> bool:
-    """
-    Tell whether a failed tail or listing only means the file or the run's working folder is gone.
-
-    ``directory-contents`` and ``tail`` answer 400 once the run is no longer in progress and 404 for
-    a file that does not exist (yet): neither is worth a warning.
-
-    :param exc: the error of the tail or listing request.
-    """
-    return exc.status in (400, 404)
 
 
 # ----- the triggers -------------------------------------------------------------------------------
@@ -206,16 +49,12 @@ class _RescalePollingTrigger(PollingTrigger):
     :param run_id: the run id within the job.
     :param rescale_conn_id: the Airflow connection id.
     :param poll_interval: seconds between polls at first and after each change.
-    :param max_poll_interval: the longest wait between two polls while nothing changes.
-    :param deadline: epoch seconds after which a ``timeout`` event fires (``None``: wait forever).
-    :param max_poll_failures: consecutive failed polls tolerated (after the transport's own retries).
-    :param retry: the transport's retry policy as plain numbers (:meth:`RetryPolicy.to_dict`).
     :param carry: plain values the deferring task needs back, returned as the event's ``carry``.
         The task's own ``defer(kwargs=...)`` are not enough: ``airflow dags test`` drops them when
         it resumes a task, so a task that must behave the same under test keeps its state here.
-    :param end_from_trigger: end the task in the triggerer when the wait ends well (see
+    :param polling: the loop's other settings (``max_poll_interval``, ``deadline``,
+        ``max_poll_failures``, ``retry``, ``end_from_trigger``, ``first_poll_at``, see
         :class:`PollingTrigger`).
-    :param first_poll_at: epoch seconds before which the trigger does not poll (``None``: at once).
     """
 
     def __init__(
@@ -225,24 +64,10 @@ class _RescalePollingTrigger(PollingTrigger):
         run_id: str,
         rescale_conn_id: str = RescaleHook.default_conn_name,
         poll_interval: float = 30.0,
-        max_poll_interval: float = 300.0,
-        deadline: float | None = None,
-        max_poll_failures: int = 5,
-        retry: Mapping[str, Any] | None = None,
         carry: Mapping[str, Any] | None = None,
-        end_from_trigger: bool = False,
-        first_poll_at: float | None = None,
+        **polling: Any,
     ) -> None:
-        super().__init__(
-            conn_id=rescale_conn_id,
-            poll_interval=poll_interval,
-            max_poll_interval=max_poll_interval,
-            deadline=deadline,
-            max_poll_failures=max_poll_failures,
-            retry=retry,
-            end_from_trigger=end_from_trigger,
-            first_poll_at=first_poll_at,
-        )
+        super().__init__(conn_id=rescale_conn_id, poll_interval=poll_interval, **polling)
         self.job_id = str(job_id)
         self.run_id = str(run_id)
         self.rescale_conn_id = rescale_conn_id
@@ -274,7 +99,7 @@ class RescaleRunTrigger(_RescalePollingTrigger):
 
     The event payload is ``{"status", "job_id", "run_id", "run", "outcome", "reason", "message", "carry"}``:
     ``status`` is ``success``, ``failed`` (the job's statuses show a stop or a failure reason, see
-    :func:`judge_completed_run`), ``timeout`` (the deadline passed while the run was going) or
+    :func:`~airflow_provider_hpc.models.rescale_state.judge_completed_run`), ``timeout`` (the deadline passed while the run was going) or
     ``error`` (polling failed ``max_poll_failures`` times in a row, or Rescale refused a request);
     ``run`` is :meth:`RescaleRun.to_dict` of the last run read (or ``None``), ``outcome`` the job
     outcome (or ``None``).
@@ -284,15 +109,8 @@ class RescaleRunTrigger(_RescalePollingTrigger):
     is deferred, :meth:`on_kill` stops the run (unless ``cancel_on_kill`` is off); a triggerer
     restart or a timeout never stops it.
 
-    :param job_id: the Rescale job id.
-    :param run_id: the run id within the job.
-    :param rescale_conn_id: the Airflow connection id.
-    :param poll_interval: seconds between polls at first and after each change.
-    :param max_poll_interval: the longest wait between two polls while nothing changes.
-    :param deadline: epoch seconds after which a ``timeout`` event fires (``None``: wait forever).
-    :param max_poll_failures: consecutive failed polls tolerated (after the transport's own retries).
-    :param retry: the transport's retry policy as plain numbers (:meth:`RetryPolicy.to_dict`).
-    :param carry: plain values the deferring task needs back, returned as the event's ``carry``.
+    The run, the connection, ``carry`` and the loop's settings are those of :class:`_RescalePollingTrigger`.
+
     :param accept_any_completion: report ``success`` for any completion, a stopped run included.
     :param outcome_wait: seconds to wait, once the run completed, for its job's ``Completed`` status.
     :param tail_path: a file of the run's working folder to follow into the task log.
@@ -357,8 +175,8 @@ class RescaleRunTrigger(_RescalePollingTrigger):
         if verdict is None:
             return None, changed
         message = run_message(self.job_id, self.run_id, verdict)
-        (self.log.info if verdict.status == "success" else self.log.warning)("%s", message)
-        return self._event(verdict.status, message, outcome=verdict.outcome, reason=verdict.reason), changed
+        (self.log.info if verdict.is_successful else self.log.warning)("%s", message)
+        return self._event(verdict.status, message, verdict), changed
 
     def _note_run(self, run: RescaleRun) -> bool:
         """Remember the run just read; log and return whether it moved (started, completed)."""
@@ -366,8 +184,7 @@ class RescaleRunTrigger(_RescalePollingTrigger):
         self._run = run
         moved = before is None or (before.date_started, before.date_completed) != (run.date_started, run.date_completed)
         if moved:
-            state = "completed" if run.is_completed else "running" if run.date_started else "waiting to start"
-            self.log.info("Rescale run %s of job %s is %s", self.run_id, self.job_id, state)
+            self.log.info("Rescale run %s of job %s is %s", self.run_id, self.job_id, RescaleRunState.of(run).life_cycle)
         return moved
 
     async def _follow_tail(self) -> int:
@@ -377,42 +194,20 @@ class RescaleRunTrigger(_RescalePollingTrigger):
         try:
             if not tail.found:
                 entries = await self.hook.a_get_directory_contents(self.job_id, self.run_id)
-                tail.found = any(entry.path == tail.path for entry in entries)
-                if not tail.found:
+                if not tail.spot([entry.path for entry in entries]):
                     return 0
-            current = await self.hook.a_tail(self.job_id, self.run_id, tail.path, tail.lines)
+            return tail.show(await self.hook.a_tail(self.job_id, self.run_id, tail.path, tail.lines), self.log)
         except HpcApiError as exc:
-            # Following the file is a courtesy: it never fails the wait.
-            if not tail_is_over(exc):
-                self.log.warning("Could not tail %s of run %s: %s", tail.path, self.run_id, exc)
+            tail.note_failure(exc, self.run_id, self.log)
             return 0
-        new, gap = tail.take(current)
-        if gap:
-            self.log.info("[%s] ... (more than %d lines since the last poll; some were skipped)", tail.path, tail.lines)
-        for line in new:
-            self.log.info("[%s] %s", tail.path, line)
-        return len(new)
 
-    def _event(
-        self, status: str, message: str, *, outcome: JobOutcome | None = None, reason: str | None = None
-    ) -> dict[str, Any]:
-        return {
-            "status": status,
-            "job_id": self.job_id,
-            "run_id": self.run_id,
-            "run": self._run.to_dict() if self._run else None,
-            "outcome": outcome_to_dict(outcome) if outcome else None,
-            "reason": reason,
-            "message": message,
-            "carry": self.carry,
-        }
+    def _event(self, status: str, message: str, verdict: RunVerdict | None = None) -> dict[str, Any]:
+        run = self._run.to_dict() if self._run else None
+        return {**run_result(self.job_id, self.run_id, status, message, run=run, verdict=verdict), "carry": self.carry}
 
     def task_result(self, payload: dict[str, Any]) -> dict[str, Any] | None:
         """The sensor's XCom value for a run that succeeded, else ``None``."""
-        if payload.get("status") != "success":
-            return None
-        return run_result(self.job_id, self.run_id, payload.get("run"), payload.get("outcome"), "success",
-                          payload.get("reason"), str(payload.get("message")))
+        return run_result_of(payload) if payload.get("status") == "success" else None
 
     def _error(self, message: str) -> dict[str, Any]:
         return self._event("error", message)
@@ -460,16 +255,9 @@ class RescaleSnapshotTrigger(_RescalePollingTrigger):
     The event payload is ``{"status", "job_id", "run_id", "file", "message", "carry"}``: ``status``
     is ``success`` (``file`` is :meth:`OutputFile.to_dict`), ``timeout`` or ``error``.
 
-    :param job_id: the Rescale job id.
-    :param run_id: the run id within the job.
+    The run, the connection, ``carry`` and the loop's settings are those of :class:`_RescalePollingTrigger`.
+
     :param known_file_ids: the ids of the run's output files listed before the snapshot request.
-    :param rescale_conn_id: the Airflow connection id.
-    :param poll_interval: seconds between polls at first and after each change.
-    :param max_poll_interval: the longest wait between two polls while nothing changes.
-    :param deadline: epoch seconds after which a ``timeout`` event fires (``None``: wait forever).
-    :param max_poll_failures: consecutive failed polls tolerated (after the transport's own retries).
-    :param retry: the transport's retry policy as plain numbers (:meth:`RetryPolicy.to_dict`).
-    :param carry: plain values the deferring task needs back, returned as the event's ``carry``.
     """
 
     def __init__(self, *, known_file_ids: Sequence[str] = (), **kwargs: Any) -> None:
@@ -509,18 +297,3 @@ class RescaleSnapshotTrigger(_RescalePollingTrigger):
         return self._event(
             "timeout", f"Timed out waiting for the snapshot of run {self.run_id} of Rescale job {self.job_id} to appear"
         )
-
-
-def pick_new_snapshot(files: Sequence[OutputFile], known_file_ids: Sequence[str]) -> OutputFile | None:
-    """
-    Return the output file that is the new snapshot, or ``None`` while it has not appeared.
-
-    :param files: the run's output files now.
-    :param known_file_ids: the ids listed before the snapshot was requested.
-    """
-    known = set(known_file_ids)
-    new = [f for f in files if f.id not in known and f.is_uploaded]
-    if len(new) <= 1:
-        return new[0] if new else None
-    named = [f for f in new if "snapshot" in f.relative_path.lower()] or new
-    return max(named, key=lambda f: f.date_uploaded or "")

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from airflow.sdk import ObjectStoragePath
 
-from airflow_provider_hpc.emulator import EmulatorServer
+from hpc_emulator import EmulatorServer
 
 RETRY_DAGS = Path(__file__).resolve().parents[1] / "integration" / "muse" / "dags"
 TRIGGER_RAN = "[DAG TEST] running trigger in line"

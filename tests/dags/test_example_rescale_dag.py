@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from airflow_provider_hpc.emulator import EmulatorConfig, EmulatorServer
+from hpc_emulator import EmulatorConfig, EmulatorServer
 
 # The demo job lives in scripts/, importable from the repository's root whatever the working folder.
 REPO = Path(__file__).resolve().parents[2]

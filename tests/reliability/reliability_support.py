@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from airflow_provider_hpc.hooks._http import RetryPolicy
+from airflow_provider_hpc.transport.retry import RetryPolicy
 
 #: Secrets of the hostile-server connections; no message or log may ever show one of them.
 MUSE_PASSWORD = "muse-pw-7Qx2-SECRET"

@@ -31,11 +31,11 @@ from pathlib import Path
 
 import pytest
 import requests
-from airflow_stack import AirflowStack, wait_for
+from dev.airflow_stack import AirflowStack, wait_for
 from reliability_support import TcpProxy
 
-from airflow_provider_hpc.emulator import EmulatorConfig, EmulatorServer
-from airflow_provider_hpc.emulator.config import MuseUser
+from hpc_emulator import EmulatorConfig, EmulatorServer
+from hpc_emulator.config import MuseUser
 
 pytestmark = pytest.mark.slow
 

@@ -9,9 +9,10 @@ import asyncio
 
 import pytest
 
-from airflow_provider_hpc.emulator import EmulatorServer
+from hpc_emulator import EmulatorServer
 from airflow_provider_hpc.exceptions import RescaleApiError
-from airflow_provider_hpc.hooks._http import RetryPolicy, close_all_sessions
+from airflow_provider_hpc.transport.aio import close_all_sessions
+from airflow_provider_hpc.transport.retry import RetryPolicy
 from airflow_provider_hpc.hooks.rescale import RescaleHook
 
 TWO_ATTEMPTS = RetryPolicy(max_attempts=2, initial_wait=0.01, max_wait=0.02)

@@ -19,8 +19,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from airflow_provider_hpc.exceptions import HpcApiError, MuseApiError, RescaleApiError
-from airflow_provider_hpc.hooks import _http
-from airflow_provider_hpc.hooks._http import close_all_sessions, decode_json, error_from_answer, page_results, parse_retry_after
+from airflow_provider_hpc.transport import errors
+from airflow_provider_hpc.transport.aio import close_all_sessions
+from airflow_provider_hpc.transport.errors import decode_json, error_from_answer
+from airflow_provider_hpc.transport.paging import page_results
+from airflow_provider_hpc.transport.retry import parse_retry_after
 from airflow_provider_hpc.hooks.muse import MuseHook, MuseReport
 from airflow_provider_hpc.hooks.rescale import (
     JobOutcome,
@@ -433,7 +436,7 @@ def test_a_body_larger_than_the_json_limit_is_refused_without_reading_it_all(
     hostile: HostileServer, hostile_conns: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The real limit is 32 MiB; a smaller one keeps the test quick and checks the same code.
-    monkeypatch.setattr(_http, "MAX_JSON_BYTES", 64 * 1024)
+    monkeypatch.setattr(errors, "MAX_JSON_BYTES", 64 * 1024)
     monkeypatch.setattr("airflow_provider_hpc.hooks.muse.MAX_JSON_BYTES", 64 * 1024)
     huge = b'{"info": {"report": {"cr": "WAIT", "pad": "' + b"x" * (1024 * 1024) + b'"}}}'
     hostile.script(200, huge)

@@ -22,8 +22,9 @@ import pytest
 import requests
 from reliability_support import TcpProxy
 
-from airflow_provider_hpc.emulator import EmulatorConfig, EmulatorServer
-from airflow_provider_hpc.hooks._http import RetryPolicy, close_all_sessions
+from hpc_emulator import EmulatorConfig, EmulatorServer
+from airflow_provider_hpc.transport.aio import close_all_sessions
+from airflow_provider_hpc.transport.retry import RetryPolicy
 from airflow_provider_hpc.hooks.muse import MuseHook
 from airflow_provider_hpc.triggers.muse import MuseJobTrigger
 from airflow_provider_hpc.triggers.rescale import RescaleRunTrigger

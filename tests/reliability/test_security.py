@@ -18,10 +18,11 @@ import requests
 from airflow.sdk import ObjectStoragePath
 from reliability_support import MUSE_TOKEN, NO_WAIT_RETRY, RESCALE_KEY, HostileServer, assert_no_secret
 
-from airflow_provider_hpc.emulator import EmulatorConfig, EmulatorServer
-from airflow_provider_hpc.emulator.config import MuseUser
+from hpc_emulator import EmulatorConfig, EmulatorServer
+from hpc_emulator.config import MuseUser
 from airflow_provider_hpc.exceptions import HpcApiError, MuseApiError, RescaleApiError
-from airflow_provider_hpc.hooks._http import RetryPolicy, close_all_sessions
+from airflow_provider_hpc.transport.aio import close_all_sessions
+from airflow_provider_hpc.transport.retry import RetryPolicy
 from airflow_provider_hpc.hooks.muse import MuseHook
 from airflow_provider_hpc.hooks.rescale import RescaleHook
 from airflow_provider_hpc.operators.muse import MuseRunOperator

@@ -18,7 +18,7 @@ import pytest
 import tenacity.nap
 from airflow.sdk import ObjectStoragePath
 
-from airflow_provider_hpc.hooks._http import RetryPolicy
+from airflow_provider_hpc.transport.retry import RetryPolicy
 from airflow_provider_hpc.hooks.muse import MuseHook
 from airflow_provider_hpc.hooks.rescale import RescaleHook
 

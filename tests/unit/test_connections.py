@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from airflow.models.connection import Connection
 
-from airflow_provider_hpc.emulator import EmulatorServer
+from hpc_emulator import EmulatorServer
 from airflow_provider_hpc.hooks.muse import MuseHook
 from airflow_provider_hpc.hooks.rescale import RescaleHook
 

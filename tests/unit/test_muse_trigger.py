@@ -12,7 +12,7 @@ import pytest
 from airflow.sdk import Connection
 
 from airflow_provider_hpc.exceptions import InvalidIdentifierError, MuseApiError
-from airflow_provider_hpc.hooks import _http
+from airflow_provider_hpc.transport import aio
 from airflow_provider_hpc.hooks.muse import MuseCr, MuseHook, MuseReport
 from airflow_provider_hpc.triggers.muse import MuseJobTrigger
 
@@ -34,7 +34,7 @@ class ScriptedState:
 
     async def __call__(self, hook: MuseHook, name: str, key: str) -> MuseReport:
         assert (name, key) == ("sw_example", KEY)
-        pool = _http._SESSIONS.get(asyncio.get_running_loop())
+        pool = aio._SESSIONS.get(asyncio.get_running_loop())
         self.open_sessions = list(pool.sessions.values()) if pool else []
         item = self.items[min(self.calls, len(self.items) - 1)]
         self.calls += 1
@@ -212,7 +212,7 @@ async def test_cancellation_closes_the_shared_session(connection: Connection, mo
     with pytest.raises(asyncio.CancelledError):
         await task
     assert session.closed
-    pool = _http._SESSIONS.get(asyncio.get_running_loop())
+    pool = aio._SESSIONS.get(asyncio.get_running_loop())
     assert pool is None or not pool.sessions
 
 
@@ -230,7 +230,7 @@ async def test_polls_share_one_session(connection: Connection, monkeypatch: pyte
     (event,) = await all_events(make_trigger())
     assert event["status"] == "ok"
     assert len(seen) == 3 and len(set(seen)) == 1
-    pool = _http._SESSIONS.get(asyncio.get_running_loop())
+    pool = aio._SESSIONS.get(asyncio.get_running_loop())
     assert pool is None or not pool.sessions
 
 

@@ -12,16 +12,10 @@ import pytest
 from airflow.sdk import Connection
 
 from airflow_provider_hpc.exceptions import InvalidIdentifierError, RescaleApiError
-from airflow_provider_hpc.hooks import _http
 from airflow_provider_hpc.hooks.rescale import DirectoryEntry, JobStatus, OutputFile, RescaleHook, RescaleRun
-from airflow_provider_hpc.triggers.rescale import (
-    RescaleRunTrigger,
-    RescaleSnapshotTrigger,
-    TailFollower,
-    fresh_lines,
-    judge_completed_run,
-    pick_new_snapshot,
-)
+from airflow_provider_hpc.models.rescale_state import TailFollower, fresh_lines, judge_completed_run, pick_new_snapshot
+from airflow_provider_hpc.transport import aio
+from airflow_provider_hpc.triggers.rescale import RescaleRunTrigger, RescaleSnapshotTrigger
 
 API_KEY = "rk-unit-SECRET-0123456789"
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=timezone.utc)
@@ -69,7 +63,7 @@ class Script:
         self.sessions_seen: set[int] = set()
 
     def next(self, name: str) -> Any:
-        pool = _http._SESSIONS.get(asyncio.get_running_loop())
+        pool = aio._SESSIONS.get(asyncio.get_running_loop())
         self.sessions_seen.update(id(s) for s in (pool.sessions.values() if pool else ()))
         values = self.items[name]
         count = self.calls.get(name, 0)
@@ -229,7 +223,7 @@ async def test_success_event_after_the_run_completes(connection: Connection, mon
     assert scripted.calls["run"] == 4
     # Every poll went through one shared session, closed once the trigger ended.
     assert len(scripted.sessions_seen) == 1
-    pool = _http._SESSIONS.get(asyncio.get_running_loop())
+    pool = aio._SESSIONS.get(asyncio.get_running_loop())
     assert pool is None or not pool.sessions
     json.dumps(event)
 
@@ -367,7 +361,7 @@ async def test_cancellation_and_cleanup_never_stop_the_run(connection: Connectio
         await task
     await trigger.cleanup()
     assert "stop" not in scripted.calls
-    pool = _http._SESSIONS.get(asyncio.get_running_loop())
+    pool = aio._SESSIONS.get(asyncio.get_running_loop())
     assert pool is None or not pool.sessions
 
 

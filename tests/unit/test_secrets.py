@@ -17,7 +17,7 @@ import requests_mock as rm
 from airflow.sdk._shared.secrets_masker import redact as airflow_redact
 
 from airflow_provider_hpc.exceptions import HpcApiError
-from airflow_provider_hpc.hooks import _http
+from airflow_provider_hpc.transport import retry
 from airflow_provider_hpc.hooks.muse import MuseHook
 from airflow_provider_hpc.hooks.rescale import RescaleHook
 from scripted_server import ScriptedServer
@@ -171,7 +171,7 @@ async def test_async_paths_never_show_a_secret(
     async def no_wait(seconds: float) -> None:
         return None
 
-    monkeypatch.setattr(_http, "_async_sleep", no_wait)
+    monkeypatch.setattr(retry, "_async_sleep", no_wait)
     rescale = RescaleHook(set_conn("rescale_leak", conn_type="rescale", host=server.url, password=creds.api_key), retry=fast_retry)
     muse = MuseHook(
         set_conn("muse_leak", conn_type="muse", host=server.url + "api/", login=creds.login, password=creds.password),

@@ -24,8 +24,9 @@ import urllib3.exceptions
 from airflow.sdk import Connection, ObjectStoragePath
 
 from airflow_provider_hpc.exceptions import HpcApiError, MuseApiError, RescaleApiError
-from airflow_provider_hpc.hooks import _http
-from airflow_provider_hpc.hooks._http import RetryPolicy, TransportSettings, parse_retry_after
+from airflow_provider_hpc.hooks._base import settings_from_connection
+from airflow_provider_hpc.transport import aio, retry
+from airflow_provider_hpc.transport.retry import RetryPolicy, parse_retry_after
 from airflow_provider_hpc.hooks.muse import MuseCr, MuseHook
 from airflow_provider_hpc.hooks.rescale import OutputFile, RescaleHook
 from scripted_server import HANG, RESET, ScriptedServer
@@ -105,7 +106,7 @@ def conn(**fields: Any) -> Connection:
 
 def test_settings_from_a_whole_url_and_extras() -> None:
     """Every transport extra is read; strings (as forms store them) become numbers and booleans."""
-    settings = TransportSettings.from_connection(
+    settings = settings_from_connection(
         conn(host="http://147.100.179.250/api", extra='{"verify": "false", "connect_timeout": "2.5", "read_timeout": 7, "max_attempts": "4"}')
     )
     assert settings.base_url == "http://147.100.179.250/api/"
@@ -116,21 +117,21 @@ def test_settings_from_a_whole_url_and_extras() -> None:
 def test_settings_from_a_bare_host_uri() -> None:
     """A URI's bare host is completed by port, schema (the path) and the ``scheme`` extra."""
     uri_conn = Connection.from_uri("muse://me:secret@147.100.179.250:8000/api?scheme=http", conn_id="c")
-    settings = TransportSettings.from_connection(uri_conn)
+    settings = settings_from_connection(uri_conn)
     assert settings.base_url == "http://147.100.179.250:8000/api/"
-    assert TransportSettings.from_connection(conn(host="muse.example.org"), default_path="api").base_url == "https://muse.example.org/api/"
+    assert settings_from_connection(conn(host="muse.example.org"), default_path="api").base_url == "https://muse.example.org/api/"
 
 
 def test_settings_read_prefixed_extras_and_ca_bundle() -> None:
     """Older forms stored ``extra__<type>__<field>``; a CA bundle replaces the default trust store."""
-    settings = TransportSettings.from_connection(
+    settings = settings_from_connection(
         conn(host="https://muse.example.org/api/", extra='{"extra__muse__read_timeout": "9", "extra__muse__ca_bundle": "/etc/ca.pem"}')
     )
     assert settings.read_timeout == 9.0
     assert settings.verify == "/etc/ca.pem"
-    off = TransportSettings.from_connection(conn(host="https://h/", extra='{"verify": false, "ca_bundle": "/etc/ca.pem"}'))
+    off = settings_from_connection(conn(host="https://h/", extra='{"verify": false, "ca_bundle": "/etc/ca.pem"}'))
     assert off.verify is False
-    path_in_verify = TransportSettings.from_connection(conn(host="https://h/", extra='{"verify": "/etc/ca.pem"}'))
+    path_in_verify = settings_from_connection(conn(host="https://h/", extra='{"verify": "/etc/ca.pem"}'))
     assert path_in_verify.verify == "/etc/ca.pem"
 
 
@@ -145,7 +146,7 @@ def test_settings_read_prefixed_extras_and_ca_bundle() -> None:
 def test_settings_errors_are_clear(fields: dict, message: str) -> None:
     """A wrong extra, a non-HTTP URL or a missing host is refused with a message, before any request."""
     with pytest.raises(HpcApiError, match=message):
-        TransportSettings.from_connection(conn(**fields))
+        settings_from_connection(conn(**fields))
 
 
 # ----- retry policy ------------------------------------------------------------------------------
@@ -418,7 +419,7 @@ def async_sleeps(monkeypatch: pytest.MonkeyPatch) -> list[float]:
     async def record(seconds: float) -> None:
         recorded.append(seconds)
 
-    monkeypatch.setattr(_http, "_async_sleep", record)
+    monkeypatch.setattr(retry, "_async_sleep", record)
     return recorded
 
 
@@ -591,7 +592,7 @@ async def test_async_session_is_shared_within_a_loop(server: ScriptedServer, amu
     async with muse_transport.session_lease() as first, rescale_transport.session_lease() as second:
         assert first is second and not first.closed
     assert first.closed
-    assert not _http._SESSIONS[asyncio.get_running_loop()].sessions
+    assert not aio._SESSIONS[asyncio.get_running_loop()].sessions
 
 
 def test_one_session_per_event_loop(set_conn: Callable[..., str]) -> None:

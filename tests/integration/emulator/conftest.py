@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import pytest
 from emulator_client import MuseClient
 
-from airflow_provider_hpc.emulator import EmulatorServer
+from hpc_emulator import EmulatorServer
 
 
 @pytest.fixture

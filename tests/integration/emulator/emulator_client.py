@@ -15,8 +15,8 @@ from typing import Any
 
 import requests
 
-from airflow_provider_hpc.emulator import EmulatorServer
-from airflow_provider_hpc.emulator.software import BUILTIN_CATALOGUE
+from hpc_emulator import EmulatorServer
+from hpc_emulator.software import BUILTIN_CATALOGUE
 
 SOFTWARE = "sw_example"
 # The example's own files: stdin.txt (example E) and usrcmd.sh (example F).

@@ -28,9 +28,9 @@ import pytest
 import requests
 from emulator_client import SOFTWARE, MuseClient, key_of, wait_for
 
-from airflow_provider_hpc.emulator import EmulatorConfig, EmulatorServer
-from airflow_provider_hpc.emulator.__main__ import banner, is_loopback
-from airflow_provider_hpc.emulator.__main__ import main as cli_main
+from hpc_emulator import EmulatorConfig, EmulatorServer
+from hpc_emulator.__main__ import banner, is_loopback
+from hpc_emulator.__main__ import main as cli_main
 
 STATE_ROUTE = "GET /api/software/muse/state/{name}/{key}/"
 SUBMIT_ROUTE = "POST /api/software/muse/run/{name}/"
@@ -269,7 +269,7 @@ def test_tls_is_trusted_through_its_ca_only(emulator_config: EmulatorConfig) -> 
 def start_cli(*args: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen[str], list[str]]:
     """Start the emulator's command line; return the process and its banner once it is ready."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "airflow_provider_hpc.emulator", "--port", "0", "--time-scale", "0.05", *args],
+        [sys.executable, "-m", "hpc_emulator", "--port", "0", "--time-scale", "0.05", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

@@ -21,8 +21,8 @@ from typing import Any
 import pytest
 import requests
 
-from airflow_provider_hpc.emulator import EmulatorConfig, EmulatorServer, MuseUser
-from airflow_provider_hpc.emulator.muse import parse_walltime
+from hpc_emulator import EmulatorConfig, EmulatorServer, MuseUser
+from hpc_emulator.muse import parse_walltime
 
 from emulator_client import EXAMPLE_DIR, SOFTWARE, MuseClient, key_of, wait_for
 

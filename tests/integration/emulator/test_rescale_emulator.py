@@ -19,8 +19,8 @@ import requests
 import uvicorn
 from fastapi import FastAPI
 
-from airflow_provider_hpc.emulator.config import Counters, EmulatorConfig
-from airflow_provider_hpc.emulator.rescale import create_rescale_router
+from hpc_emulator.config import Counters, EmulatorConfig
+from hpc_emulator.rescale import create_rescale_router
 
 KEY = "test-key"
 WAIT_SECONDS = 15.0

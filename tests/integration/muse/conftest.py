@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from airflow_provider_hpc.emulator import EmulatorConfig, EmulatorServer
-from airflow_provider_hpc.emulator.config import MuseUser
+from hpc_emulator import EmulatorConfig, EmulatorServer
+from hpc_emulator.config import MuseUser
 from airflow_provider_hpc.triggers.muse import MuseJobTrigger
 
 from muse_support import PASSWORD, MemoryStateStore

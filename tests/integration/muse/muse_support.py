@@ -18,7 +18,7 @@ from typing import Any
 import requests
 from airflow.sdk.exceptions import TaskDeferred
 
-from airflow_provider_hpc.emulator import EmulatorServer
+from hpc_emulator import EmulatorServer
 from airflow_provider_hpc.triggers.muse import MuseJobTrigger
 
 #: Poll settings that keep a test's wait within a fraction of a second.

@@ -16,12 +16,13 @@ import requests
 from airflow.sdk import Asset, ObjectStoragePath
 from airflow.sdk.exceptions import TaskDeferred
 
-from airflow_provider_hpc import results
-from airflow_provider_hpc.emulator import EmulatorServer
+from airflow_provider_hpc import muse_results
+from hpc_emulator import EmulatorServer
 from airflow_provider_hpc.exceptions import JobTimeout, MuseApiError, MuseJobFailed, UnsafePathError
 from airflow_provider_hpc.hooks.muse import MuseHook
 from airflow_provider_hpc.links.muse import STATE_URL_XCOM_KEY, MuseJobStateLink
-from airflow_provider_hpc.operators.muse import DEFERRAL_GRACE, KEY_XCOM_KEY, STATE_STORE_KEY, MuseRunOperator
+from airflow_provider_hpc.operators.muse import KEY_XCOM_KEY, STATE_STORE_KEY, MuseRunOperator
+from airflow_provider_hpc.triggers._polling import DEFERRAL_TIMEOUT_MARGIN
 from airflow_provider_hpc.storage import TEMP_PREFIX, StoredFile
 
 from muse_support import (
@@ -252,7 +253,7 @@ def test_the_deferral_is_bounded_by_airflow_beyond_the_trigger_deadline(muse: Em
     with pytest.raises(TaskDeferred) as caught:
         operator(timeout=60, poll_interval=2.0).execute(make_context(MemoryStateStore()))
 
-    assert caught.value.timeout == timedelta(seconds=60) + DEFERRAL_GRACE
+    assert caught.value.timeout == timedelta(seconds=60) + DEFERRAL_TIMEOUT_MARGIN
     _, kwargs = caught.value.trigger.serialize()
     assert kwargs["deadline"] == pytest.approx(time.time() + 60, abs=5)
     # The task has just submitted: the trigger's first poll comes one interval later, not at once.
@@ -469,7 +470,7 @@ def test_extraction_refuses_members_leaving_the_folder(tmp_path: Path, member: s
     stored = StoredFile(path=str(ObjectStoragePath(f"file://{archive}")), size=archive.stat().st_size, md5="")
 
     with pytest.raises(UnsafePathError):
-        results.extract_result(stored, ObjectStoragePath(f"file://{tmp_path}/out/run"))
+        muse_results.extract_result(stored, ObjectStoragePath(f"file://{tmp_path}/out/run"))
 
     assert not list(tmp_path.rglob("escaped.txt"))
     assert not (tmp_path / "out" / "run").exists()

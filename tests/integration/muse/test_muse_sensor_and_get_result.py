@@ -14,7 +14,7 @@ import pytest
 from airflow.sdk.exceptions import AirflowRescheduleException, AirflowSensorTimeout, AirflowSkipException, TaskDeferred
 from airflow.triggers.base import TaskSuccessEvent, TriggerEvent
 
-from airflow_provider_hpc.emulator import EmulatorServer
+from hpc_emulator import EmulatorServer
 from airflow_provider_hpc.exceptions import MuseApiError, MuseJobFailed
 from airflow_provider_hpc.hooks.muse import MuseHook
 from airflow_provider_hpc.links.muse import STATE_URL_XCOM_KEY

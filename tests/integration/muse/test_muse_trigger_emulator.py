@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 import requests
 
-from airflow_provider_hpc.emulator import EmulatorServer
-from airflow_provider_hpc.hooks import _http
+from hpc_emulator import EmulatorServer
+from airflow_provider_hpc.transport import aio
 from airflow_provider_hpc.hooks.muse import MuseHook
 from airflow_provider_hpc.triggers.muse import EVENT_STATUSES, MuseJobTrigger
 
@@ -157,15 +157,15 @@ def test_throttling_and_server_errors_during_polling_are_absorbed(muse: Emulator
 def test_polls_of_one_trigger_share_one_session(muse: EmulatorServer) -> None:
     key = submit("sleep 0.4; python /add.py 4 5")
     seen: set[int] = set()
-    original = _http.AsyncTransport.request_json
+    original = aio.AsyncTransport.request_json
 
-    async def spy(self: _http.AsyncTransport, *args: Any, **kwargs: Any) -> Any:
-        pool = _http._SESSIONS.get(asyncio.get_running_loop())
+    async def spy(self: aio.AsyncTransport, *args: Any, **kwargs: Any) -> Any:
+        pool = aio._SESSIONS.get(asyncio.get_running_loop())
         seen.update(id(session) for session in pool.sessions.values())
         return await original(self, *args, **kwargs)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(_http.AsyncTransport, "request_json", spy)
+        patch.setattr(aio.AsyncTransport, "request_json", spy)
         event = run(make_trigger(key))
 
     assert event["status"] == "ok"
@@ -183,14 +183,14 @@ def test_cancellation_leaves_no_open_session(muse: EmulatorServer) -> None:
         loop = asyncio.get_running_loop()
         while muse.counters.get("requests", STATE_ROUTE) < 2:
             await asyncio.sleep(0.01)
-        pool = _http._SESSIONS.get(loop)
+        pool = aio._SESSIONS.get(loop)
         sessions.extend(pool.sessions.values())
         assert sessions and not any(session.closed for session in sessions)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
         # The cancellation went through (never swallowed), and the session went with the trigger.
-        pool = _http._SESSIONS.get(loop)
+        pool = aio._SESSIONS.get(loop)
         assert not pool or not pool.sessions
         assert all(session.closed for session in sessions)
 

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import requests
 
-from airflow_provider_hpc.emulator import EmulatorConfig, EmulatorServer
+from hpc_emulator import EmulatorConfig, EmulatorServer
 
 # The tests import their helpers as ``tests.integration.rescale.support``, whatever the working folder.
 REPO = Path(__file__).resolve().parents[3]

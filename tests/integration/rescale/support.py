@@ -19,8 +19,9 @@ import requests
 from airflow.sdk.exceptions import TaskDeferred
 from airflow.triggers.base import BaseTrigger
 
-from airflow_provider_hpc.emulator import EmulatorServer
-from airflow_provider_hpc.hooks._http import RetryPolicy, close_all_sessions
+from hpc_emulator import EmulatorServer
+from airflow_provider_hpc.transport.aio import close_all_sessions
+from airflow_provider_hpc.transport.retry import RetryPolicy
 
 WAIT_SECONDS = 20.0
 #: The API key of the tests' connection: long enough for the secrets masker, easy to look for.

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from airflow.jobs.triggerer_job_runner import TriggerRunner
 
-from airflow_provider_hpc.hooks._http import close_all_sessions
+from airflow_provider_hpc.transport.aio import close_all_sessions
 from airflow_provider_hpc.triggers.rescale import RescaleRunTrigger
 from tests.integration.rescale.support import FAST_RETRY, RescaleApi, rebuild
 

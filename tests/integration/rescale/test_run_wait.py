@@ -13,7 +13,8 @@ from airflow.sdk.exceptions import AirflowSensorTimeout
 from airflow.triggers.base import TaskSuccessEvent, TriggerEvent
 
 from airflow_provider_hpc.exceptions import RescaleApiError, RescaleRunFailed
-from airflow_provider_hpc.hooks._http import RetryPolicy, close_all_sessions
+from airflow_provider_hpc.transport.aio import close_all_sessions
+from airflow_provider_hpc.transport.retry import RetryPolicy
 from airflow_provider_hpc.sensors.rescale import RescaleRunSensor
 from airflow_provider_hpc.triggers.rescale import RescaleRunTrigger
 from tests.integration.rescale.support import (

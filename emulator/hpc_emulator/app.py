@@ -28,22 +28,22 @@ from fastapi.responses import JSONResponse, Response
 from starlette.routing import Match
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from airflow_provider_hpc.emulator.config import Counters, EmulatorConfig
-from airflow_provider_hpc.emulator.faults import (
+from hpc_emulator.config import Counters, EmulatorConfig
+from hpc_emulator.faults import (
     ADMIN_PREFIX,
     FaultInjector,
     FaultMiddleware,
     FaultRuleError,
     quiet_dropped_answers,
 )
-from airflow_provider_hpc.emulator.muse import MuseEngine, MuseError, create_muse_router, muse_error_response
+from hpc_emulator.muse import MuseEngine, MuseError, create_muse_router, muse_error_response
 
 if TYPE_CHECKING:
-    from airflow_provider_hpc.emulator.rescale_runs import RescaleEngine
+    from hpc_emulator.rescale_runs import RescaleEngine
 
 log = logging.getLogger(__name__)
 
-RESCALE_MODULES = ("airflow_provider_hpc.emulator.rescale", "airflow_provider_hpc.emulator.rescale_runs")
+RESCALE_MODULES = ("hpc_emulator.rescale", "hpc_emulator.rescale_runs")
 
 
 def create_app(config: EmulatorConfig, counters: Counters | None = None) -> FastAPI:
@@ -93,8 +93,8 @@ def create_app(config: EmulatorConfig, counters: Counters | None = None) -> Fast
 def _include_rescale(app: FastAPI, config: EmulatorConfig, counters: Counters) -> RescaleEngine | None:
     """Include the Rescale router when its module is there; return its engine, or ``None``."""
     try:
-        from airflow_provider_hpc.emulator.rescale import create_rescale_router
-        from airflow_provider_hpc.emulator.rescale_runs import RescaleEngine
+        from hpc_emulator.rescale import create_rescale_router
+        from hpc_emulator.rescale_runs import RescaleEngine
     except ModuleNotFoundError as exc:
         if exc.name not in RESCALE_MODULES:
             raise

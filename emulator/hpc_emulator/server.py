@@ -21,9 +21,9 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI
 
-from airflow_provider_hpc.emulator.app import close_engines, create_app
-from airflow_provider_hpc.emulator.config import Counters, EmulatorConfig
-from airflow_provider_hpc.emulator.tls import TlsFiles, make_tls_files
+from hpc_emulator.app import close_engines, create_app
+from hpc_emulator.config import Counters, EmulatorConfig
+from hpc_emulator.tls import TlsFiles, make_tls_files
 
 START_TIMEOUT = 30.0
 # How long a stop waits for requests in flight (a slow download, say) before it cuts them.

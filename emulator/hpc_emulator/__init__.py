@@ -1,9 +1,9 @@
 """
 A local emulator of the Muse and Rescale APIs: the ground of the demo, the tests and the benchmarks.
 
-Start it with ``python -m airflow_provider_hpc.emulator`` (or ``hpc-emulator``), or in a test::
+Start it with ``python -m hpc_emulator`` (or ``hpc-emulator``), or in a test::
 
-    from airflow_provider_hpc.emulator import EmulatorConfig, EmulatorServer
+    from hpc_emulator import EmulatorConfig, EmulatorServer
 
     with EmulatorServer(EmulatorConfig(data_dir=tmp_path)) as emulator:
         env = emulator.airflow_conn_env()  # AIRFLOW_CONN_MUSE_DEFAULT, AIRFLOW_CONN_RESCALE_DEFAULT
@@ -11,7 +11,7 @@ Start it with ``python -m airflow_provider_hpc.emulator`` (or ``hpc-emulator``),
 
 from __future__ import annotations
 
-from airflow_provider_hpc.emulator.config import Counters, EmulatorConfig, MuseUser
-from airflow_provider_hpc.emulator.server import EmulatorServer
+from hpc_emulator.config import Counters, EmulatorConfig, MuseUser
+from hpc_emulator.server import EmulatorServer
 
 __all__ = ["Counters", "EmulatorConfig", "EmulatorServer", "MuseUser"]

@@ -30,8 +30,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from airflow_provider_hpc.emulator.config import Counters, EmulatorConfig
-from airflow_provider_hpc.emulator.rescale_models import (
+from hpc_emulator.config import Counters, EmulatorConfig
+from hpc_emulator.rescale_models import (
     EngineError,
     InvalidPathError,
     Job,

@@ -23,9 +23,9 @@ from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from airflow_provider_hpc.emulator.config import Counters, EmulatorConfig
-from airflow_provider_hpc.emulator.rescale_models import EngineError, Job, OutputFile, Run, parse_job_spec
-from airflow_provider_hpc.emulator.rescale_runs import CHUNK, RescaleEngine, describe_file_type, tail_lines
+from hpc_emulator.config import Counters, EmulatorConfig
+from hpc_emulator.rescale_models import EngineError, Job, OutputFile, Run, parse_job_spec
+from hpc_emulator.rescale_runs import CHUNK, RescaleEngine, describe_file_type, tail_lines
 
 DEFAULT_PAGE_SIZE = 25
 MAX_PAGE_SIZE = 1000

@@ -1,6 +1,7 @@
 """
-A real, private Airflow deployment for crash tests and the fault soak: API server, scheduler (LocalExecutor) and
-triggerer, each its own process group, on SQLite in a temporary AIRFLOW_HOME, all on loopback.
+A real, private Airflow deployment for crash tests, the fault soak and the worker-cost benchmark:
+API server, scheduler (LocalExecutor) and triggerer, each its own process group, on SQLite in a
+temporary AIRFLOW_HOME, all on loopback.
 
 Every process is started here and ended here by its own process group id; nothing else is touched.
 """
@@ -21,7 +22,7 @@ from typing import Any
 
 import requests
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 AIRFLOW = Path(sys.executable).with_name("airflow")
 START_TIMEOUT = 120.0
 

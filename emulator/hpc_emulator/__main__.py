@@ -1,5 +1,5 @@
 """
-Command line of the emulator: ``python -m airflow_provider_hpc.emulator`` or ``hpc-emulator``.
+Command line of the emulator: ``python -m hpc_emulator`` or ``hpc-emulator``.
 
 It prints the Muse and Rescale base URLs, the credentials, and ready-to-paste Airflow connection
 variables, then serves until Ctrl-C.
@@ -17,9 +17,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from airflow_provider_hpc.emulator.config import EmulatorConfig, MuseUser
-from airflow_provider_hpc.emulator.faults import FaultRuleError, parse_rules
-from airflow_provider_hpc.emulator.server import EmulatorServer
+from hpc_emulator.config import EmulatorConfig, MuseUser
+from hpc_emulator.faults import FaultRuleError, parse_rules
+from hpc_emulator.server import EmulatorServer
 
 LEVELS = ("visitor", "user", "superuser", "admin")
 

@@ -50,7 +50,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from airflow_provider_hpc.emulator.config import Counters
+from hpc_emulator.config import Counters
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,277 @@
+"""
+Deciding a Rescale run's outcome, and what its wait hands on: the verdict, the XCom value, followed
+files, the new snapshot.
+
+Rescale keeps statuses per job, not per run, and ``Completed`` is not always a success: the
+verdict reads the job's status history sorted by date (:meth:`JobOutcome.from_statuses`). The
+trigger, the sensor's poke and the operators all decide and build their values here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from airflow_provider_hpc.exceptions import HpcApiError
+from airflow_provider_hpc.models.rescale import FAILURE_STATUSES, JobOutcome, JobStatus, OutputFile, RescaleRun
+
+#: The most lines one tail request asks for (the API reads them from the end of the file).
+MAX_TAIL_LINES = 1000
+#: The keys of a finished run wait's XCom value (the trigger's event holds them too).
+RUN_RESULT_KEYS = ("job_id", "run_id", "status", "run", "outcome", "reason", "message")
+
+
+@dataclass(frozen=True)
+class RunVerdict:
+    """
+    What a completed run's job statuses say: ``success`` or ``failed``, why, and the outcome seen.
+
+    :param status: ``success`` or ``failed``.
+    :param reason: the status reason that decided it (or a note when the job is still going).
+    :param outcome: the job outcome read from the date-sorted statuses.
+    """
+
+    status: str
+    reason: str | None
+    outcome: JobOutcome
+
+    @property
+    def is_successful(self) -> bool:
+        """Whether the run completed successfully."""
+        return self.status == "success"
+
+
+@dataclass(frozen=True)
+class RescaleRunState:
+    """
+    Where a run stands, like Databricks' ``RunState``: its life cycle, and its verdict once decided.
+
+    :param life_cycle: ``waiting to start``, ``running`` or ``completed`` (read from the run's dates).
+    :param verdict: the decision read from the job's statuses; ``None`` until the run completed
+        and its job said how.
+    """
+
+    life_cycle: str
+    verdict: RunVerdict | None = None
+
+    @classmethod
+    def of(cls, run: RescaleRun, verdict: RunVerdict | None = None) -> RescaleRunState:
+        """Return the state of a run just read, with the verdict decided for it (if any)."""
+        life_cycle = "completed" if run.is_completed else "running" if run.date_started else "waiting to start"
+        return cls(life_cycle, verdict)
+
+    @property
+    def is_terminal(self) -> bool:
+        """Whether the run completed and its outcome is decided."""
+        return self.verdict is not None
+
+    @property
+    def is_successful(self) -> bool:
+        """Whether the run completed successfully."""
+        return self.verdict is not None and self.verdict.is_successful
+
+
+def judge_completed_run(
+    statuses: Sequence[JobStatus],
+    *,
+    accept_any_completion: bool,
+    waited_for_job: float,
+    outcome_wait: float,
+) -> RunVerdict | None:
+    """
+    Decide whether a completed run succeeded from its job's status history, or ``None`` to ask again.
+
+    A ``Completed`` job decides through :meth:`JobOutcome.from_statuses` (a ``Stopping``/``Stopped``
+    on the way or a failure ``statusReason`` is a failure). A job that has not completed yet (its
+    ``Completed`` status may lag the run's ``dateCompleted`` by a moment, or other runs of the job
+    are still going) is waited for up to ``outcome_wait`` seconds; past that, the run counts as a success unless a stop or failure status is already
+    in the history.
+
+    :param statuses: the job's statuses, sorted by date.
+    :param accept_any_completion: count any completion as a success (a stopped run included).
+    :param waited_for_job: seconds since the run was first seen completed.
+    :param outcome_wait: the longest wait for the job's ``Completed`` status.
+    """
+    outcome = JobOutcome.from_statuses(list(statuses))
+    troubled = [s for s in statuses if s.status.lower() in FAILURE_STATUSES]
+    if accept_any_completion:
+        return RunVerdict("success", outcome.reason, outcome)
+    if outcome.completed:
+        return RunVerdict("success" if outcome.succeeded else "failed", outcome.reason, outcome)
+    if troubled:
+        return RunVerdict("failed", troubled[0].status_reason or troubled[0].status, outcome)
+    if waited_for_job < outcome_wait:
+        return None
+    note = "the run completed; its job has not completed yet (other runs still going?), no failure status so far"
+    return RunVerdict("success", note, outcome)
+
+
+def run_message(job_id: str, run_id: str, verdict: RunVerdict) -> str:
+    """
+    Return the one-line summary of a completed run for logs, events and errors.
+
+    :param job_id: the job id.
+    :param run_id: the run id.
+    :param verdict: the decision read from the job's statuses.
+    """
+    history = " -> ".join(verdict.outcome.history) or "no statuses"
+    word = "completed successfully" if verdict.is_successful else "did not succeed"
+    return f"Rescale run {run_id} of job {job_id} {word}: {verdict.reason or 'no reason given'} (job statuses: {history})"
+
+
+def run_result(
+    job_id: str,
+    run_id: str,
+    status: str,
+    message: str,
+    *,
+    run: dict[str, Any] | None = None,
+    verdict: RunVerdict | None = None,
+) -> dict[str, Any]:
+    """
+    Return the value of a finished run wait: ``{"job_id", "run_id", "status", "run", "outcome", "reason", "message"}``.
+
+    It is the sensor's XCom value, and the trigger's event payload is built from it.
+
+    :param job_id: the job id.
+    :param run_id: the run id.
+    :param status: ``success`` or ``failed``; ``timeout`` or ``error`` in an event.
+    :param message: the one-line summary.
+    :param run: :meth:`RescaleRun.to_dict` of the run last read.
+    :param verdict: the decision (gives ``outcome`` and ``reason``).
+    """
+    return {
+        "job_id": job_id,
+        "run_id": run_id,
+        "status": status,
+        "run": run,
+        "outcome": verdict.outcome.to_dict() if verdict else None,
+        "reason": verdict.reason if verdict else None,
+        "message": message,
+    }
+
+
+def run_result_of(event: dict[str, Any]) -> dict[str, Any]:
+    """Return the XCom value held in a run trigger's event (the event without what only the task needs)."""
+    return {key: event.get(key) for key in RUN_RESULT_KEYS}
+
+
+# ----- following a file of a run in progress ------------------------------------------------------
+
+
+def fresh_lines(previous: Sequence[str], current: Sequence[str]) -> tuple[list[str], bool]:
+    """
+    Return the lines of ``current`` not already shown in ``previous``, and whether some were missed.
+
+    Both are the last lines of the same growing file, read at two moments. The longest suffix of
+    ``previous`` that is also a prefix of ``current`` is what both tails share; what follows it is
+    new. No overlap at all means more lines were appended than one tail returns (or the file was
+    rewritten): every line of ``current`` is new, and some lines between the two tails were missed.
+
+    :param previous: the tail shown last time (empty at first).
+    :param current: the tail just read.
+    """
+    previous, current = list(previous), list(current)
+    if not previous:
+        return current, False
+    for overlap in range(min(len(previous), len(current)), 0, -1):
+        if previous[-overlap:] == current[:overlap]:
+            return current[overlap:], False
+    return current, bool(current)
+
+
+def tail_is_over(exc: HpcApiError) -> bool:
+    """
+    Tell whether a failed tail or listing only means the file or the run's working folder is gone.
+
+    ``directory-contents`` and ``tail`` answer 400 once the run is no longer in progress and 404 for
+    a file that does not exist (yet): neither is worth a warning.
+
+    :param exc: the error of the tail or listing request.
+    """
+    return exc.status in (400, 404)
+
+
+@dataclass
+class TailFollower:
+    """
+    Follow a growing file of a run into a log: each new line once, in order.
+
+    The trigger (async) and the sensor's poke (sync) fetch; this decides what to show. A failed
+    tail never fails the wait: following the file is a courtesy.
+
+    :param path: the file's path in the run's working folder (as ``directory-contents`` lists it).
+    :param lines: how many lines each tail asks for.
+    """
+
+    path: str
+    lines: int = 100
+    found: bool = False
+    shown: list[str] = field(default_factory=list)
+
+    def spot(self, listed_paths: Sequence[str]) -> bool:
+        """
+        Note whether the file is among the working folder's files; return whether it was found.
+
+        :param listed_paths: the paths ``directory-contents`` answered.
+        """
+        self.found = self.path in listed_paths
+        return self.found
+
+    def take(self, current: Sequence[str]) -> tuple[list[str], bool]:
+        """
+        Return the new lines of a fresh tail (and whether some were missed), remembering it.
+
+        :param current: the tail just read.
+        """
+        new, gap = fresh_lines(self.shown, current)
+        self.shown = list(current)
+        return new, gap
+
+    def show(self, current: Sequence[str], log: Any) -> int:
+        """
+        Log the new lines of a fresh tail; return how many were shown.
+
+        :param current: the tail just read.
+        :param log: the task's (or trigger's) logger.
+        """
+        new, gap = self.take(current)
+        if gap:
+            log.info("[%s] ... (more than %d lines since the last poll; some were skipped)", self.path, self.lines)
+        for line in new:
+            log.info("[%s] %s", self.path, line)
+        return len(new)
+
+    def note_failure(self, exc: HpcApiError, run_id: str, log: Any) -> None:
+        """
+        Log a failed tail or listing, unless it only means the file or the folder is gone.
+
+        :param exc: the error of the request.
+        :param run_id: the run followed, for the log line.
+        :param log: the logger.
+        """
+        if not tail_is_over(exc):
+            log.warning("Could not tail %s of run %s: %s", self.path, run_id, exc)
+
+
+# ----- snapshots ----------------------------------------------------------------------------------
+
+
+def pick_new_snapshot(files: Sequence[OutputFile], known_file_ids: Sequence[str]) -> OutputFile | None:
+    """
+    Return the output file that is the new snapshot, or ``None`` while it has not appeared.
+
+    A snapshot appears as a run output file under an id nobody knows in advance: it is the file
+    not listed before the request; when several new files appear (the run completed meanwhile and
+    uploaded all its outputs), the one whose name says ``snapshot`` and was uploaded last.
+
+    :param files: the run's output files now.
+    :param known_file_ids: the ids listed before the snapshot was requested.
+    """
+    known = set(known_file_ids)
+    new = [f for f in files if f.id not in known and f.is_uploaded]
+    if len(new) <= 1:
+        return new[0] if new else None
+    named = [f for f in new if "snapshot" in f.relative_path.lower()] or new
+    return max(named, key=lambda f: f.date_uploaded or "")

@@ -1,0 +1,153 @@
+"""Non-blocking HTTP for triggers: aiohttp, one pooled session per event loop and origin."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import weakref
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from typing import Any
+
+import aiohttp
+
+from airflow_provider_hpc.transport.base import BaseTransport
+from airflow_provider_hpc.transport import errors
+from airflow_provider_hpc.transport.paging import MAX_PAGES, PageWalk
+from airflow_provider_hpc.transport.urls import endpoint_of, origin
+
+
+class _LoopSessions:
+    """The aiohttp sessions of one event loop, one per origin, shared by every user while any is active."""
+
+    def __init__(self) -> None:
+        self.sessions: dict[tuple, aiohttp.ClientSession] = {}
+        self.users: dict[tuple, int] = {}
+
+
+_SESSIONS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopSessions] = weakref.WeakKeyDictionary()
+_SSL_CONTEXTS: dict[str, ssl.SSLContext] = {}
+
+
+def _ssl_for(verify: bool | str) -> ssl.SSLContext | bool:
+    """Return an SSL context built once per verify setting (building one per request costs CPU)."""
+    if verify is False:
+        return False
+    key = verify if isinstance(verify, str) else ""
+    if key not in _SSL_CONTEXTS:
+        _SSL_CONTEXTS[key] = ssl.create_default_context(cafile=key or None)
+        if not key:
+            try:
+                import certifi
+
+                _SSL_CONTEXTS[key].load_verify_locations(certifi.where())
+            except ImportError:  # the system store is enough
+                pass
+    return _SSL_CONTEXTS[key]
+
+
+class AsyncTransport(BaseTransport):
+    """
+    Non-blocking HTTP for triggers: aiohttp, one session per event loop and origin.
+
+    The session is shared by every trigger polling the same service, and closed when the last
+    of them leaves (see :meth:`session_lease`), so a cancelled trigger never leaks a session.
+    """
+
+    @property
+    def _key(self) -> tuple:
+        return origin(self.settings.base_url)
+
+    @asynccontextmanager
+    async def session_lease(self) -> AsyncIterator[aiohttp.ClientSession]:
+        """Hold the shared session for the duration of the block (a trigger holds it for its life)."""
+        loop = asyncio.get_running_loop()
+        # get() first: setdefault() would build a pool and a weak reference at every request.
+        pool = _SESSIONS.get(loop) or _SESSIONS.setdefault(loop, _LoopSessions())
+        key = self._key
+        session = pool.sessions.get(key)
+        if session is None or session.closed:
+            session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=100, ttl_dns_cache=300),
+                headers={"User-Agent": "airflow-provider-hpc"},
+            )
+            pool.sessions[key] = session
+        pool.users[key] = pool.users.get(key, 0) + 1
+        try:
+            yield session
+        finally:
+            pool.users[key] -= 1
+            if pool.users[key] <= 0 and pool.sessions.get(key) is session:
+                del pool.sessions[key]
+                del pool.users[key]
+                await asyncio.shield(session.close())
+
+    async def request_json(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, Any] | None = None,
+        headers: Mapping[str, str] | None = None,
+        idempotent: bool | None = None,
+    ) -> Any:
+        """Send a request under the retry policy and return its JSON body."""
+        url = self.url(path)
+        endpoint = endpoint_of(method, url)
+        idempotent = method.upper() in ("GET", "HEAD") if idempotent is None else idempotent
+        timeout = aiohttp.ClientTimeout(
+            sock_connect=self.settings.connect_timeout, sock_read=self.settings.read_timeout
+        )
+        ssl_setting = _ssl_for(self.settings.verify) if url.startswith("https") else True
+
+        async with self.session_lease() as session:
+
+            async def attempt() -> Any:
+                try:
+                    async with session.request(
+                        method, url, params=params, headers=headers, timeout=timeout, ssl=ssl_setting
+                    ) as response:
+                        body = await _read_capped(response, errors.MAX_JSON_BYTES + 1)
+                        if response.status >= 400:
+                            raise self._http_error(
+                                response.status, body, endpoint, response.headers.get("Retry-After"), idempotent
+                            )
+                        return self.parse_json(body, endpoint, response.status)
+                except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                    raise self._transport_error(exc, endpoint, idempotent) from None
+
+            return await self.retrier.acall(endpoint, attempt)
+
+    async def get_json(self, path: str, params: Mapping[str, Any] | None = None, headers: Mapping[str, str] | None = None) -> Any:
+        """GET a JSON document."""
+        return await self.request_json("GET", path, params=params, headers=headers)
+
+    async def iter_pages(
+        self, path: str, *, page_size: int = 100, headers: Mapping[str, str] | None = None, max_pages: int = MAX_PAGES
+    ) -> AsyncIterator[Any]:
+        """Yield every item of a paginated list, by the same rules as the sync side (:class:`~.paging.PageWalk`)."""
+        walk = PageWalk(self.url(path), resolve=self.url, error_class=self.error_class, page_size=page_size, max_pages=max_pages)
+        while (url := walk.next_url()) is not None:
+            for item in walk.take(await self.get_json(url, headers=headers)):
+                yield item
+
+
+async def _read_capped(response: aiohttp.ClientResponse, limit: int) -> bytes:
+    """Read a body whole when it announces a sane length, else chunk by chunk up to ``limit``."""
+    if response.content_length is not None and response.content_length <= limit:
+        return await response.read()
+    body = bytearray()
+    async for chunk in response.content.iter_chunked(64 * 1024):
+        body += chunk
+        if len(body) >= limit:
+            break
+    return bytes(body)
+
+
+async def close_all_sessions() -> None:
+    """Close every shared session of the running loop (tests, and processes shutting down)."""
+    pool = _SESSIONS.pop(asyncio.get_running_loop(), None)
+    if pool:
+        for session in pool.sessions.values():
+            await session.close()
+

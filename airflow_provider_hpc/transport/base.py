@@ -1,0 +1,144 @@
+"""What the sync and async transports share: their settings, URLs, errors and secrets."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import IO, Any
+from urllib.parse import urljoin
+
+import requests
+
+from airflow_provider_hpc.transport.errors import (
+    TransportError,
+    decode_json,
+    error_from_answer,
+    is_certificate_error,
+    redact,
+    request_never_sent,
+)
+from airflow_provider_hpc.transport.retry import Retrier, RetryPolicy, parse_retry_after
+from airflow_provider_hpc.transport.urls import origin, origin_text
+
+CHUNK_SIZE = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TransportSettings:
+    """
+    Where and how to reach a service: base URL, TLS, timeouts and retries.
+
+    :param base_url: the URL every relative path is joined to; ends with ``/``.
+    :param verify: verify TLS certificates (or a CA bundle path).
+    :param connect_timeout: seconds to open a connection.
+    :param read_timeout: seconds to wait between two bytes of an answer.
+    :param retry: the retry policy.
+    """
+
+    base_url: str
+    verify: bool | str = True
+    connect_timeout: float = 10.0
+    read_timeout: float = 60.0
+    retry: RetryPolicy = RetryPolicy()
+
+
+@dataclass(frozen=True)
+class UploadFile:
+    """
+    One multipart file part, opened afresh on every attempt so a retry sends the whole file.
+
+    :param field: the form field name (``file`` for Muse).
+    :param filename: the name the server sees.
+    :param opener: returns a new binary file object positioned at the start.
+    """
+
+    field: str
+    filename: str
+    opener: Callable[[], IO[bytes]]
+
+
+# Joined URLs by (base URL, path): pure values, shared by every transport of the process.
+_JOINED_URLS: dict[tuple[str, str], str] = {}
+_JOINED_URLS_MAX = 20_000
+
+class BaseTransport:
+    """What the sync and async transports share: URLs, errors and secrets."""
+
+    def __init__(
+        self,
+        settings: TransportSettings,
+        *,
+        error_class: type[TransportError] = TransportError,
+        log: logging.Logger | Any = None,
+        secrets: Sequence[str] = (),
+    ) -> None:
+        self.settings = settings
+        self.error_class = error_class
+        self.log = log or logging.getLogger(__name__)
+        self.secrets: list[str] = [s for s in secrets if s]
+        self.retrier = Retrier(settings.retry, self.log)
+
+    def add_secret(self, secret: str | None) -> None:
+        """Remember a secret so it is redacted from every error excerpt."""
+        if secret and secret not in self.secrets:
+            self.secrets.append(secret)
+
+    def url(self, path_or_url: str) -> str:
+        """Join a relative path to the base URL; an absolute URL must stay on the same origin."""
+        # A trigger asks for the same path at every poll: joining and checking it each time cost
+        # a tenth of its CPU per poll. Only URLs that passed the origin check are remembered.
+        key = (self.settings.base_url, path_or_url)
+        joined = _JOINED_URLS.get(key)
+        if joined is not None:
+            return joined
+        url = urljoin(self.settings.base_url, path_or_url)
+        if origin(url) != origin(self.settings.base_url):
+            raise self.error_class(
+                f"The server pointed to another origin ({origin_text(url)}); not following it with credentials"
+            )
+        if len(_JOINED_URLS) >= _JOINED_URLS_MAX:
+            _JOINED_URLS.clear()
+        _JOINED_URLS[key] = url
+        return url
+
+    def _http_error(self, status: int, body: bytes, endpoint: str, retry_after: str | None, idempotent: bool) -> TransportError:
+        return error_from_answer(
+            status,
+            body,
+            endpoint=endpoint,
+            error_class=self.error_class,
+            retry_after=parse_retry_after(retry_after),
+            idempotent=idempotent,
+            secrets=self.secrets,
+        )
+
+    def _transport_error(self, exc: BaseException, endpoint: str, idempotent: bool) -> TransportError:
+        detail = redact(type(exc).__name__ + ": " + str(exc), self.secrets)[:300]
+        if is_certificate_error(exc):
+            # Trying again cannot make a certificate trusted: fail at once, saying what to change.
+            return self.error_class(
+                f"The server's TLS certificate could not be verified ({detail}); give the connection a "
+                "ca_bundle extra, or verify false if you trust the network",
+                endpoint=endpoint,
+            )
+        reason = "timed out" if isinstance(exc, (requests.Timeout, asyncio.TimeoutError)) else "connection failed"
+        return self.error_class(
+            f"Request {reason}: {detail}",
+            endpoint=endpoint,
+            retryable=idempotent or request_never_sent(exc),
+        )
+
+    def _redirect_error(self, status: int, location: str, endpoint: str) -> TransportError:
+        target = urljoin(self.settings.base_url, location)
+        return self.error_class(
+            f"The server redirected to another origin ({origin_text(target)}); not following it with "
+            "credentials. If the service moved (for example to https), put the new URL in the connection",
+            status=status,
+            endpoint=endpoint,
+        )
+
+    def parse_json(self, body: bytes, endpoint: str, status: int) -> Any:
+        """Parse a JSON body, turning a non-JSON body into this transport's error class."""
+        return decode_json(body, endpoint=endpoint, status=status, error_class=self.error_class, secrets=self.secrets)

@@ -1,0 +1,183 @@
+"""Blocking HTTP for workers: ``requests`` under the shared retry policy, same-origin redirects only."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import ExitStack
+from typing import Any, TypeVar
+from urllib.parse import urljoin
+
+import requests
+import urllib3.exceptions
+from requests.adapters import HTTPAdapter
+
+from airflow_provider_hpc.transport.base import CHUNK_SIZE, BaseTransport, TransportSettings, UploadFile
+from airflow_provider_hpc.transport import errors
+from airflow_provider_hpc.transport.errors import TransportError, redact
+from airflow_provider_hpc.transport.paging import MAX_PAGES, PageWalk
+from airflow_provider_hpc.transport.urls import endpoint_of, origin
+
+T = TypeVar("T")
+
+
+class _SameOriginSession(requests.Session):
+    """
+    A session that follows redirects only on the origin it was sent to.
+
+    ``requests`` drops the ``Authorization`` header on a redirect to another host, but a 307/308
+    sends the body again, and Muse's token and password travel in the body. A redirect elsewhere
+    (or from ``http`` to ``https``) is not followed: the caller gets the 3xx and says so.
+    """
+
+    def get_redirect_target(self, resp: requests.Response) -> str | None:
+        target = super().get_redirect_target(resp)
+        if target and origin(urljoin(resp.url, target)) != origin(resp.url):
+            return None
+        return target
+
+
+class SyncTransport(BaseTransport):
+    """Blocking HTTP for workers: one pooled ``requests.Session`` per hook."""
+
+    def __init__(self, settings: TransportSettings, **kwargs: Any) -> None:
+        super().__init__(settings, **kwargs)
+        self.session = _SameOriginSession()
+        self.session.max_redirects = 5
+        # Retries are ours (tenacity); urllib3's own would hide them from the policy and the log.
+        adapter = HTTPAdapter(pool_connections=4, pool_maxsize=32, max_retries=0)
+        self.session.mount("http://", adapter)
+        self.session.mount("https://", adapter)
+        self.session.verify = settings.verify
+        self.session.headers["User-Agent"] = "airflow-provider-hpc"
+
+    @property
+    def timeout(self) -> tuple[float, float]:
+        """The (connect, read) timeout of every request."""
+        return (self.settings.connect_timeout, self.settings.read_timeout)
+
+    def close(self) -> None:
+        """Close the pooled connections."""
+        self.session.close()
+
+    def fetch(
+        self,
+        method: str,
+        path: str,
+        handle: Callable[[requests.Response], Any],
+        *,
+        params: Mapping[str, Any] | None = None,
+        data: Mapping[str, Any] | None = None,
+        json_body: Any = None,
+        files: Sequence[UploadFile] = (),
+        headers: Mapping[str, str] | None = None,
+        idempotent: bool | None = None,
+    ) -> Any:
+        """
+        Send a request and hand the streaming response to ``handle``, all under the retry policy.
+
+        A failure while ``handle`` reads the body (a dropped connection, a retryable
+        :class:`~.errors.TransportError` such as an md5 mismatch) retries the whole exchange when the request
+        is idempotent.
+
+        :param idempotent: whether a retry may repeat the request; defaults to ``True`` for GET only.
+        """
+        url = self.url(path)
+        endpoint = endpoint_of(method, url)
+        idempotent = method.upper() in ("GET", "HEAD") if idempotent is None else idempotent
+
+        def attempt() -> Any:
+            response = self._send(method, url, endpoint, idempotent, params, data, json_body, files, headers)
+            with response:
+                try:
+                    return handle(response)
+                except (requests.RequestException, urllib3.exceptions.HTTPError) as exc:
+                    raise self._transport_error(exc, endpoint, idempotent) from None
+                except TransportError as exc:
+                    if exc.retryable and not idempotent:
+                        exc.retryable = False
+                    raise
+
+        return self.retrier.call(endpoint, attempt)
+
+    def _send(self, method, url, endpoint, idempotent, params, data, json_body, files, headers) -> requests.Response:
+        with ExitStack() as stack:
+            parts = [(f.field, (f.filename, stack.enter_context(f.opener()))) for f in files] or None
+            try:
+                # verify is passed on every request: requests lets REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE
+                # override the session's own setting, which would ignore the connection's choice.
+                response = self.session.request(
+                    method, url, params=params, data=data, json=json_body, files=parts,
+                    headers=headers, timeout=self.timeout, stream=True, verify=self.settings.verify,
+                )
+            except (requests.ConnectionError, requests.Timeout) as exc:
+                raise self._transport_error(exc, endpoint, idempotent) from None
+            except requests.RequestException as exc:  # too many redirects, an invalid URL or header...
+                detail = redact(f"{type(exc).__name__}: {exc}", self.secrets)[:300]
+                raise self.error_class(f"Request failed: {detail}", endpoint=endpoint) from None
+        if response.status_code >= 400:
+            with response:
+                try:
+                    body = read_capped(response, 64 * 1024)
+                except (requests.RequestException, urllib3.exceptions.HTTPError) as exc:
+                    # The connection dropped in the middle of the error answer.
+                    raise self._transport_error(exc, endpoint, idempotent) from None
+            raise self._http_error(response.status_code, body, endpoint, response.headers.get("Retry-After"), idempotent)
+        if response.is_redirect:
+            response.close()
+            raise self._redirect_error(response.status_code, response.headers.get("Location", ""), endpoint)
+        return response
+
+    def request_json(self, method: str, path: str, **kwargs: Any) -> Any:
+        """Send a request and return its JSON body (bounded in size, clear error when not JSON)."""
+        endpoint = endpoint_of(method, self.url(path))
+
+        def read_json(response: requests.Response) -> Any:
+            return self.parse_json(read_capped(response, errors.MAX_JSON_BYTES + 1), endpoint, response.status_code)
+
+        return self.fetch(method, path, read_json, **kwargs)
+
+    def get_json(self, path: str, params: Mapping[str, Any] | None = None, headers: Mapping[str, str] | None = None) -> Any:
+        """GET a JSON document."""
+        return self.request_json("GET", path, params=params, headers=headers)
+
+    def iter_pages(
+        self, path: str, *, page_size: int = 100, headers: Mapping[str, str] | None = None, max_pages: int = MAX_PAGES
+    ) -> Iterator[Any]:
+        """Yield every item of a paginated list (see :class:`~.paging.PageWalk` for when it stops)."""
+        walk = PageWalk(self.url(path), resolve=self.url, error_class=self.error_class, page_size=page_size, max_pages=max_pages)
+        while (url := walk.next_url()) is not None:
+            yield from walk.take(self.get_json(url, headers=headers))
+
+    def download(
+        self,
+        path: str,
+        sink: Callable[[Iterable[bytes]], T],
+        *,
+        params: Mapping[str, Any] | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> T:
+        """
+        Stream a GET body into ``sink`` (which writes and checks it), retrying the whole transfer.
+
+        A dropped connection, or a retryable error the sink raises (an md5 or size mismatch),
+        starts the transfer again; the sink must leave nothing behind when it raises (see
+        :func:`airflow_provider_hpc.storage.file_sink`).
+
+        :param sink: takes the body's chunks and returns what it stored.
+        """
+        return self.fetch("GET", path, lambda response: sink(body_chunks(response)), params=params, headers=headers)
+
+
+def body_chunks(response: requests.Response) -> Iterator[bytes]:
+    """Return the chunks of a streaming body, about :data:`~.base.CHUNK_SIZE` bytes each."""
+    return response.iter_content(CHUNK_SIZE)
+
+
+def read_capped(response: requests.Response, limit: int) -> bytes:
+    """Read at most about ``limit`` bytes of a streaming body."""
+    body = bytearray()
+    for chunk in response.iter_content(64 * 1024):
+        body += chunk
+        if len(body) >= limit:
+            break
+    return bytes(body)
