@@ -19,21 +19,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from airflow_provider_hpc.exceptions import HpcApiError, MuseApiError, RescaleApiError
+from airflow_provider_hpc.hooks.muse import MuseHook, MuseReport
+from airflow_provider_hpc.hooks.rescale import JobOutcome, OutputFile, RescaleHook, RescaleRun
+from airflow_provider_hpc.models.rescale import directory_from_answer, statuses_from_answer, tail_lines_from_answer
 from airflow_provider_hpc.transport import errors
 from airflow_provider_hpc.transport.aio import close_all_sessions
 from airflow_provider_hpc.transport.errors import decode_json, error_from_answer
 from airflow_provider_hpc.transport.paging import page_results
 from airflow_provider_hpc.transport.retry import parse_retry_after
-from airflow_provider_hpc.hooks.muse import MuseHook, MuseReport
-from airflow_provider_hpc.hooks.rescale import (
-    JobOutcome,
-    OutputFile,
-    RescaleHook,
-    RescaleRun,
-    _directory,
-    _statuses,
-    _tail_lines,
-)
 
 from reliability_support import NO_WAIT_RETRY, HostileServer, assert_no_secret
 
@@ -199,7 +192,7 @@ def _reasons_are_text(answer: Any) -> bool:
 @given(near(RESCALE_STATUSES))
 def test_job_statuses_parser_raises_only_its_own_errors(answer: Any) -> None:
     try:
-        statuses = _statuses(answer)
+        statuses = statuses_from_answer(answer)
     except RescaleApiError as exc:
         _readable(exc)
         return
@@ -211,7 +204,7 @@ def test_job_statuses_parser_raises_only_its_own_errors(answer: Any) -> None:
 @given(near(RESCALE_STATUSES).filter(_reasons_are_text))
 def test_job_outcome_is_decided_from_any_parsed_history(answer: Any) -> None:
     try:
-        statuses = _statuses(answer)
+        statuses = statuses_from_answer(answer)
     except RescaleApiError:
         return
     outcome = JobOutcome.from_statuses(statuses)
@@ -223,7 +216,7 @@ def test_job_outcome_is_decided_from_any_parsed_history(answer: Any) -> None:
 def test_a_status_reason_that_is_not_text_is_read_or_refused_clearly(reason: Any) -> None:
     answer = _replace(RESCALE_STATUSES, ("results", 1, "statusReason"), reason)
     try:
-        JobOutcome.from_statuses(_statuses(answer))
+        JobOutcome.from_statuses(statuses_from_answer(answer))
     except RescaleApiError as exc:
         _readable(exc)
 
@@ -231,7 +224,7 @@ def test_a_status_reason_that_is_not_text_is_read_or_refused_clearly(reason: Any
 @PARSER_SETTINGS
 @given(json_values)
 def test_directory_and_tail_parsers_raise_only_their_own_errors(answer: Any) -> None:
-    for parse in (_directory, _tail_lines):
+    for parse in (directory_from_answer, tail_lines_from_answer):
         try:
             parse(answer)
         except RescaleApiError as exc:
