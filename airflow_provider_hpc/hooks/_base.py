@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
@@ -21,15 +22,48 @@ if TYPE_CHECKING:
     from airflow.sdk import Connection
 
 
+_CA_BUNDLE_ENV = ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE")
+
+
 def mask(secret: str | None) -> None:
     """Register a secret with Airflow's secrets masker so no log line can show it."""
     if not secret:
         return
-    try:
-        from airflow.sdk.log import mask_secret
-    except ImportError:  # pragma: no cover - older task SDKs
-        from airflow.sdk.execution_time.secrets_masker import mask_secret  # type: ignore[no-redef]
+    from airflow.sdk.log import mask_secret
+
     mask_secret(secret)
+
+
+async def amask(secret: str | None) -> None:
+    """Register a secret with Airflow's secrets masker without blocking the event loop (triggers)."""
+    if not secret:
+        return
+    from airflow.sdk.log import amask_secret
+
+    await amask_secret(secret)
+
+
+def clean_secret(value: Any, what: str, conn_id: str) -> str | None:
+    """
+    Return a password, API key or token without the whitespace around it, or ``None`` when empty.
+
+    A stray newline pasted with a key would travel in a header or a form and show, escaped, in
+    error text where neither redaction nor Airflow's masker recognises it. A control character
+    inside the value is refused, without repeating the value.
+
+    :param value: the secret as the connection holds it.
+    :param what: what it is (``password``, ``API key``...), for the error.
+    :param conn_id: the connection, for the error.
+    """
+    if value is None:
+        return None
+    text = str(value).strip()
+    if any(ord(char) < 32 or ord(char) == 127 for char in text):
+        raise HpcApiError(
+            f"Connection {conn_id!r}: the {what} holds a control character (a pasted line break?); "
+            "enter it again without one"
+        )
+    return text or None
 
 
 def settings_from_connection(
@@ -67,17 +101,40 @@ def settings_from_connection(
     if not base.endswith("/"):
         base += "/"
     policy = RetryPolicy.from_dict({"max_attempts": _number(connection_extra(conn, "max_attempts"), int)})
-    verify = _as_verify(connection_extra(conn, "verify", True))
-    ca_bundle = str(connection_extra(conn, "ca_bundle") or "").strip()
-    if ca_bundle and verify is True:
-        verify = ca_bundle
+    defaults = TransportSettings(base_url=base)
+    min_rate = _number(connection_extra(conn, "min_download_rate"), float)
     return TransportSettings(
         base_url=base,
-        verify=verify,
-        connect_timeout=_number(connection_extra(conn, "connect_timeout"), float) or 10.0,
-        read_timeout=_number(connection_extra(conn, "read_timeout"), float) or 60.0,
+        verify=_verify_setting(conn),
+        connect_timeout=_number(connection_extra(conn, "connect_timeout"), float) or defaults.connect_timeout,
+        read_timeout=_number(connection_extra(conn, "read_timeout"), float) or defaults.read_timeout,
+        request_timeout=_number(connection_extra(conn, "request_timeout"), float) or defaults.request_timeout,
+        min_download_rate=defaults.min_download_rate if min_rate is None else max(0.0, min_rate),
         retry=policy,
     )
+
+
+def _verify_setting(conn: Connection) -> bool | str:
+    """
+    Return what TLS verification uses, by one rule for the sync and async transports.
+
+    ``verify`` false turns it off; ``ca_bundle`` (or a path in ``verify``) names the CA file; with
+    neither, ``REQUESTS_CA_BUNDLE`` / ``CURL_CA_BUNDLE`` from the environment, else the system's
+    store and certifi's. Turning verification off while naming a CA file is a contradiction,
+    refused; a CA file that is not there is refused before any request.
+    """
+    verify = _as_verify(connection_extra(conn, "verify", True))
+    ca_bundle = str(connection_extra(conn, "ca_bundle") or "").strip()
+    if ca_bundle and verify is False:
+        raise HpcApiError(
+            f"Connection {conn.conn_id!r} sets verify false and a ca_bundle: drop one "
+            "(verify false trusts any certificate, so the CA bundle would be ignored)"
+        )
+    if verify is True:
+        verify = ca_bundle or next((os.environ[name] for name in _CA_BUNDLE_ENV if os.environ.get(name)), True)
+    if isinstance(verify, str) and not os.path.exists(verify):
+        raise HpcApiError(f"Connection {conn.conn_id!r}: the CA bundle {verify!r} does not exist")
+    return verify
 
 
 def connection_extra(conn: Connection, name: str, default: Any = None) -> Any:
@@ -134,6 +191,7 @@ class HpcHttpHook(BaseHook):
         self.conn_id = conn_id
         self.retry_policy = retry
         self._async: AsyncTransport | None = None
+        self._warned = False
 
     @classmethod
     def get_ui_field_behaviour(cls) -> dict[str, Any]:
@@ -156,16 +214,38 @@ class HpcHttpHook(BaseHook):
         settings = settings_from_connection(conn, default_url=self.default_url, default_path=self.default_path)
         if self.retry_policy is not None:
             settings = replace(settings, retry=self.retry_policy)
+        self._warn_once(conn, settings)
         return settings
+
+    def _warn_once(self, conn: Connection, settings: TransportSettings) -> None:
+        """Say once per hook when the connection gives up TLS's protection."""
+        if self._warned:
+            return
+        self._warned = True
+        if settings.verify is False:
+            self.log.warning(
+                "Connection %r: TLS certificates are not verified (verify false); anyone on the network "
+                "path can read and change the exchange", self.conn_id,
+            )
+        if settings.base_url.lower().startswith("http://") and self._secrets_of(conn):
+            self.log.warning(
+                "Connection %r: credentials go over plain http to %s; use https where the service offers it",
+                self.conn_id, settings.base_url,
+            )
 
     def _register_secrets(self, conn: Connection) -> None:
         for secret in self._secrets_of(conn):
             mask(secret)
 
     def _secrets_of(self, conn: Connection) -> list[str]:
-        """Return the connection's secrets (password, token extras); subclasses may add more."""
-        candidates = (conn.password, connection_extra(conn, "token"), connection_extra(conn, "api_key"))
-        return [str(s) for s in candidates if s]
+        """Return the connection's secrets (password, token extras), stripped; subclasses may add more."""
+        candidates = {
+            "password": conn.password,
+            "token": connection_extra(conn, "token"),
+            "API key": connection_extra(conn, "api_key"),
+        }
+        cleaned = (clean_secret(value, what, conn.conn_id) for what, value in candidates.items())
+        return [secret for secret in cleaned if secret]
 
     @cached_property
     def transport(self) -> SyncTransport:
@@ -179,7 +259,8 @@ class HpcHttpHook(BaseHook):
         """The non-blocking transport used in triggers; reads the connection with ``aget_connection``."""
         if self._async is None:
             conn = await self.aget_connection(self.conn_id)
-            self._register_secrets(conn)
+            for secret in self._secrets_of(conn):
+                await amask(secret)
             self._async = AsyncTransport(
                 self._settings(conn), error_class=self.error_class, log=self.log, secrets=self._secrets_of(conn)
             )

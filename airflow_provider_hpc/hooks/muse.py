@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import requests
 
 from airflow_provider_hpc.exceptions import MuseApiError
-from airflow_provider_hpc.hooks._base import HpcHttpHook, connection_extra, mask
+from airflow_provider_hpc.hooks._base import HpcHttpHook, clean_secret, connection_extra, mask
 from airflow_provider_hpc.models.muse import (
     DOWNLOAD_KEY_IN_URL,
     KEY_IN_URL,
@@ -33,6 +33,9 @@ if TYPE_CHECKING:
     from airflow.sdk import Connection, ObjectStoragePath
 
 _BARE_TOKEN = re.compile(r"[A-Za-z0-9._~+/=-]{8,8192}")
+
+#: Error ``type`` values that mean the token was refused (the service runs Django REST framework's JWT).
+AUTH_ERROR_TYPES = frozenset({"authenticationfailed", "notauthenticated", "invalidtoken", "tokenerror"})
 
 __all__ = ["MuseCr", "MuseHook", "MuseReport", "MuseResult", "MuseSubmission"]
 
@@ -74,7 +77,10 @@ class MuseHook(HpcHttpHook):
             if self._token and not refresh:
                 return self._token
             conn = self.connection
-            ready = connection_extra(conn, "token") or (None if conn.login else conn.password)
+            password = clean_secret(conn.password, "password", conn.conn_id)
+            token = clean_secret(connection_extra(conn, "token"), "token", conn.conn_id)
+            login = (conn.login or "").strip()
+            ready = token or (None if login else password)
             if ready:
                 if refresh:
                     raise MuseApiError(
@@ -82,8 +88,8 @@ class MuseHook(HpcHttpHook):
                         "put a new one in the connection, or give login/password so one can be obtained"
                     )
                 self._token = ready
-            elif conn.login and conn.password:
-                self._token = self._obtain_token(conn.login, conn.password)
+            elif login and password:
+                self._token = self._obtain_token(login, password)
             else:
                 raise MuseApiError(
                     f"Connection {self.muse_conn_id!r} gives neither login/password nor a token: running software needs one"
@@ -107,7 +113,13 @@ class MuseHook(HpcHttpHook):
                 text = body.decode("utf-8", errors="replace").strip()
                 if _BARE_TOKEN.fullmatch(text):
                     return text
-                return self.transport.parse_json(body, endpoint, response.status_code)  # raises, with an excerpt
+                # Never quoted: the body may hold the token, which the masker does not know yet.
+                raise MuseApiError(
+                    f"jwt/obtain/ answered {len(body)} bytes of {response.headers.get('Content-Type') or 'no stated type'} "
+                    "that are neither JSON nor a token (the body is not shown: it may hold a token)",
+                    endpoint=endpoint,
+                    status=response.status_code,
+                ) from None
 
         answer = self.transport.fetch(
             "POST", "jwt/obtain/", read, data={"username": username, "password": password}, idempotent=True
@@ -376,10 +388,15 @@ def _uploads(files: Sequence[str | ObjectStoragePath]) -> list[UploadFile]:
 
 
 def _is_token_error(exc: MuseApiError) -> bool:
+    """
+    Tell whether an error surely means the token was refused (then a new one is worth one more try).
+
+    Only a 401/403, or the service's authentication error type, says so: words such as "expired"
+    in some other error's text do not, and a submit is never repeated on them.
+    """
     if exc.status in (401, 403):
         return True
-    words = " ".join(str(v) for v in (exc.error, exc.error_type) if v).lower()
-    return any(word in words for word in ("token", "jwt", "authenticat", "expired", "signature"))
+    return (exc.error_type or "").replace(" ", "").lower() in AUTH_ERROR_TYPES
 
 
 def _token_from(answer: Any) -> str | None:

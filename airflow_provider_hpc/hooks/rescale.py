@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlsplit
 
 from airflow_provider_hpc.exceptions import RescaleApiError
-from airflow_provider_hpc.hooks._base import HpcHttpHook, connection_extra
+from airflow_provider_hpc.hooks._base import HpcHttpHook, clean_secret, connection_extra
 from airflow_provider_hpc.hooks._forms import RESCALE_PLATFORM_URL
 from airflow_provider_hpc.models.rescale import (
     DirectoryEntry,
@@ -77,7 +77,9 @@ class RescaleHook(HpcHttpHook):
 
     @staticmethod
     def _api_key(conn: Connection) -> str:
-        key = conn.password or connection_extra(conn, "api_key")
+        key = clean_secret(conn.password, "API key", conn.conn_id) or clean_secret(
+            connection_extra(conn, "api_key"), "API key", conn.conn_id
+        )
         if not key:
             raise RescaleApiError(f"Connection {conn.conn_id!r} has no API key (put it in the password field)")
         return key

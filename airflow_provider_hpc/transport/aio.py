@@ -8,13 +8,19 @@ import weakref
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
+from urllib.parse import urljoin
 
 import aiohttp
 
 from airflow_provider_hpc.transport.base import BaseTransport
 from airflow_provider_hpc.transport import errors
+from airflow_provider_hpc.transport.errors import redact
 from airflow_provider_hpc.transport.paging import MAX_PAGES, PageWalk
 from airflow_provider_hpc.transport.urls import endpoint_of, origin
+
+REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+#: Same-origin redirects followed at most (as on the sync side).
+MAX_REDIRECTS = 5
 
 
 class _LoopSessions:
@@ -91,32 +97,82 @@ class AsyncTransport(BaseTransport):
         headers: Mapping[str, str] | None = None,
         idempotent: bool | None = None,
     ) -> Any:
-        """Send a request under the retry policy and return its JSON body."""
+        """
+        Send a request under the retry policy and return its JSON body.
+
+        Each attempt is bounded in all by the settings' ``request_timeout`` (answer read included)
+        and its body by ``MAX_JSON_BYTES`` of decoded bytes. Redirects are followed on the same
+        origin only, as on the sync side: another host's answer never decides a run's outcome.
+        """
         url = self.url(path)
         endpoint = endpoint_of(method, url)
         idempotent = method.upper() in ("GET", "HEAD") if idempotent is None else idempotent
+        settings = self.settings
         timeout = aiohttp.ClientTimeout(
-            sock_connect=self.settings.connect_timeout, sock_read=self.settings.read_timeout
+            total=settings.request_timeout, sock_connect=settings.connect_timeout, sock_read=settings.read_timeout
         )
-        ssl_setting = _ssl_for(self.settings.verify) if url.startswith("https") else True
+        ssl_setting = self._ssl_setting(url, endpoint)
 
         async with self.session_lease() as session:
 
             async def attempt() -> Any:
+                target, query = url, params
                 try:
-                    async with session.request(
-                        method, url, params=params, headers=headers, timeout=timeout, ssl=ssl_setting
-                    ) as response:
-                        body = await _read_capped(response, errors.MAX_JSON_BYTES + 1)
-                        if response.status >= 400:
-                            raise self._http_error(
-                                response.status, body, endpoint, response.headers.get("Retry-After"), idempotent
-                            )
-                        return self.parse_json(body, endpoint, response.status)
-                except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                    for _hop in range(MAX_REDIRECTS + 1):
+                        async with session.request(
+                            method, target, params=query, headers=headers, timeout=timeout, ssl=ssl_setting,
+                            allow_redirects=False,
+                        ) as response:
+                            if response.status in REDIRECT_STATUSES:
+                                target = self._same_origin_target(response, target, endpoint)
+                                query = None  # the Location carries its own query
+                                continue
+                            body = await _read_capped(response, errors.MAX_JSON_BYTES + 1)
+                            if response.status >= 400:
+                                raise self._http_error(
+                                    response.status, body, endpoint, response.headers.get("Retry-After"), idempotent
+                                )
+                            return self.parse_json(body, endpoint, response.status)
+                    raise self.error_class(f"More than {MAX_REDIRECTS} redirects; giving up", endpoint=endpoint)
+                except asyncio.TimeoutError as exc:
+                    if isinstance(exc, aiohttp.ServerTimeoutError):  # one read or the connection: retried
+                        raise self._transport_error(exc, endpoint, idempotent) from None
+                    # The whole exchange outlived request_timeout: a server this slow is not asked again at once.
+                    raise self.error_class(
+                        f"The answer took longer than {settings.request_timeout:g} s in all (request_timeout); giving up",
+                        endpoint=endpoint,
+                    ) from None
+                except aiohttp.ClientError as exc:
                     raise self._transport_error(exc, endpoint, idempotent) from None
+                except errors.TransportError:
+                    raise
+                except ValueError as exc:  # a header value the client refuses to send
+                    raise self.error_class(
+                        f"The request could not be sent: {type(exc).__name__}: {redact(str(exc), self.secrets)[:200]}",
+                        endpoint=endpoint,
+                    ) from None
 
             return await self.retrier.acall(endpoint, attempt)
+
+    def _ssl_setting(self, url: str, endpoint: str) -> ssl.SSLContext | bool:
+        """Return the TLS context of a request; a CA file that cannot be read is this transport's error."""
+        if not url.startswith("https"):
+            return True
+        try:
+            return _ssl_for(self.settings.verify)
+        except (OSError, ssl.SSLError) as exc:
+            raise self.error_class(
+                f"The CA bundle {self.settings.verify!r} could not be loaded: {type(exc).__name__}: {exc}",
+                endpoint=endpoint,
+            ) from None
+
+    def _same_origin_target(self, response: aiohttp.ClientResponse, current: str, endpoint: str) -> str:
+        """Return where a redirect leads when it stays on the same origin; raise otherwise."""
+        location = response.headers.get("Location", "")
+        target = urljoin(current, location)
+        if not location or origin(target) != origin(current):
+            raise self._redirect_error(response.status, location, endpoint)
+        return target
 
     async def get_json(self, path: str, params: Mapping[str, Any] | None = None, headers: Mapping[str, str] | None = None) -> Any:
         """GET a JSON document."""
@@ -133,8 +189,18 @@ class AsyncTransport(BaseTransport):
 
 
 async def _read_capped(response: aiohttp.ClientResponse, limit: int) -> bytes:
-    """Read a body whole when it announces a sane length, else chunk by chunk up to ``limit``."""
-    if response.content_length is not None and response.content_length <= limit:
+    """
+    Read at most about ``limit`` decoded bytes of a body.
+
+    A body that announces a sane length and no content coding is read whole (the common case, one
+    call); any other is read chunk by chunk as aiohttp inflates it, so a gzip bomb is cut at the
+    limit instead of being inflated whole first.
+    """
+    if (
+        response.content_length is not None
+        and response.content_length <= limit
+        and not response.headers.get("Content-Encoding")
+    ):
         return await response.read()
     body = bytearray()
     async for chunk in response.content.iter_chunked(64 * 1024):

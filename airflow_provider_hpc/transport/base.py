@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import IO, Any
 from urllib.parse import urljoin
 
 import requests
+import urllib3.exceptions
 
 from airflow_provider_hpc.transport.errors import (
     TransportError,
@@ -34,6 +36,11 @@ class TransportSettings:
     :param verify: verify TLS certificates (or a CA bundle path).
     :param connect_timeout: seconds to open a connection.
     :param read_timeout: seconds to wait between two bytes of an answer.
+    :param request_timeout: seconds one JSON request may take in all, answer read included
+        (``read_timeout`` bounds each read only: a server dripping a byte at a time never trips it).
+    :param min_download_rate: bytes per second a file download must keep up, measured over each
+        ``rate_window`` seconds; a slower transfer is cut (and tried again, as a dropped one).
+    :param rate_window: seconds over which ``min_download_rate`` is measured.
     :param retry: the retry policy.
     """
 
@@ -41,6 +48,9 @@ class TransportSettings:
     verify: bool | str = True
     connect_timeout: float = 10.0
     read_timeout: float = 60.0
+    request_timeout: float = 120.0
+    min_download_rate: float = 10 * 1024
+    rate_window: float = 60.0
     retry: RetryPolicy = RetryPolicy()
 
 
@@ -57,6 +67,63 @@ class UploadFile:
     field: str
     filename: str
     opener: Callable[[], IO[bytes]]
+
+
+class BodyBudget:
+    """
+    The bounds on reading one answer's body: its total time and the pace it must keep.
+
+    Fed the size of every decoded chunk as it arrives (:meth:`take`), it raises the transport's
+    error once the deadline passed or the transfer fell below ``min_rate`` over a whole window.
+
+    :param error_class: the error raised.
+    :param endpoint: the request, for the error.
+    :param timeout: seconds the whole exchange may take (``None``: no total limit).
+    :param min_rate: bytes per second to keep up over each ``window`` (``None``: any pace).
+    :param window: seconds over which ``min_rate`` is measured.
+    """
+
+    def __init__(
+        self,
+        error_class: type[TransportError],
+        endpoint: str,
+        *,
+        timeout: float | None = None,
+        min_rate: float | None = None,
+        window: float = 60.0,
+    ) -> None:
+        self.error_class = error_class
+        self.endpoint = endpoint
+        self.timeout = timeout
+        self.min_rate = min_rate
+        self.window = window
+        now = time.monotonic()
+        self.deadline = None if timeout is None else now + timeout
+        self._window_start = now
+        self._window_bytes = 0
+
+    def take(self, size: int) -> None:
+        """Count ``size`` more bytes read; raise when the answer is too slow."""
+        now = time.monotonic()
+        if self.deadline is not None and now > self.deadline:
+            raise self.error_class(
+                f"The answer took longer than {self.timeout:g} s in all (request_timeout); giving up",
+                endpoint=self.endpoint,
+            )
+        if self.min_rate is None:
+            return
+        self._window_bytes += size
+        elapsed = now - self._window_start
+        if elapsed >= self.window:
+            if self._window_bytes < self.min_rate * elapsed:
+                # Retryable like a dropped connection: the transfer starts again from nothing.
+                raise self.error_class(
+                    f"The download slowed to {self._window_bytes / elapsed:.0f} bytes/s over {elapsed:.0f} s, "
+                    f"below min_download_rate ({self.min_rate:g} bytes/s); cutting it",
+                    endpoint=self.endpoint,
+                    retryable=True,
+                )
+            self._window_start, self._window_bytes = now, 0
 
 
 # Joined URLs by (base URL, path): pure values, shared by every transport of the process.
@@ -123,7 +190,8 @@ class BaseTransport:
                 "ca_bundle extra, or verify false if you trust the network",
                 endpoint=endpoint,
             )
-        reason = "timed out" if isinstance(exc, (requests.Timeout, asyncio.TimeoutError)) else "connection failed"
+        timeouts = (requests.Timeout, urllib3.exceptions.TimeoutError, asyncio.TimeoutError)
+        reason = "timed out" if isinstance(exc, timeouts) else "connection failed"
         return self.error_class(
             f"Request {reason}: {detail}",
             endpoint=endpoint,

@@ -3,12 +3,17 @@ One walk through a paginated list, the same rules on the sync and async sides.
 
 Rescale pages answer ``count``, ``next``, ``previous`` and ``results``. The ``next`` URL may drop
 ``page_size`` (the server then falls back to 25 a page), so it is carried over to every page.
-A ``next`` already followed, or more pages than the cap, stops the walk with an error: a broken
-or hostile server must not keep a worker or a triggerer asking forever.
+
+The walk ends on the last page (no ``next``), on an empty page, or once ``count`` items were
+read. A ``next`` already followed, or more pages than the cap (the first page's ``count`` divided
+by its length, plus :data:`PAGE_SLACK`; at most ``max_pages``), stops it with an error: a broken
+or hostile server must not keep a worker or a triggerer asking forever, nor spend the hourly
+request budget Rescale gives an API key.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -17,6 +22,8 @@ from airflow_provider_hpc.transport.urls import endpoint_of, with_query
 
 #: The most pages one walk follows.
 MAX_PAGES = 100_000
+#: Pages tolerated beyond what the first page's ``count`` announces (items added meanwhile).
+PAGE_SLACK = 2
 
 
 class PageWalk:
@@ -45,6 +52,8 @@ class PageWalk:
         self.max_pages = max_pages
         self._next: str | None = with_query(first_url, page=1, page_size=page_size)
         self._seen: set[str] = set()
+        self._read = 0
+        self._count: int | None = None
 
     def next_url(self) -> str | None:
         """Return the URL of the next page to ask, or ``None`` once the last page was read."""
@@ -61,10 +70,24 @@ class PageWalk:
         endpoint = endpoint_of("GET", self._next or "")
         items = page_results(page, self.error_class, endpoint)
         following = next_page_link(page, self.error_class, endpoint)
-        self._next = with_query(self.resolve(following), page_size=self.page_size) if following else None
+        self._read += len(items)
+        if self._count is None:
+            self._count = _count_of(page)
+            if self._count is not None and items:
+                self.max_pages = min(self.max_pages, math.ceil(self._count / len(items)) + PAGE_SLACK)
+        done = not items or (self._count is not None and self._read >= self._count)
+        self._next = with_query(self.resolve(following), page_size=self.page_size) if following and not done else None
         if self._next in self._seen:
             raise self.error_class(f"The server's next page repeats an earlier one ({self._next}); stopping")
         return items
+
+
+def _count_of(page: Mapping[str, Any]) -> int | None:
+    """Return a page's ``count`` when it is a sane whole number, else ``None`` (then it decides nothing)."""
+    count = page.get("count")
+    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+        return None
+    return count
 
 
 def next_page_link(page: Mapping[str, Any], error_class: type[TransportError], endpoint: str) -> str | None:

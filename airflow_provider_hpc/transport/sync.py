@@ -11,7 +11,7 @@ import requests
 import urllib3.exceptions
 from requests.adapters import HTTPAdapter
 
-from airflow_provider_hpc.transport.base import CHUNK_SIZE, BaseTransport, TransportSettings, UploadFile
+from airflow_provider_hpc.transport.base import CHUNK_SIZE, BaseTransport, BodyBudget, TransportSettings, UploadFile
 from airflow_provider_hpc.transport import errors
 from airflow_provider_hpc.transport.errors import TransportError, redact
 from airflow_provider_hpc.transport.paging import MAX_PAGES, PageWalk
@@ -71,22 +71,30 @@ class SyncTransport(BaseTransport):
         files: Sequence[UploadFile] = (),
         headers: Mapping[str, str] | None = None,
         idempotent: bool | None = None,
+        total_timeout: float | None = None,
     ) -> Any:
         """
         Send a request and hand the streaming response to ``handle``, all under the retry policy.
 
         A failure while ``handle`` reads the body (a dropped connection, a retryable
         :class:`~.errors.TransportError` such as an md5 mismatch) retries the whole exchange when the request
-        is idempotent.
+        is idempotent. ``handle`` reads the body with :func:`body_chunks` or :func:`read_capped`,
+        which keep it to the settings' ``min_download_rate`` and to ``total_timeout``.
 
         :param idempotent: whether a retry may repeat the request; defaults to ``True`` for GET only.
+        :param total_timeout: seconds one attempt may take in all (``None``: only the pace is bounded).
         """
         url = self.url(path)
         endpoint = endpoint_of(method, url)
         idempotent = method.upper() in ("GET", "HEAD") if idempotent is None else idempotent
+        settings = self.settings
 
         def attempt() -> Any:
-            response = self._send(method, url, endpoint, idempotent, params, data, json_body, files, headers)
+            budget = BodyBudget(
+                self.error_class, endpoint, timeout=total_timeout,
+                min_rate=settings.min_download_rate or None, window=settings.rate_window,
+            )
+            response = self._send(method, url, endpoint, idempotent, params, data, json_body, files, headers, budget)
             with response:
                 try:
                     return handle(response)
@@ -99,7 +107,9 @@ class SyncTransport(BaseTransport):
 
         return self.retrier.call(endpoint, attempt)
 
-    def _send(self, method, url, endpoint, idempotent, params, data, json_body, files, headers) -> requests.Response:
+    def _send(
+        self, method, url, endpoint, idempotent, params, data, json_body, files, headers, budget: BodyBudget
+    ) -> requests.Response:
         with ExitStack() as stack:
             parts = [(f.field, (f.filename, stack.enter_context(f.opener()))) for f in files] or None
             try:
@@ -114,6 +124,7 @@ class SyncTransport(BaseTransport):
             except requests.RequestException as exc:  # too many redirects, an invalid URL or header...
                 detail = redact(f"{type(exc).__name__}: {exc}", self.secrets)[:300]
                 raise self.error_class(f"Request failed: {detail}", endpoint=endpoint) from None
+        response.hpc_budget = budget  # read by body_chunks and read_capped, the error answer's included
         if response.status_code >= 400:
             with response:
                 try:
@@ -134,6 +145,7 @@ class SyncTransport(BaseTransport):
         def read_json(response: requests.Response) -> Any:
             return self.parse_json(read_capped(response, errors.MAX_JSON_BYTES + 1), endpoint, response.status_code)
 
+        kwargs.setdefault("total_timeout", self.settings.request_timeout)
         return self.fetch(method, path, read_json, **kwargs)
 
     def get_json(self, path: str, params: Mapping[str, Any] | None = None, headers: Mapping[str, str] | None = None) -> Any:
@@ -168,15 +180,45 @@ class SyncTransport(BaseTransport):
         return self.fetch("GET", path, lambda response: sink(body_chunks(response)), params=params, headers=headers)
 
 
-def body_chunks(response: requests.Response) -> Iterator[bytes]:
-    """Return the chunks of a streaming body, about :data:`~.base.CHUNK_SIZE` bytes each."""
-    return response.iter_content(CHUNK_SIZE)
+def body_chunks(response: requests.Response, size: int = CHUNK_SIZE) -> Iterator[bytes]:
+    """
+    Yield a streaming body's decoded chunks as they arrive (at most about ``size`` bytes each).
+
+    Each chunk is what one read of the socket brought, decompressed: a compressed body is counted
+    as it inflates, never inflated whole first, and a server that drips bytes is seen dripping
+    (the response's :class:`~.base.BodyBudget`, set by :meth:`SyncTransport.fetch`, cuts it).
+    """
+    budget: BodyBudget | None = getattr(response, "hpc_budget", None)
+    read = _read_some(response.raw)
+    parts: list[bytes] = []
+    held = 0
+    while piece := read(size):
+        if budget is not None:
+            budget.take(len(piece))
+        # One socket read is a TLS record or so: gathered to about ``size`` before going on, so a
+        # large file costs a few hundred writes and hash updates, not tens of thousands.
+        parts.append(piece)
+        held += len(piece)
+        if held >= size:
+            yield parts[0] if len(parts) == 1 else b"".join(parts)
+            parts, held = [], 0
+    if parts:
+        yield b"".join(parts)
+
+
+def _read_some(raw: Any) -> Callable[[int], bytes]:
+    """Return a reader giving what one socket read brings, decoded (whatever is there, up to ``n``)."""
+    fp = getattr(raw, "_fp", None)
+    if fp is not None and hasattr(fp, "read1"):
+        return lambda n: raw.read1(n, decode_content=True)
+    # A body that is not a socket (a test double) has no read1: plain reads, same decoding.
+    return lambda n: raw.read(n, decode_content=True)
 
 
 def read_capped(response: requests.Response, limit: int) -> bytes:
-    """Read at most about ``limit`` bytes of a streaming body."""
+    """Read at most about ``limit`` decoded bytes of a streaming body."""
     body = bytearray()
-    for chunk in response.iter_content(64 * 1024):
+    for chunk in body_chunks(response, 64 * 1024):
         body += chunk
         if len(body) >= limit:
             break

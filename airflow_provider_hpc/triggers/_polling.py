@@ -28,6 +28,8 @@ if TYPE_CHECKING:
 #: trigger's clearer ``timeout`` event normally arrives first. It covers a poll still in flight at
 #: the deadline, retries included (up to five attempts with backoffs of up to 30 s each).
 DEFERRAL_TIMEOUT_MARGIN = timedelta(minutes=5)
+#: Seconds a poll may still take past the deadline before it is cut (see ``_poll_within_deadline``).
+LAST_POLL_GRACE = 5.0
 
 
 @dataclass
@@ -239,7 +241,10 @@ class PollingTrigger(BaseTrigger):
         failures = 0
         while True:
             try:
-                payload, changed = await self._poll()
+                payload, changed = await self._poll_within_deadline()
+            except asyncio.TimeoutError:
+                # The deadline passed while a poll was still in flight (a slow or dripping server).
+                return self._timeout()
             except HpcApiError as exc:
                 failures += 1
                 if not is_transient(exc) or failures >= self.max_poll_failures:
@@ -256,6 +261,16 @@ class PollingTrigger(BaseTrigger):
             if schedule.expired:
                 return self._timeout()
             await asyncio.sleep(schedule.next_wait(changed))
+
+    async def _poll_within_deadline(self) -> tuple[dict[str, Any] | None, bool]:
+        """
+        Poll once; a poll still in flight :data:`LAST_POLL_GRACE` seconds past the deadline is cut.
+
+        The grace lets the look taken at the deadline finish, so the timeout names the last state.
+        """
+        if self.deadline is None:
+            return await self._poll()
+        return await asyncio.wait_for(self._poll(), timeout=max(self.deadline - time.time(), LAST_POLL_GRACE))
 
     def _failure_message(self, exc: HpcApiError, failures: int) -> str:
         if is_transient(exc):

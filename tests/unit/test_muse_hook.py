@@ -158,12 +158,14 @@ def test_obtain_accepts_token_shapes(muse_hook: MuseHook, requests_mock: rm.Mock
 
 
 def test_obtain_answering_a_page_is_a_clear_error(muse_hook: MuseHook, requests_mock: rm.Mocker) -> None:
-    """An HTML page where the token was expected is an error with a readable excerpt; nothing is submitted."""
-    requests_mock.post(OBTAIN_URL, text="<html><body><h1>502 Bad Gateway</h1> nginx</body></html>")
+    """An HTML page where the token was expected is an error naming its size and type, never its text."""
+    requests_mock.post(
+        OBTAIN_URL, text="<html><body><h1>502 Bad Gateway</h1> nginx</body></html>", headers={"Content-Type": "text/html"}
+    )
     submit = requests_mock.post(SUBMIT_URL, json=SUBMIT_ANSWER_A)
-    with pytest.raises(MuseApiError, match="not JSON") as info:
+    with pytest.raises(MuseApiError, match="56 bytes of text/html that are neither JSON nor a token") as info:
         muse_hook.submit("sw_example")
-    assert info.value.excerpt == "502 Bad Gateway nginx"
+    assert info.value.excerpt is None and "Bad Gateway" not in str(info.value)
     assert submit.call_count == 0
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import io
+import json
 import socket
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -122,17 +123,31 @@ def test_settings_from_a_bare_host_uri() -> None:
     assert settings_from_connection(conn(host="muse.example.org"), default_path="api").base_url == "https://muse.example.org/api/"
 
 
-def test_settings_read_prefixed_extras_and_ca_bundle() -> None:
+def test_settings_read_prefixed_extras_and_ca_bundle(tmp_path: Any) -> None:
     """Older forms stored ``extra__<type>__<field>``; a CA bundle replaces the default trust store."""
+    ca = tmp_path / "ca.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
     settings = settings_from_connection(
-        conn(host="https://muse.example.org/api/", extra='{"extra__muse__read_timeout": "9", "extra__muse__ca_bundle": "/etc/ca.pem"}')
+        conn(host="https://muse.example.org/api/", extra=json.dumps({"extra__muse__read_timeout": "9", "extra__muse__ca_bundle": str(ca)}))
     )
     assert settings.read_timeout == 9.0
-    assert settings.verify == "/etc/ca.pem"
-    off = settings_from_connection(conn(host="https://h/", extra='{"verify": false, "ca_bundle": "/etc/ca.pem"}'))
-    assert off.verify is False
-    path_in_verify = settings_from_connection(conn(host="https://h/", extra='{"verify": "/etc/ca.pem"}'))
-    assert path_in_verify.verify == "/etc/ca.pem"
+    assert settings.verify == str(ca)
+    path_in_verify = settings_from_connection(conn(host="https://h/", extra=json.dumps({"verify": str(ca)})))
+    assert path_in_verify.verify == str(ca)
+
+
+def test_tls_settings_that_contradict_or_miss_their_file_are_refused(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """verify false with a ca_bundle is a contradiction; a CA file that is not there is named before any request."""
+    ca = tmp_path / "ca.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    with pytest.raises(HpcApiError, match="verify false and a ca_bundle"):
+        settings_from_connection(conn(host="https://h/", extra=json.dumps({"verify": False, "ca_bundle": str(ca)})))
+    with pytest.raises(HpcApiError, match="does not exist"):
+        settings_from_connection(conn(host="https://h/", extra=json.dumps({"ca_bundle": str(tmp_path / "missing.pem")})))
+    # One rule for both transports: the environment's CA bundle, when the connection names none.
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(ca))
+    assert settings_from_connection(conn(host="https://h/")).verify == str(ca)
+    assert settings_from_connection(conn(host="https://h/", extra='{"verify": false}')).verify is False
 
 
 @pytest.mark.parametrize(
