@@ -15,7 +15,7 @@ from enum import Enum
 from typing import TYPE_CHECKING, Any
 
 from airflow_provider_hpc.exceptions import MuseApiError
-from airflow_provider_hpc.models.values import optional_int, optional_text, short_json
+from airflow_provider_hpc.models.values import bounded, optional_int, optional_text, short_json
 from airflow_provider_hpc.storage import StoredFile
 
 if TYPE_CHECKING:
@@ -35,6 +35,14 @@ STDERR_MEMBER = "__WS__stderr.txt"
 RESULT_FILE_NAMES = {"stdout": "stdout.txt", "stdout.txt": "stdout.txt", "run.zip": "run.zip"}
 CONTENT_ZIP_NAME = "content.zip"
 EXTRACT_DIR_NAME = "run"
+#: The request fields a report keeps of what the service echoes (every other is dropped).
+REQUEST_FIELDS = (
+    "cmd", "cmd_option", "returned_type", "todownload", "files_order", "ordered_filename_list", "sbatch_list", "module_list",
+)
+#: Bounds on what is kept of an echoed request: the command, any other text, list entries.
+REQUEST_CMD_CHARS = 2000
+REQUEST_TEXT_CHARS = 200
+REQUEST_LIST_ITEMS = 10
 
 
 class MuseCr(str, Enum):
@@ -104,18 +112,18 @@ class MuseReport:
             cr = MuseCr(report.get("cr"))
         except ValueError:
             raise MuseApiError(
-                f"Unknown cr value {report.get('cr')!r} (expected WAIT, OK or NOK)", endpoint=endpoint
+                f"Unknown cr value {str(report.get('cr'))[:50]!r} (expected WAIT, OK or NOK)", endpoint=endpoint
             ) from None
         process = report.get("process") if isinstance(report.get("process"), dict) else {}
         request = report.get("request") if isinstance(report.get("request"), dict) else {}
         return cls(
-            name=str(report.get("name") or ""),
+            name=optional_text(report.get("name")) or "",
             cr=cr,
             latest_cr=optional_text(process.get("latest_cr")),
             latest_state=optional_text(process.get("latest_state")),
             job_id=optional_int(process.get("job_id")),
             jobname=optional_text(process.get("jobname")),
-            request=request,
+            request=_kept_request(request),
         )
 
 
@@ -152,6 +160,16 @@ class MuseResult:
     download_key: str | None = None
     download_url: str | None = None
     report: MuseReport | None = None
+
+
+def _kept_request(request: Mapping[str, Any]) -> dict[str, Any]:
+    """Return the known fields of an echoed request, each bounded: a report travels in events and XCom."""
+    kept = {}
+    for name in REQUEST_FIELDS:
+        if name in request:
+            limit = REQUEST_CMD_CHARS if name == "cmd" else REQUEST_TEXT_CHARS
+            kept[name] = bounded(request[name], text_limit=limit, items=REQUEST_LIST_ITEMS)
+    return kept
 
 
 def report_signature(report: MuseReport | None) -> tuple[Any, ...] | None:

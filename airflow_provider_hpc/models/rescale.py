@@ -14,10 +14,15 @@ from datetime import datetime, timezone
 from typing import Any
 
 from airflow_provider_hpc.exceptions import RescaleApiError
-from airflow_provider_hpc.models.values import optional_int
+from airflow_provider_hpc.models.values import SHORT_TEXT, bounded, optional_int, optional_text
 
 # Statuses on the way to Completed that mean the job did not succeed, whatever the final reason says.
 FAILURE_STATUSES = frozenset({"stopping", "stopped", "failed", "terminated", "terminating"})
+#: Bounds on what is kept of echoed fields: run variables, reasons, paths, the status history shown.
+MAX_RUN_VARIABLES = 200
+REASON_CHARS = 500
+PATH_CHARS = 4096
+MAX_HISTORY = 20
 _SUCCESS_WORD = re.compile(r"\bsuccess", re.IGNORECASE)
 _NEGATED_SUCCESS = re.compile(r"\b(?:not|no|never)\s+(?:\w+\s+)?success", re.IGNORECASE)
 
@@ -78,23 +83,23 @@ class RescaleRun:
         listed = data.get("variables")
         variables = tuple(
             RunVariable(
-                name=str(v.get("name")),
-                value=v.get("value"),
-                display_value=v.get("displayValue"),
+                name=optional_text(v.get("name")) or "",
+                value=bounded(v.get("value"), text_limit=SHORT_TEXT, items=0),
+                display_value=optional_text(v.get("displayValue")),
                 is_relative=bool(v.get("isRelative")),
             )
-            for v in (listed if isinstance(listed, list) else [])
+            for v in (listed if isinstance(listed, list) else [])[:MAX_RUN_VARIABLES]
             if isinstance(v, dict) and v.get("name") is not None
         )
         return cls(
-            id=str(data["id"]),
-            date_started=data.get("dateStarted"),
-            date_completed=data.get("dateCompleted"),
+            id=optional_text(data["id"]) or "",
+            date_started=optional_text(data.get("dateStarted")),
+            date_completed=optional_text(data.get("dateCompleted")),
             display_order=optional_int(data.get("displayOrder")),
             is_optimal=bool(data.get("isOptimal")),
             output_file_count=optional_int(data.get("outputFileCount")),
             output_file_size=optional_int(data.get("outputFileSize")),
-            parent=None if data.get("parent") is None else str(data.get("parent")),
+            parent=optional_text(data.get("parent")),
             type=optional_int(data.get("type")),
             variables=variables,
         )
@@ -130,16 +135,18 @@ class OutputFile:
             raise RescaleApiError("An output file object has no id", excerpt=str(data)[:300])
         name = data.get("name") if isinstance(data.get("name"), str) else ""
         relative = data.get("relativePath") if isinstance(data.get("relativePath"), str) else ""
+        if len(relative) > PATH_CHARS or len(name) > PATH_CHARS:
+            raise RescaleApiError(f"An output file's relativePath or name is longer than {PATH_CHARS} characters")
         if not (relative or name):
             raise RescaleApiError("An output file object has neither relativePath nor name", excerpt=str(data)[:300])
         return cls(
-            id=str(data["id"]),
+            id=optional_text(data["id"]) or "",
             name=name,
             relative_path=relative or name,
             decrypted_size=optional_int(data.get("decryptedSize")),
             md5=data.get("md5") if isinstance(data.get("md5"), str) else None,
-            path=data.get("path"),
-            date_uploaded=data.get("dateUploaded"),
+            path=optional_text(data.get("path"), PATH_CHARS),
+            date_uploaded=optional_text(data.get("dateUploaded")),
             is_uploaded=bool(data.get("isUploaded", True)),
         )
 
@@ -179,7 +186,7 @@ class JobOutcome:
     @classmethod
     def from_statuses(cls, statuses: list[JobStatus]) -> JobOutcome:
         """Decide from a date-sorted status history."""
-        history = tuple(s.status for s in statuses)
+        history = tuple(s.status for s in statuses[-MAX_HISTORY:])
         completed = [s for s in statuses if s.status.lower() == "completed"]
         if not completed:
             return cls(completed=False, succeeded=False, reason=None, history=history)
@@ -211,8 +218,8 @@ class SnapshotResult:
         return cls(
             exitcode=optional_int(answer.get("exitcode")),
             last_snapshot_id=str(last) if last not in (None, "") else None,
-            reason=answer.get("reason"),
-            data=answer.get("data"),
+            reason=optional_text(answer.get("reason"), REASON_CHARS),
+            data=optional_text(answer.get("data"), REASON_CHARS),
         )
 
 
@@ -251,7 +258,9 @@ def statuses_from_answer(answer: Any) -> list[JobStatus]:
         reason = item.get("statusReason")
         if reason is not None and not isinstance(reason, str):
             reason = json.dumps(reason, default=str)  # read as text rather than refused: it is only shown
-        statuses.append(JobStatus(str(item["status"]), _status_date(item.get("statusDate")), reason))
+        statuses.append(
+            JobStatus(optional_text(item["status"]) or "", _status_date(item.get("statusDate")), optional_text(reason, REASON_CHARS))
+        )
     return sorted(statuses, key=lambda s: s.status_date)
 
 
@@ -259,5 +268,5 @@ def _status_date(value: Any) -> datetime:
     try:
         parsed = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
     except ValueError:
-        raise RescaleApiError(f"Unreadable statusDate {value!r}") from None
+        raise RescaleApiError(f"Unreadable statusDate {str(value)[:50]!r}") from None
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)

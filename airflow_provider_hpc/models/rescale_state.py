@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Any
 
 from airflow_provider_hpc.exceptions import HpcApiError
@@ -18,6 +19,8 @@ from airflow_provider_hpc.models.rescale import FAILURE_STATUSES, JobOutcome, Jo
 
 #: The most lines one tail request asks for (the API reads them from the end of the file).
 MAX_TAIL_LINES = 1000
+#: The most file ids a snapshot wait keeps (see :class:`KnownFiles`).
+MAX_KNOWN_IDS = 20
 #: The keys of a finished run wait's XCom value (the trigger's event holds them too).
 RUN_RESULT_KEYS = ("job_id", "run_id", "status", "run", "outcome", "reason", "message")
 
@@ -258,19 +261,74 @@ class TailFollower:
 # ----- snapshots ----------------------------------------------------------------------------------
 
 
-def pick_new_snapshot(files: Sequence[OutputFile], known_file_ids: Sequence[str]) -> OutputFile | None:
+@dataclass(frozen=True)
+class KnownFiles:
+    """
+    What a run's output files were before a snapshot was asked for, in a bounded form.
+
+    Trigger kwargs live in the metadata database, so the ids of every output file cannot travel
+    there: a file is known when it was uploaded no later than the newest file listed then
+    (strictly before ``uploaded_until``, by the service's own clock), or when it is one of the few ids kept
+    (``ids``: the files of that last moment, and the previous snapshot, which may still be uploading).
+
+    :param uploaded_until: the newest ``dateUploaded`` listed before the request (``None``: no file).
+    :param ids: the ids known besides, at most :data:`MAX_KNOWN_IDS`.
+    """
+
+    uploaded_until: str | None = None
+    ids: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, files: Sequence[OutputFile], *extra_ids: str | None) -> KnownFiles:
+        """Return what ``files`` (listed before the request) and ``extra_ids`` make known."""
+        dates = [f.date_uploaded for f in files if f.date_uploaded]
+        newest = max(dates, key=_instant) if dates else None
+        last_moment = [f.id for f in files if f.date_uploaded is None or f.date_uploaded == newest]
+        ids = [i for i in (*extra_ids, *last_moment) if i][:MAX_KNOWN_IDS]
+        return cls(newest, tuple(dict.fromkeys(ids)))
+
+    def knows(self, file: OutputFile) -> bool:
+        """Whether ``file`` was there before the request."""
+        if file.id in self.ids:
+            return True
+        if self.uploaded_until is None or not file.date_uploaded:
+            return False
+        # Strictly before: a file of that same moment is known only by its id (one may be new).
+        return _instant(file.date_uploaded) < _instant(self.uploaded_until)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the plain form trigger kwargs carry."""
+        return {"uploaded_until": self.uploaded_until, "ids": list(self.ids)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> KnownFiles:
+        """Rebuild from :meth:`to_dict` output."""
+        data = data or {}
+        return cls(data.get("uploaded_until"), tuple(str(i) for i in (data.get("ids") or ())[:MAX_KNOWN_IDS]))
+
+
+def _instant(text: str) -> datetime:
+    """Read an ISO 8601 upload date; an unreadable one sorts first (it never makes a file new)."""
+    try:
+        parsed = datetime.fromisoformat(str(text).replace("Z", "+00:00"))
+    except ValueError:
+        return datetime.min.replace(tzinfo=timezone.utc)
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+
+
+def pick_new_snapshot(files: Sequence[OutputFile], known: Sequence[str] | KnownFiles) -> OutputFile | None:
     """
     Return the output file that is the new snapshot, or ``None`` while it has not appeared.
 
     A snapshot appears as a run output file under an id nobody knows in advance: it is the file
-    not listed before the request; when several new files appear (the run completed meanwhile and
+    not there before the request; when several new files appear (the run completed meanwhile and
     uploaded all its outputs), the one whose name says ``snapshot`` and was uploaded last.
 
     :param files: the run's output files now.
-    :param known_file_ids: the ids listed before the snapshot was requested.
+    :param known: what was there before the request (:class:`KnownFiles`, or a list of ids).
     """
-    known = set(known_file_ids)
-    new = [f for f in files if f.id not in known and f.is_uploaded]
+    known = known if isinstance(known, KnownFiles) else KnownFiles(None, tuple(known))
+    new = [f for f in files if not known.knows(f) and f.is_uploaded]
     if len(new) <= 1:
         return new[0] if new else None
     named = [f for f in new if "snapshot" in f.relative_path.lower()] or new

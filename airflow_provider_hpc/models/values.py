@@ -30,19 +30,48 @@ def validate_segment(value: Any, what: str) -> str:
     return text
 
 
+#: The longest text kept from a field a server echoes (a state word, a job name...).
+SHORT_TEXT = 100
+_INT_LIMIT = 2**63
+
+
 def optional_int(value: Any) -> int | None:
-    """Return ``value`` as an int, or ``None`` when it is missing or not a number (never a bool)."""
+    """Return ``value`` as an int, or ``None`` when it is missing, not a number or absurdly large (never a bool)."""
     if value is None or isinstance(value, bool):
         return None
     try:
-        return int(value)
+        number = int(value)
     except (TypeError, ValueError, OverflowError):
         return None
+    return number if -_INT_LIMIT < number < _INT_LIMIT else None
 
 
-def optional_text(value: Any) -> str | None:
-    """Return ``value`` as a string, ``None`` staying ``None``."""
-    return None if value is None else str(value)
+def optional_text(value: Any, limit: int = SHORT_TEXT) -> str | None:
+    """Return ``value`` as a string of at most about ``limit`` characters, ``None`` staying ``None``."""
+    return None if value is None else capped(str(value), limit)
+
+
+def capped(text: str, limit: int) -> str:
+    """Return ``text`` cut to ``limit`` characters, saying so with a trailing ``...``."""
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def bounded(value: Any, *, text_limit: int, items: int) -> Any:
+    """
+    Return a JSON value a server echoed, small enough for an event, an XCom value or a log line.
+
+    Strings are cut to ``text_limit``, lists to their first ``items`` entries; nested objects are
+    not kept (the fields worth keeping are flat).
+    """
+    if value is None or isinstance(value, (bool, float)):
+        return value
+    if isinstance(value, int):
+        return optional_int(value)
+    if isinstance(value, str):
+        return capped(value, text_limit)
+    if isinstance(value, list):
+        return [bounded(item, text_limit=text_limit, items=0) for item in value[:items] if not isinstance(item, (list, dict))]
+    return None
 
 
 def short_json(value: Any, secrets: Sequence[str] = ()) -> str:

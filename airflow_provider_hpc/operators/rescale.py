@@ -17,6 +17,7 @@ from airflow_provider_hpc.exceptions import HpcApiError, JobTimeout, RescaleApiE
 from airflow_provider_hpc.hooks.rescale import RescaleHook
 from airflow_provider_hpc.links.rescale import RescaleJobLink
 from airflow_provider_hpc.models.rescale import OutputFile, SnapshotResult
+from airflow_provider_hpc.models.rescale_state import KnownFiles
 from airflow_provider_hpc.settings import default_deferrable
 from airflow_provider_hpc.storage import resolve_output_path, safe_join
 from airflow_provider_hpc.transport.retry import RetryPolicy
@@ -234,7 +235,7 @@ class RescaleSnapshotRunOperator(_RescaleRunOperator):
                 f"Run {self.run_id} of Rescale job {self.job_id} has already completed: snapshots only apply to runs "
                 "in progress (its files are output files now)"
             )
-        known = [f.id for f in self.hook.list_output_files(self.job_id, self.run_id)] if self.wait_for_file else []
+        before = self.hook.list_output_files(self.job_id, self.run_id) if self.wait_for_file else []
         snapshot = self.hook.snapshot_run(self.job_id, self.run_id)
         if snapshot.exitcode not in (0, None):
             raise RescaleApiError(
@@ -246,9 +247,8 @@ class RescaleSnapshotRunOperator(_RescaleRunOperator):
         if not self.wait_for_file:
             return result
         # The previous snapshot may still be uploading: its id must not be taken for the new one's.
-        if snapshot.last_snapshot_id:
-            known.append(snapshot.last_snapshot_id)
-        trigger = RescaleSnapshotTrigger(**self._trigger_kwargs(), known_file_ids=known, carry={"snapshot": result})
+        known = KnownFiles.of(before, snapshot.last_snapshot_id)
+        trigger = RescaleSnapshotTrigger(**self._trigger_kwargs(), known=known.to_dict(), carry={"snapshot": result})
         return self._wait(context, trigger)
 
     def execute_complete(self, context: Context, event: dict[str, Any]) -> dict[str, Any]:

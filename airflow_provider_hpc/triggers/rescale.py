@@ -21,6 +21,7 @@ from airflow_provider_hpc.hooks.rescale import RescaleHook
 from airflow_provider_hpc.models.rescale import OutputFile, RescaleRun
 from airflow_provider_hpc.models.rescale_state import (
     MAX_TAIL_LINES,
+    KnownFiles,
     RescaleRunState,
     RunVerdict,
     TailFollower,
@@ -244,7 +245,7 @@ class RescaleRunTrigger(_RescalePollingTrigger):
 
 class RescaleSnapshotTrigger(_RescalePollingTrigger):
     """
-    Poll a run's output files until a snapshot taken after ``known_file_ids`` were listed appears.
+    Poll a run's output files until a snapshot taken after ``known`` files were listed appears.
 
     A snapshot "is uploaded to Rescale Cloud Storage and is made available as a run output file",
     under a file id nobody knows in advance (the snapshot request answers the *previous* snapshot's
@@ -257,23 +258,28 @@ class RescaleSnapshotTrigger(_RescalePollingTrigger):
 
     The run, the connection, ``carry`` and the loop's settings are those of :class:`_RescalePollingTrigger`.
 
-    :param known_file_ids: the ids of the run's output files listed before the snapshot request.
+    :param known: what the run's output files were before the snapshot request
+        (:meth:`KnownFiles.to_dict`: bounded, whatever the number of files).
+    :param known_file_ids: the form earlier versions stored (every id listed); read, never written.
     """
 
-    def __init__(self, *, known_file_ids: Sequence[str] = (), **kwargs: Any) -> None:
+    def __init__(
+        self, *, known: dict[str, Any] | None = None, known_file_ids: Sequence[str] = (), **kwargs: Any
+    ) -> None:
         super().__init__(**kwargs)
-        self.known_file_ids = [str(i) for i in known_file_ids]
+        # known_file_ids is how earlier versions stored it: trigger rows written then still load.
+        self.known = KnownFiles.from_dict(known) if known or not known_file_ids else KnownFiles(None, tuple(map(str, known_file_ids)))
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         """Return the class path and the plain keyword arguments that rebuild this trigger."""
         return (
             f"{type(self).__module__}.{type(self).__qualname__}",
-            {**self._common_kwargs(), "known_file_ids": list(self.known_file_ids)},
+            {**self._common_kwargs(), "known": self.known.to_dict()},
         )
 
     async def _poll(self) -> tuple[dict[str, Any] | None, bool]:
         files = await self.hook.a_list_output_files(self.job_id, self.run_id)
-        snapshot = pick_new_snapshot(files, self.known_file_ids)
+        snapshot = pick_new_snapshot(files, self.known)
         if snapshot is None:
             return None, False
         message = f"Snapshot {snapshot.id} ({snapshot.relative_path}) of run {self.run_id} of Rescale job {self.job_id} is available"
