@@ -26,9 +26,11 @@ from airflow.sdk import Asset
 from airflow_provider_hpc.exceptions import HpcApiError, MuseJobFailed
 from airflow_provider_hpc.hooks.muse import MuseHook
 from airflow_provider_hpc.models.muse import (
+    DEFAULT_MAX_FILE_BYTES,
     CONTENT_ZIP_NAME,
     DEFAULT_MAX_XCOM_STDOUT,
     EXTRACT_DIR_NAME,
+    MAX_CONTENT_ZIP_BYTES,
     RESULT_FILE_NAMES,
     STDERR_MEMBER,
     STDERR_TAIL_BYTES,
@@ -62,7 +64,7 @@ def fetch_result(
     state_url: str | None = None,
     extract: bool = False,
     max_stdout_chars: int = DEFAULT_MAX_XCOM_STDOUT,
-    max_file_bytes: int | None = None,
+    max_file_bytes: int | None = DEFAULT_MAX_FILE_BYTES,
 ) -> dict[str, Any]:
     """
     Fetch the result of a run whose ``cr`` is ``OK`` and return the XCom value.
@@ -98,7 +100,7 @@ def store_result(
     dest: ObjectStoragePath,
     extract: bool = False,
     max_stdout_chars: int = DEFAULT_MAX_XCOM_STDOUT,
-    max_file_bytes: int | None = None,
+    max_file_bytes: int | None = DEFAULT_MAX_FILE_BYTES,
 ) -> dict[str, Any]:
     """
     Put a hook's :class:`MuseResult` into ``value``: the stdout, the written file, the followed download.
@@ -155,7 +157,7 @@ def fetch_failure_evidence(
     :param output_path: the folder ``content.zip`` is written to.
     """
     try:
-        stored = hook.get_content(name, key, output_path / CONTENT_ZIP_NAME)
+        stored = hook.get_content(name, key, output_path / CONTENT_ZIP_NAME, max_bytes=MAX_CONTENT_ZIP_BYTES)
     except HpcApiError as exc:
         return None, None, str(exc)
     try:

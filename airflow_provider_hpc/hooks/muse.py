@@ -210,7 +210,12 @@ class MuseHook(HpcHttpHook):
                 endpoint=self._endpoint("POST", path),
                 excerpt=short_json(answer, self.known_secrets),
             )
-        submission = MuseSubmission(name=name, key=match.group(1), state_url=str(url), message=str(answer.get("msg", "")))
+        key = match.group(1)
+        # The state URL is built from the connection: the server's own url only gave the key, so it
+        # can never point the UI link or the XCom value elsewhere.
+        submission = MuseSubmission(
+            name=name, key=key, state_url=self.state_url(name, key), message=optional_text(answer.get("msg"), 1000) or ""
+        )
         self.log.info("Submitted %s to Muse: key %s (state: %s)", name, submission.key, submission.state_url)
         return submission
 

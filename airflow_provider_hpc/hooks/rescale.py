@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
@@ -112,12 +113,14 @@ class RescaleHook(HpcHttpHook):
 
     # ----- sync ---------------------------------------------------------------------------------
 
-    def list_runs(self, job_id: str, *, page_size: int = 100) -> list[RescaleRun]:
-        """Return every run of a job (all pages)."""
-        return [
-            RescaleRun.from_api(r)
-            for r in self.transport.iter_pages(self._run_path(job_id), page_size=page_size, headers=self._headers)
-        ]
+    def list_runs(self, job_id: str, *, page_size: int = 100, limit: int | None = None) -> list[RescaleRun]:
+        """
+        Return the runs of a job (all pages, or the first ``limit`` runs: the pages after are not asked).
+
+        :param limit: the most runs read.
+        """
+        items = self.transport.iter_pages(self._run_path(job_id), page_size=page_size, headers=self._headers)
+        return [RescaleRun.from_api(r) for r in itertools.islice(items, limit)]
 
     def get_run(self, job_id: str, run_id: str) -> RescaleRun:
         """Return one run."""
@@ -162,10 +165,16 @@ class RescaleHook(HpcHttpHook):
             raise RescaleApiError(f"Refusing tail path {path!r}")
         return self._run_path(job_id, run_id, f"tail/{quote(path)}/", prefix)
 
-    def download_file(self, file: OutputFile, dest: ObjectStoragePath) -> StoredFile:
-        """Stream one output file to ``dest``, checked against its ``decryptedSize`` and ``md5``."""
+    def download_file(self, file: OutputFile, dest: ObjectStoragePath, *, max_bytes: int | None = None) -> StoredFile:
+        """
+        Stream one output file to ``dest``, checked against its ``decryptedSize`` and ``md5``.
+
+        :param max_bytes: refuse a body longer than this, whatever size the listing announced (or not).
+        """
         path = f"{self._prefix(self.connection)}files/{validate_segment(file.id, 'File id')}/contents/"
-        sink = file_sink(as_storage_path(dest), expected_size=file.decrypted_size, expected_md5=file.md5)
+        sink = file_sink(
+            as_storage_path(dest), expected_size=file.decrypted_size, expected_md5=file.md5, max_bytes=max_bytes
+        )
         return self.transport.download(path, sink, headers=self._headers)
 
     def get_job_statuses(self, job_id: str) -> list[JobStatus]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from airflow.sdk import BaseOperatorLink
 from airflow.sdk.execution_time.xcom import XCom
@@ -13,6 +14,12 @@ if TYPE_CHECKING:
 
 #: The XCom key under which Muse operators push the run's state URL.
 STATE_URL_XCOM_KEY = "muse_state_url"
+
+
+def web_link(url: Any) -> str:
+    """Return ``url`` when it is an http(s) URL a browser may open, else ``""`` (never a ``javascript:`` one)."""
+    text = str(url or "").strip()
+    return text if urlsplit(text).scheme.lower() in ("http", "https") and urlsplit(text).netloc else ""
 
 
 class MuseJobStateLink(BaseOperatorLink):
@@ -34,7 +41,7 @@ class MuseJobStateLink(BaseOperatorLink):
         :param ti_key: the task instance to read the URL of.
         """
         url = XCom.get_value(ti_key=ti_key, key=STATE_URL_XCOM_KEY)
-        return str(url) if url else ""
+        return web_link(url)
 
     @classmethod
     def persist(cls, context: Context, state_url: str) -> None:
@@ -45,5 +52,6 @@ class MuseJobStateLink(BaseOperatorLink):
         :param state_url: the run's state URL.
         """
         ti: Any = context["ti"]
+        state_url = web_link(state_url)
         ti.xcom_push(key=STATE_URL_XCOM_KEY, value=state_url)
         ti.xcom_push(key=cls().xcom_key, value=state_url)

@@ -28,6 +28,10 @@ KEY_IN_URL = re.compile(r"/([0-9a-fA-F-]{8,64})/?$")
 DOWNLOAD_KEY_IN_URL = re.compile(r"[?&]key=([A-Za-z0-9_.:-]+)")
 #: A stdout longer than this (characters) is written to ``stdout.txt`` instead of XCom.
 DEFAULT_MAX_XCOM_STDOUT = 64 * 1024
+#: The largest result file (``stdout.txt``, ``run.zip``, a download) written unless a task says otherwise.
+DEFAULT_MAX_FILE_BYTES = 64 * 1024**3
+#: The largest content zip of a failed run fetched to investigate it.
+MAX_CONTENT_ZIP_BYTES = 4 * 1024**3
 #: The bytes of ``__WS__stderr.txt`` shown in the log of a failed run.
 STDERR_TAIL_BYTES = 4096
 STDOUT_MEMBER = "__WS__stdout.txt"

@@ -11,7 +11,14 @@ from airflow.sdk import BaseOperator
 from airflow_provider_hpc.exceptions import JobTimeout, MuseApiError, MuseJobFailed
 from airflow_provider_hpc.hooks.muse import MuseHook
 from airflow_provider_hpc.links.muse import MuseJobStateLink
-from airflow_provider_hpc.models.muse import DEFAULT_MAX_XCOM_STDOUT, RESULT_FILE_NAMES, MuseReport, describe_result, result_value
+from airflow_provider_hpc.models.muse import (
+    DEFAULT_MAX_FILE_BYTES,
+    DEFAULT_MAX_XCOM_STDOUT,
+    RESULT_FILE_NAMES,
+    MuseReport,
+    describe_result,
+    result_value,
+)
 from airflow_provider_hpc.muse_results import MuseResultMixin, store_result
 from airflow_provider_hpc.settings import default_deferrable
 from airflow_provider_hpc.storage import resolve_output_path
@@ -73,7 +80,7 @@ class MuseRunOperator(MuseResultMixin, BaseOperator):
         the very same polling loop.
     :param max_poll_failures: consecutive failed polls tolerated before the task fails.
     :param max_stdout_chars: the longest stdout put in XCom; a longer one goes to ``stdout.txt``.
-    :param max_file_bytes: refuse a result file larger than this.
+    :param max_file_bytes: refuse a result file larger than this (default 64 GiB; ``None``: no limit).
     """
 
     template_fields: Sequence[str] = (
@@ -114,7 +121,7 @@ class MuseRunOperator(MuseResultMixin, BaseOperator):
         deferrable: bool | None = None,
         max_poll_failures: int = 5,
         max_stdout_chars: int = DEFAULT_MAX_XCOM_STDOUT,
-        max_file_bytes: int | None = None,
+        max_file_bytes: int | None = DEFAULT_MAX_FILE_BYTES,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -333,7 +340,7 @@ class MuseGetResultOperator(MuseResultMixin, BaseOperator):
     :param extract_zip: extract ``run.zip`` safely under ``output_path/run/``.
     :param muse_conn_id: the Airflow connection of the Muse service.
     :param max_stdout_chars: the longest stdout put in XCom; a longer one goes to ``stdout.txt``.
-    :param max_file_bytes: refuse a result file larger than this.
+    :param max_file_bytes: refuse a result file larger than this (default 64 GiB; ``None``: no limit).
     """
 
     template_fields: Sequence[str] = ("name", "key", "returned_type", "output_path")
@@ -350,7 +357,7 @@ class MuseGetResultOperator(MuseResultMixin, BaseOperator):
         extract_zip: bool = False,
         muse_conn_id: str = MuseHook.default_conn_name,
         max_stdout_chars: int = DEFAULT_MAX_XCOM_STDOUT,
-        max_file_bytes: int | None = None,
+        max_file_bytes: int | None = DEFAULT_MAX_FILE_BYTES,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)

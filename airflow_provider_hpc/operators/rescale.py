@@ -301,7 +301,8 @@ class RescaleListRunsOperator(BaseOperator):
     :param rescale_conn_id: the Airflow connection id.
     :param completed_only: keep only the runs that have completed.
     :param optimal_only: keep only the runs Rescale marks ``isOptimal``.
-    :param max_runs: refuse a job with more runs than this (the list lands in XCom).
+    :param max_runs: refuse a job with more runs than this (the list lands in XCom; each run keeps
+        at most 200 variables).
     :param page_size: runs asked per page.
     :param retry: the HTTP retry policy (default: the connection's).
     """
@@ -317,7 +318,7 @@ class RescaleListRunsOperator(BaseOperator):
         rescale_conn_id: str = RescaleHook.default_conn_name,
         completed_only: bool = False,
         optimal_only: bool = False,
-        max_runs: int = 10_000,
+        max_runs: int = 1000,
         page_size: int = 100,
         retry: RetryPolicy | None = None,
         **kwargs: Any,
@@ -339,11 +340,12 @@ class RescaleListRunsOperator(BaseOperator):
     def execute(self, context: Context) -> list[dict[str, Any]]:
         """Return the job's runs (filtered) as plain dicts."""
         RescaleJobLink.persist(context, hook=self.hook, job_id=self.job_id)
-        runs = self.hook.list_runs(self.job_id, page_size=self.page_size)
+        # One run past the cap is enough to refuse: the pages after it are never asked.
+        runs = self.hook.list_runs(self.job_id, page_size=self.page_size, limit=self.max_runs + 1)
         if len(runs) > self.max_runs:
             raise HpcApiError(
-                f"Rescale job {self.job_id} has {len(runs)} runs, more than max_runs={self.max_runs}: "
-                "raise max_runs or filter the runs another way"
+                f"Rescale job {self.job_id} has more than max_runs={self.max_runs} runs, too many for XCom "
+                "(it lives in the metadata database): raise max_runs, or harvest or map over the runs another way"
             )
         kept = [r for r in runs if (r.is_completed or not self.completed_only) and (r.is_optimal or not self.optimal_only)]
         self.log.info("Rescale job %s has %d runs; returning %d", self.job_id, len(runs), len(kept))

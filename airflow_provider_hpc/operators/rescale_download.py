@@ -267,7 +267,8 @@ class RescaleDownloadOutputsOperator(BaseOperator):
             self.log.debug("Skipping %s: the same bytes are already at %s", file.relative_path, dest)
             return {**entry, "skipped": True}
         try:
-            stored = self._thread_hook().download_file(file, dest)
+            # max_file_size bounds what is read too: a file whose size was not announced is cut there.
+            stored = self._thread_hook().download_file(file, dest, max_bytes=self.max_file_size)
         except HpcApiError as exc:
             # The error names the endpoint (file id); the log adds which relativePath it was.
             self.log.error("Output file %s (%s) could not be downloaded: %s", file.id, file.relative_path, exc)

@@ -12,7 +12,7 @@ from airflow.sdk.exceptions import AirflowSensorTimeout, AirflowSkipException
 from airflow_provider_hpc.exceptions import MuseApiError, MuseJobFailed
 from airflow_provider_hpc.hooks.muse import MuseHook
 from airflow_provider_hpc.links.muse import MuseJobStateLink
-from airflow_provider_hpc.models.muse import DEFAULT_MAX_XCOM_STDOUT, MuseReport
+from airflow_provider_hpc.models.muse import DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_XCOM_STDOUT, MuseReport
 from airflow_provider_hpc.muse_results import MuseResultMixin
 from airflow_provider_hpc.settings import default_deferrable
 from airflow_provider_hpc.triggers._polling import deferral_timeout, first_poll_after
@@ -73,7 +73,7 @@ class MuseJobSensor(MuseResultMixin, BaseSensorOperator):
         self.end_from_trigger = end_from_trigger
         self.extract_zip = False
         self.max_stdout_chars = DEFAULT_MAX_XCOM_STDOUT
-        self.max_file_bytes = None
+        self.max_file_bytes = DEFAULT_MAX_FILE_BYTES
 
     def execute(self, context: Context) -> Any:
         """Check once; if the run is still going, defer (or fall back to poke/reschedule)."""

@@ -103,7 +103,8 @@ def test_submit_parses_key_from_url_and_sends_jwt_as_form_field(
 
     assert submission.key == KEY_A
     assert submission.name == "sw_example"
-    assert submission.state_url == SUBMIT_ANSWER_A["url"]
+    # Built from the connection, not taken from the answer: the server never chooses the UI link.
+    assert submission.state_url == muse_hook.state_url("sw_example", KEY_A) == f"{API}software/muse/state/sw_example/{KEY_A}/"
     assert form(obtain.last_request) == {"username": [creds.login], "password": [creds.password]}
     sent = form(submit.last_request)
     assert sent["jwt"] == [creds.jwt]
