@@ -322,7 +322,7 @@ class MuseHook(HpcHttpHook):
         info = answer.get("info") if isinstance(answer, dict) else None
         if isinstance(info, dict) and "stdout" in info:
             report = MuseReport.from_answer(answer, endpoint) if isinstance(info.get("report"), dict) else None
-            return MuseResult(kind="stdout", stdout=optional_text(info.get("stdout")) or "", report=report)
+            return MuseResult(kind="stdout", stdout=str(info.get("stdout") or ""), report=report)
         url = answer.get("url") if isinstance(answer, dict) else None
         match = DOWNLOAD_KEY_IN_URL.search(str(url or ""))
         if match:

@@ -39,6 +39,8 @@ STDERR_MEMBER = "__WS__stderr.txt"
 RESULT_FILE_NAMES = {"stdout": "stdout.txt", "stdout.txt": "stdout.txt", "run.zip": "run.zip"}
 CONTENT_ZIP_NAME = "content.zip"
 EXTRACT_DIR_NAME = "run"
+#: Error ``type`` values that mean the service does not know a run (compared lower-cased, without spaces).
+NOT_FOUND_TYPES = frozenset({"notfound", "http404", "doesnotexist", "unknownkey", "objectdoesnotexist"})
 #: The request fields a report keeps of what the service echoes (every other is dropped).
 REQUEST_FIELDS = (
     "cmd", "cmd_option", "returned_type", "todownload", "files_order", "ordered_filename_list", "sbatch_list", "module_list",
@@ -174,6 +176,18 @@ def _kept_request(request: Mapping[str, Any]) -> dict[str, Any]:
             limit = REQUEST_CMD_CHARS if name == "cmd" else REQUEST_TEXT_CHARS
             kept[name] = bounded(request[name], text_limit=limit, items=REQUEST_LIST_ITEMS)
     return kept
+
+
+def is_unknown_run(exc: MuseApiError) -> bool:
+    """
+    Tell whether an error means the service does not know the run (its key expired or never was).
+
+    Muse's status codes are not documented: a 404, or an error body whose ``type`` says "not
+    found", whatever the status (a 200 or a 400 carrying ``{"type": "NotFound"}`` included).
+    """
+    if exc.status == 404:
+        return True
+    return (exc.error_type or "").replace(" ", "").replace("_", "").lower() in NOT_FOUND_TYPES
 
 
 def report_signature(report: MuseReport | None) -> tuple[Any, ...] | None:

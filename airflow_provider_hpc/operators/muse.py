@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseOperator
 
+from airflow_provider_hpc.durable import TaskState, fingerprint
 from airflow_provider_hpc.exceptions import JobTimeout, MuseApiError, MuseJobFailed
 from airflow_provider_hpc.hooks.muse import MuseHook
 from airflow_provider_hpc.links.muse import MuseJobStateLink
@@ -17,6 +18,7 @@ from airflow_provider_hpc.models.muse import (
     RESULT_FILE_NAMES,
     MuseReport,
     describe_result,
+    is_unknown_run,
     result_value,
 )
 from airflow_provider_hpc.muse_results import MuseResultMixin, store_result
@@ -205,16 +207,25 @@ class MuseRunOperator(MuseResultMixin, BaseOperator):
         raise MuseApiError(f"{event['message']} (key {key}; state: {state_url})")
 
     def _finish(self, context: Context, key: str, report: MuseReport | None) -> dict[str, Any]:
-        """Collect the result of a run that ended well, then forget its key (see :meth:`_resume_or_submit`)."""
+        """Collect the result of a run that ended well, then mark its entry collected (see :meth:`_resume`)."""
         value = self._collect(context, self.name, key, report, self.returned_type)
-        store = context.get("task_state_store")
-        if store is not None:
-            # The result is in hand: a later clear-and-rerun of this task runs the software anew
-            # instead of handing back this run's result.
-            store.delete(STATE_STORE_KEY)
+        state = TaskState(context, STATE_STORE_KEY, self.log)
+        entry = state.get()
+        if entry is not None and entry.get("key") == key:
+            # Marked, not dropped: until Airflow has stored the return value, a retry (a dead worker,
+            # a failed XCom write) must find the run and collect it again instead of submitting anew.
+            state.set({**entry, "collected": True}, what=f"Muse run {self.name}/{key}")
         return value
 
     # ----- durability ---------------------------------------------------------------------------
+
+    def _fingerprint(self) -> str:
+        """A digest of what this task submits: a retry after its inputs changed submits anew."""
+        return fingerprint(
+            name=self.name, cmd=self.cmd, cmd_option=self.cmd_option, returned_type=self.returned_type,
+            todownload=as_flag(self.todownload), files=[str(f) for f in self.files or []], files_order=self.files_order,
+            sbatch_list=self.sbatch_list, module_list=self.module_list,
+        )
 
     def _resume_or_submit(self, context: Context) -> tuple[str, MuseReport | None]:
         """
@@ -223,16 +234,16 @@ class MuseRunOperator(MuseResultMixin, BaseOperator):
         Follows the decisions of Airflow's ``ResumableJobMixin``: the key is persisted in
         ``task_state_store`` right after submit, before any wait or deferral, so a retry after a
         dead worker finds it and re-attaches (run still going), collects (run ``OK``) or submits
-        anew (run ``NOK`` or unknown to the service). The entry is removed once the result is
-        collected.
+        anew (run ``NOK``, unknown to the service, or inputs changed). Once the result is collected
+        the entry is marked so: a retry collects again, a cleared task runs anew.
         """
-        store = context.get("task_state_store")
-        if store is None:
+        state = TaskState(context, STATE_STORE_KEY, self.log)
+        if not state.available:
             self.log.warning("task_state_store is not available: a retry of this task cannot re-attach to its Muse run")
-        else:
-            resumed = self._resume(store.get(STATE_STORE_KEY), context)
-            if resumed is not None:
-                return resumed
+        submitted = self._fingerprint()
+        resumed = self._resume(state, submitted, context)
+        if resumed is not None:
+            return resumed
         submission = self.hook.submit(
             self.name,
             cmd=self.cmd,
@@ -245,22 +256,37 @@ class MuseRunOperator(MuseResultMixin, BaseOperator):
             module_list=self.module_list,
         )
         self._key = submission.key
-        if store is not None:
-            store.set(STATE_STORE_KEY, {"name": submission.name, "key": submission.key, "state_url": submission.state_url})
+        # Before any wait: a retry must find the run even if this worker dies right now. Should the
+        # store keep failing, the wait goes on anyway (the trigger's kwargs hold the key).
+        state.set(
+            {"name": submission.name, "key": submission.key, "state_url": submission.state_url,
+             "fingerprint": submitted, "collected": False},
+            what=f"Muse run {submission.name}/{submission.key}",
+        )
         self._publish(context, submission.key, submission.state_url)
         return submission.key, None
 
-    def _resume(self, stored: Any, context: Context) -> tuple[str, MuseReport] | None:
-        if not isinstance(stored, dict) or not stored.get("key"):
+    def _resume(self, state: TaskState, submitted: str, context: Context) -> tuple[str, MuseReport] | None:
+        stored = state.get()
+        if stored is None or not stored.get("key"):
             return None
         key = str(stored["key"])
         if stored.get("name") != self.name:
             self.log.warning("The stored Muse run %s ran %r, not %r: submitting anew", key, stored.get("name"), self.name)
             return None
+        if stored.get("fingerprint") not in (None, submitted):
+            self.log.warning(
+                "The previous try's Muse run %s/%s was submitted with other inputs (cmd, files or options changed): "
+                "submitting anew", self.name, key,
+            )
+            return None
+        if stored.get("collected") and not state.same_cycle(stored):
+            self.log.info("Muse run %s/%s was collected before this task was cleared: submitting anew", self.name, key)
+            return None
         try:
             report = self.hook.get_state(self.name, key)
         except MuseApiError as exc:
-            if exc.status != 404:
+            if not is_unknown_run(exc):
                 raise
             self.log.warning("The service no longer knows the previous try's Muse run %s/%s (%s): submitting anew", self.name, key, exc)
             return None

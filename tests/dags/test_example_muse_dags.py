@@ -119,3 +119,38 @@ def test_a_retry_after_a_lost_worker_re_attaches_without_resubmitting(
     assert run.value("show") == 9.0
     assert emulator.counters.get("muse_submissions", "") == 1
     assert emulator.counters.get("requests", "POST /api/software/muse/run/{name}/") == 1
+
+
+def submissions(emulator: EmulatorServer) -> int:
+    """The Muse cluster runs the emulator was asked for."""
+    return emulator.counters.get("requests", "POST /api/software/muse/run/{name}/")
+
+
+def test_a_worker_lost_after_collecting_is_followed_by_a_second_collect_not_a_second_run(
+    dag_runner: Any, emulator: EmulatorServer
+) -> None:
+    run = dag_runner("muse_lost_after_collect", env=muse_env(emulator, AIRFLOW__CORE__DAGS_FOLDER=str(RETRY_DAGS)))
+
+    assert_succeeded(run)
+    assert "worker lost after collecting the result" in run.output
+    assert "already ended well: fetching its result" in run.output
+    assert run.value("add")["stdout"] == "9.0"
+    assert submissions(emulator) == 1
+
+
+def test_a_state_store_that_refuses_writes_does_not_cost_a_second_run(dag_runner: Any, emulator: EmulatorServer) -> None:
+    run = dag_runner("muse_store_down", env=muse_env(emulator, AIRFLOW__CORE__DAGS_FOLDER=str(RETRY_DAGS)))
+
+    assert_succeeded(run)
+    assert "Could not keep Muse run sw_example/" in run.output and "going on with it" in run.output
+    assert run.value("add")["stdout"] == "9.0"
+    assert submissions(emulator) == 1
+
+
+def test_a_retry_whose_inputs_changed_submits_anew_and_says_why(dag_runner: Any, emulator: EmulatorServer) -> None:
+    run = dag_runner("muse_inputs_changed", env=muse_env(emulator, AIRFLOW__CORE__DAGS_FOLDER=str(RETRY_DAGS)))
+
+    assert_succeeded(run)
+    assert "was submitted with other inputs" in run.output
+    assert run.value("add")["stdout"] == "7.0"  # the retry's own command: 2 + 5
+    assert submissions(emulator) == 2

@@ -19,12 +19,13 @@ PACKAGE = Path(__file__).resolve().parents[2] / "airflow_provider_hpc"
 
 # Each layer and the provider's packages it must not import (what sits above it).
 FORBIDDEN = {
-    "transport": ("hooks", "models", "storage", "triggers", "operators", "sensors", "links", "muse_results"),
-    "storage": ("hooks", "models", "triggers", "operators", "sensors", "links", "muse_results"),
-    "models": ("hooks", "triggers", "operators", "sensors", "links", "muse_results"),
-    "hooks": ("triggers", "operators", "sensors", "links", "muse_results"),
-    "triggers": ("operators", "sensors", "links", "muse_results"),
+    "transport": ("hooks", "models", "storage", "triggers", "operators", "sensors", "links", "muse_results", "durable"),
+    "storage": ("hooks", "models", "triggers", "operators", "sensors", "links", "muse_results", "durable"),
+    "models": ("hooks", "triggers", "operators", "sensors", "links", "muse_results", "durable"),
+    "hooks": ("triggers", "operators", "sensors", "links", "muse_results", "durable"),
+    "triggers": ("operators", "sensors", "links", "muse_results", "durable"),
     "muse_results": ("triggers", "operators", "sensors"),
+    "durable": ("hooks", "triggers", "operators", "sensors", "links", "muse_results"),
     "operators": ("sensors",),
     "sensors": ("operators",),
 }

@@ -388,8 +388,8 @@ def test_a_retry_after_a_dead_worker_re_attaches(
     assert submissions(muse) == 1 and muse.counters.get("requests", SUBMIT_ROUTE) == 1
     assert any("Re-attaching to the previous try's Muse run" in line for line in task_logs)
     assert retry["ti"].xcom[KEY_XCOM_KEY] == key
-    # The result is in hand: the key is forgotten, so a clear-and-rerun runs anew.
-    assert STATE_STORE_KEY not in state_store.values
+    # The result is in hand: the entry is marked collected (a retry collects again, a cleared task runs anew).
+    assert state_store.values[STATE_STORE_KEY]["collected"] is True
 
 
 def test_a_retry_after_the_run_ended_well_only_collects(

@@ -15,8 +15,13 @@ from airflow.sdk import DAG, task
 from airflow_provider_hpc.operators.muse import MuseRunOperator
 
 
-class WorkerLost(Exception):
-    """The simulated death of the worker running the first try."""
+class WorkerLost(BaseException):
+    """
+    The simulated death of the worker running the first try.
+
+    A ``BaseException``, as a killed process is no error of the store: the operator tries failed
+    store writes again, but never survives its worker.
+    """
 
 
 class _DiesAfterStoring:
