@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseOperator, ObjectStoragePath
 
+from airflow_provider_hpc.durable import TaskState
 from airflow_provider_hpc.exceptions import HpcApiError, JobTimeout, RescaleApiError
 from airflow_provider_hpc.hooks.rescale import RescaleHook
 from airflow_provider_hpc.links.rescale import RescaleJobLink
@@ -26,6 +27,9 @@ from airflow_provider_hpc.triggers.rescale import RescaleRunTrigger, RescaleSnap
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
+
+#: The ``task_state_store`` key of a snapshot request: its run, what was there before, the answer.
+SNAPSHOT_STATE_KEY = "rescale_snapshot"
 
 class _RescaleRunOperator(BaseOperator):
     """
@@ -227,8 +231,18 @@ class RescaleSnapshotRunOperator(_RescaleRunOperator):
         self.output_path = output_path
 
     def execute(self, context: Context) -> dict[str, Any]:
-        """Ask for the snapshot; wait for its file (and download it) when asked."""
+        """Ask for the snapshot (once per try cycle: a retry re-attaches); wait for its file when asked."""
         RescaleJobLink.persist(context, hook=self.hook, job_id=self.job_id)
+        state = TaskState(context, SNAPSHOT_STATE_KEY, self.log)
+        resumed = self._resumed_request(state)
+        result, known = resumed if resumed is not None else self._request(state)
+        if not self.wait_for_file:
+            return result
+        trigger = RescaleSnapshotTrigger(**self._trigger_kwargs(), known=known.to_dict(), carry={"snapshot": result})
+        return self._wait(context, trigger)
+
+    def _request(self, state: TaskState) -> tuple[dict[str, Any], KnownFiles]:
+        """Take the snapshot, the request kept in ``task_state_store`` before it is sent and once answered."""
         run = self.hook.get_run(self.job_id, self.run_id)
         if run.is_completed:
             raise RescaleApiError(
@@ -236,6 +250,9 @@ class RescaleSnapshotRunOperator(_RescaleRunOperator):
                 "in progress (its files are output files now)"
             )
         before = self.hook.list_output_files(self.job_id, self.run_id) if self.wait_for_file else []
+        what = f"the snapshot request of run {self.run_id} of Rescale job {self.job_id}"
+        # Kept before it is sent: a try that dies before hearing the answer must not take a second one.
+        state.set(self._entry(KnownFiles.of(before), None), what=what)
         snapshot = self.hook.snapshot_run(self.job_id, self.run_id)
         if snapshot.exitcode not in (0, None):
             raise RescaleApiError(
@@ -244,12 +261,33 @@ class RescaleSnapshotRunOperator(_RescaleRunOperator):
             )
         self.log.info("Asked for a snapshot of run %s of Rescale job %s: %s", self.run_id, self.job_id, snapshot.reason)
         result = self._snapshot_result(snapshot)
-        if not self.wait_for_file:
-            return result
         # The previous snapshot may still be uploading: its id must not be taken for the new one's.
         known = KnownFiles.of(before, snapshot.last_snapshot_id)
-        trigger = RescaleSnapshotTrigger(**self._trigger_kwargs(), known=known.to_dict(), carry={"snapshot": result})
-        return self._wait(context, trigger)
+        state.set(self._entry(known, result), what=what)
+        return result, known
+
+    def _entry(self, known: KnownFiles, result: dict[str, Any] | None) -> dict[str, Any]:
+        return {"job_id": str(self.job_id), "run_id": str(self.run_id), "known": known.to_dict(), "result": result}
+
+    def _resumed_request(self, state: TaskState) -> tuple[dict[str, Any], KnownFiles] | None:
+        """Return the request a previous try of this try cycle made on this run, if any (never a second snapshot)."""
+        entry = state.get()
+        if entry is None or (entry.get("job_id"), entry.get("run_id")) != (str(self.job_id), str(self.run_id)):
+            return None
+        if not state.same_cycle(entry):
+            return None  # the task was cleared: a new snapshot is what the user asks for
+        result = entry.get("result")
+        if isinstance(result, dict):
+            self.log.info(
+                "A previous try already took the snapshot of run %s of Rescale job %s: re-attaching to it", self.run_id, self.job_id
+            )
+        else:
+            self.log.warning(
+                "A previous try asked for a snapshot of run %s of Rescale job %s and never heard the answer: not asking "
+                "again (a repeat would take a second snapshot)", self.run_id, self.job_id,
+            )
+            result = self._snapshot_result(None)
+        return result, KnownFiles.from_dict(entry.get("known"))
 
     def execute_complete(self, context: Context, event: dict[str, Any]) -> dict[str, Any]:
         """

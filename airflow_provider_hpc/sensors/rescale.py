@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk import BaseSensorOperator, PokeReturnValue
 from airflow.sdk.exceptions import AirflowSensorTimeout
 
+from airflow_provider_hpc.durable import TaskState
 from airflow_provider_hpc.exceptions import HpcApiError, RescaleApiError, RescaleRunFailed
 from airflow_provider_hpc.hooks.rescale import RescaleHook
 from airflow_provider_hpc.links.rescale import RescaleJobLink
@@ -31,6 +32,9 @@ from airflow_provider_hpc.triggers.rescale import RescaleRunTrigger
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
+
+#: The ``task_state_store`` key of when the run was first seen completed (reschedule mode).
+COMPLETED_STATE_KEY = "rescale_completed_seen"
 
 
 class RescaleRunSensor(BaseSensorOperator):
@@ -122,7 +126,7 @@ class RescaleRunSensor(BaseSensorOperator):
         RescaleJobLink.persist(context, hook=self.hook, job_id=self.job_id)
         if not self.deferrable:
             return super().execute(context)
-        done = self._check(follow_tail=False)
+        done = self._check(context, follow_tail=False)
         if done:
             return done.xcom_value if isinstance(done, PokeReturnValue) else None
         self.defer(
@@ -157,9 +161,9 @@ class RescaleRunSensor(BaseSensorOperator):
 
         :param context: the running task's context.
         """
-        return self._check(follow_tail=True)
+        return self._check(context, follow_tail=True)
 
-    def _check(self, *, follow_tail: bool) -> bool | PokeReturnValue:
+    def _check(self, context: Context, *, follow_tail: bool) -> bool | PokeReturnValue:
         """
         Read the run once, following ``tail_path`` only when asked.
 
@@ -177,18 +181,38 @@ class RescaleRunSensor(BaseSensorOperator):
                 self._last_state = state
             return False
         self._watching = False
-        if self._completed_seen_at is None:
-            self._completed_seen_at = time.monotonic()
         verdict = judge_completed_run(
             self.hook.get_job_statuses(self.job_id),
             accept_any_completion=self.accept_any_completion,
-            waited_for_job=time.monotonic() - self._completed_seen_at,
+            waited_for_job=self._completed_since(context),
             outcome_wait=self.outcome_wait,
         )
         if verdict is None:
             self.log.info("Run %s completed; waiting for job %s to report its final status", self.run_id, self.job_id)
             return False
         return PokeReturnValue(True, self._verdict_result(run, verdict))
+
+    def _completed_since(self, context: Context) -> float:
+        """
+        Return the seconds since this task first saw the run completed.
+
+        Kept in ``task_state_store`` too: in ``mode="reschedule"`` every poke is a new instance, and
+        ``outcome_wait`` must elapse across them, not start again at each.
+        """
+        now = time.time()
+        if self._completed_seen_at is None:
+            state = TaskState(context, COMPLETED_STATE_KEY, self.log)
+            entry = state.get()
+            seen = entry.get("at") if entry and entry.get("run") == [str(self.job_id), str(self.run_id)] else None
+            if isinstance(seen, (int, float)) and state.same_cycle(entry):
+                self._completed_seen_at = float(seen)
+            else:
+                self._completed_seen_at = now
+                state.set(
+                    {"run": [str(self.job_id), str(self.run_id)], "at": now},
+                    what=f"when run {self.run_id} of Rescale job {self.job_id} was seen completed",
+                )
+        return max(0.0, now - self._completed_seen_at)
 
     def _verdict_result(self, run: RescaleRun, verdict: RunVerdict) -> dict[str, Any]:
         message = run_message(self.job_id, self.run_id, verdict)
@@ -220,7 +244,7 @@ class RescaleRunSensor(BaseSensorOperator):
         if not isinstance(event, dict):
             # A trigger that ended the task itself (end_from_trigger) sends no payload, and
             # `airflow dags test` resumes the task all the same: read the run once more.
-            done = self._check(follow_tail=False)
+            done = self._check(context, follow_tail=False)
             if isinstance(done, PokeReturnValue):
                 return done.xcom_value
             raise RescaleApiError(f"Run {self.run_id} of Rescale job {self.job_id} has not completed after all")

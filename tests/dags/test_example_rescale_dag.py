@@ -127,3 +127,23 @@ def test_example_rescale_harvest(dag_runner, airflow_home, emulator: EmulatorSer
     assert all(run.value(task, "_link_RescaleJobLink") == link for task in ("snapshot", "watch", "harvest"))
     assert not emulator.counters.snapshot().get("rescale_stops")
     assert api_key not in run.output
+
+
+RETRY_DAGS = REPO / "tests" / "integration" / "rescale" / "dags"
+SNAPSHOT_ROUTE = "POST /api/jobs/{job_id}/runs/{run_id}/snapshot/"
+
+
+def test_a_snapshot_retry_after_a_lost_worker_takes_no_second_snapshot(dag_runner, emulator: EmulatorServer) -> None:
+    # Long enough to be in progress while both tries run.
+    job_id, run_id = create_demo_job(emulator.rescale_url, API_KEY, steps=200, step_seconds=0.3)
+    submit_job(emulator.rescale_url, API_KEY, job_id)
+    env = {**emulator.airflow_conn_env(), "AIRFLOW__CORE__DAGS_FOLDER": str(RETRY_DAGS)}
+
+    run = dag_runner("rescale_snapshot_retry", env=env, conf={"job_id": job_id, "run_id": run_id})
+
+    assert run.returncode == 0 and run.states[("snapshot", -1)] == "success", run.output[-6000:]
+    assert "worker lost right after the snapshot request was answered" in run.output
+    assert "already took the snapshot" in run.output
+    assert emulator.counters.snapshot()["requests"][SNAPSHOT_ROUTE] == 1
+    assert run.value("snapshot")["file"]["relative_path"].startswith("snapshots/")
+    assert API_KEY not in run.output
