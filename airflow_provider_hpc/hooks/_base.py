@@ -110,6 +110,7 @@ def settings_from_connection(
         read_timeout=_number(connection_extra(conn, "read_timeout"), float) or defaults.read_timeout,
         request_timeout=_number(connection_extra(conn, "request_timeout"), float) or defaults.request_timeout,
         min_download_rate=defaults.min_download_rate if min_rate is None else max(0.0, min_rate),
+        rate_window=_number(connection_extra(conn, "rate_window"), float) or defaults.rate_window,
         retry=policy,
     )
 
