@@ -56,8 +56,8 @@ class MuseRunOperator(MuseResultMixin, BaseOperator):
 
     The run's key is persisted (``task_state_store``) and pushed to XCom before any wait, so a retry
     re-attaches to a run still going, returns the result of one already ``OK``, and submits anew only
-    after ``NOK``; the stored key is dropped once the result is collected, so clearing the task later
-    runs the software again. The returned XCom value is described in ``docs/results.md``; files go
+    after ``NOK`` or when its inputs changed; once the result is collected the entry is marked so: a
+    retry collects it again, a cleared task runs the software anew. The returned XCom value is described in ``docs/results.md``; files go
     under ``output_path``. Muse has no cancel endpoint: killing the task leaves the run going.
 
     :param name: the software name (e.g. ``sw_example``).
