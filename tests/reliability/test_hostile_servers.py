@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from airflow.sdk.exceptions import TaskDeferred
 
 from airflow_provider_hpc.exceptions import HpcApiError, MuseApiError, RescaleApiError
 from airflow_provider_hpc.hooks.muse import MuseHook
@@ -432,3 +433,48 @@ def test_an_error_that_only_mentions_expiry_is_not_taken_for_a_refused_token(ser
 
 def test_gzip_bomb_helper_really_inflates() -> None:
     assert len(gzip.decompress(gzip_bomb(2 * MIB))) == 2 * MIB
+
+
+# ----- 4 (runs in XCom) and 12 (a forgotten key without a 404) ----------------------------------------
+
+
+def test_a_job_with_too_many_runs_is_refused_without_reading_them_all(serve: Callable[..., RawServer]) -> None:
+    from airflow_provider_hpc.operators.rescale import RescaleListRunsOperator
+
+    run = {"id": "1", "dateStarted": None, "dateCompleted": None}
+    server = serve(endless_pages([run] * 10, 10**6))
+    task = RescaleListRunsOperator(task_id="runs", job_id="AbCdE", rescale_conn_id="rescale_raw", max_runs=25, page_size=10)
+    task.__dict__["hook"] = RescaleHook("rescale_raw", retry=NO_WAIT_RETRY)
+    pushed: dict[str, Any] = {}
+    ti = type("Ti", (), {"xcom_push": lambda self, key, value: pushed.__setitem__(key, value)})()
+    with pytest.raises(HpcApiError, match="more than max_runs=25"):
+        task.execute({"ti": ti})
+    assert len(server.requests) == 3  # 30 runs read, one page past the cap at most
+
+
+@pytest.mark.parametrize("status", [200, 400])
+def test_a_forgotten_key_answered_without_a_404_is_submitted_anew(serve: Callable[..., RawServer], status: int) -> None:
+    from airflow_provider_hpc.operators.muse import STATE_STORE_KEY, MuseRunOperator
+
+    new_key = "9d6a1f0e-3b7c-4f2a-8e5d-1c2b3a4d5e6f"
+    forgotten = json.dumps({"error": f"Unknown key value {KEY}.", "more": [], "type": "NotFound"}).encode()
+
+    def service(client: socket.socket, head: bytes) -> None:
+        if head.startswith(b"POST "):
+            answer(200, json.dumps({"msg": "submitted", "url": f"http://x/api/software/muse/state/sw_example/{new_key}/"}).encode())(client, head)
+        else:
+            answer(status, forgotten)(client, head)
+
+    server = serve(service)
+    store = {STATE_STORE_KEY: {"name": "sw_example", "key": KEY}}
+    state_store = type("Store", (), {
+        "get": lambda self, key, default=None: store.get(key, default),
+        "set": lambda self, key, value, **_: store.__setitem__(key, value),
+    })()
+    pushed: dict[str, Any] = {}
+    ti = type("Ti", (), {"xcom_push": lambda self, key, value: pushed.__setitem__(key, value), "max_tries": 1})()
+    task = MuseRunOperator(task_id="add", name="sw_example", muse_conn_id="muse_raw", deferrable=True)
+    with pytest.raises(TaskDeferred):
+        task.execute({"ti": ti, "task_state_store": state_store})
+    assert store[STATE_STORE_KEY]["key"] == new_key and pushed["muse_key"] == new_key
+    assert sum(request.startswith(b"POST ") for request in server.requests) == 1
