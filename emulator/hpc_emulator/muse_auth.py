@@ -1,5 +1,5 @@
 """
-The tokens of the Muse emulator: the HS256 JWTs of ``jwt/obtain/``, checked on every request.
+The tokens of the Muse emulator: the HS256 JWTs of ``jwt/obtain/``, and the levels a run needs.
 """
 
 from __future__ import annotations

@@ -54,6 +54,7 @@ class MuseError(Exception):
 
 
 def bad_request(error: str, *more: str) -> MuseError:
+    """Return the 400 answer (``ValidationError``) of a missing or invalid parameter."""
     return MuseError(400, error, "ValidationError", list(more))
 
 
