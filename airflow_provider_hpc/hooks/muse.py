@@ -388,7 +388,7 @@ def _uploads(files: Sequence[str | ObjectStoragePath]) -> list[UploadFile]:
         path = as_storage_path(item)
         if not path.is_file():
             raise MuseApiError(f"Input file {item} does not exist")
-        uploads.append(UploadFile("file", path.name, lambda p=path: p.open("rb")))
+        uploads.append(UploadFile("file", path.name, lambda p=path: p.open("rb"), path.stat().st_size))
     return uploads
 
 

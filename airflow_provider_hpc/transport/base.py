@@ -59,14 +59,16 @@ class UploadFile:
     """
     One multipart file part, opened afresh on every attempt so a retry sends the whole file.
 
-    :param field: the form field name (``file`` for Muse).
+    :param field: the form field name (``file`` for Muse and Rescale).
     :param filename: the name the server sees.
     :param opener: returns a new binary file object positioned at the start.
+    :param size: the file's size in bytes (the body is sent with a ``Content-Length``).
     """
 
     field: str
     filename: str
     opener: Callable[[], IO[bytes]]
+    size: int
 
 
 class BodyBudget:

@@ -14,6 +14,7 @@ from requests.adapters import HTTPAdapter
 from airflow_provider_hpc.transport.base import CHUNK_SIZE, BaseTransport, BodyBudget, TransportSettings, UploadFile
 from airflow_provider_hpc.transport import errors
 from airflow_provider_hpc.transport.errors import TransportError, redact
+from airflow_provider_hpc.transport.multipart import MultipartBody
 from airflow_provider_hpc.transport.paging import MAX_PAGES, PageWalk
 from airflow_provider_hpc.transport.urls import endpoint_of, origin
 
@@ -110,13 +111,17 @@ class SyncTransport(BaseTransport):
     def _send(
         self, method, url, endpoint, idempotent, params, data, json_body, files, headers, budget: BodyBudget
     ) -> requests.Response:
+        upload = MultipartBody(data or {}, files) if files else None
+        if upload is not None:
+            data, headers = upload, {**(headers or {}), "Content-Type": upload.content_type}
         with ExitStack() as stack:
-            parts = [(f.field, (f.filename, stack.enter_context(f.opener()))) for f in files] or None
+            if upload is not None:
+                stack.callback(upload.close)
             try:
                 # verify is passed on every request: requests lets REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE
                 # override the session's own setting, which would ignore the connection's choice.
                 response = self.session.request(
-                    method, url, params=params, data=data, json=json_body, files=parts,
+                    method, url, params=params, data=data, json=json_body,
                     headers=headers, timeout=self.timeout, stream=True, verify=self.settings.verify,
                 )
             except (requests.ConnectionError, requests.Timeout) as exc:
@@ -124,7 +129,10 @@ class SyncTransport(BaseTransport):
             except requests.RequestException as exc:  # too many redirects, an invalid URL or header...
                 detail = redact(f"{type(exc).__name__}: {exc}", self.secrets)[:300]
                 raise self.error_class(f"Request failed: {detail}", endpoint=endpoint) from None
+            except OSError as exc:  # an input file that could not be read, or changed while sent
+                raise self.error_class(f"Could not send the request's files: {exc}", endpoint=endpoint) from None
         response.hpc_budget = budget  # read by body_chunks and read_capped, the error answer's included
+        response.hpc_sent = upload  # what was sent of each file (size, md5), for the caller to check
         if response.status_code >= 400:
             with response:
                 try:
