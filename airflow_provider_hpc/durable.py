@@ -43,10 +43,11 @@ class TaskState:
         is kept, and the task says once that a retry cannot re-attach).
     :param key: the entry's key in the store.
     :param log: the task's logger.
+    :param durable: ``False`` keeps nothing (the task's ``durable=False``, as in the official providers).
     """
 
-    def __init__(self, context: Context, key: str, log: Any) -> None:
-        self.store = context.get("task_state_store")
+    def __init__(self, context: Context, key: str, log: Any, *, durable: bool = True) -> None:
+        self.store = context.get("task_state_store") if durable else None
         self.key = key
         self.log = log
         ti = context.get("ti")
@@ -89,6 +90,15 @@ class TaskState:
                     return False
                 time.sleep(WRITE_BACKOFF * 2 ** (attempt - 1))
         return False
+
+    def delete(self) -> None:
+        """Forget the entry (a request that surely did nothing); a failure to do so is only logged."""
+        if self.store is None:
+            return
+        try:
+            self.store.delete(self.key)
+        except Exception as exc:  # the entry then says "asked, answer unknown": the safe side
+            self.log.warning("Could not remove %s from task_state_store (%s: %s)", self.key, type(exc).__name__, str(exc)[:200])
 
     def same_cycle(self, entry: dict[str, Any]) -> bool:
         """

@@ -168,7 +168,7 @@ def fetch_failure_evidence(
 
 
 class MuseResultMixin:
-    """What both operators share: the hook, the output folder, fetching results, announcing assets."""
+    """What the Muse operators and the sensor share: the hook, the output folder, fetching results, announcing assets."""
 
     muse_conn_id: str
     output_path: str | ObjectStoragePath | None

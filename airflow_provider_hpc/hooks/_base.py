@@ -92,6 +92,11 @@ def settings_from_connection(
         path = (conn.schema or default_path).strip("/")
         base = f"{scheme}://{host}{port}/{path}"
     parts = urlsplit(base)
+    if parts.username is not None or parts.password is not None:
+        # In the URL they would travel into log lines, XCom values and UI links; say nothing of them.
+        raise HpcApiError(
+            f"Connection {conn.conn_id!r}: the host URL holds credentials; put them in the login and password fields"
+        )
     if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
         # Name the scheme only: a URL may carry credentials.
         raise HpcApiError(
@@ -260,11 +265,10 @@ class HpcHttpHook(BaseHook):
         """The non-blocking transport used in triggers; reads the connection with ``aget_connection``."""
         if self._async is None:
             conn = await self.aget_connection(self.conn_id)
-            for secret in self._secrets_of(conn):
+            secrets = self._secrets_of(conn)
+            for secret in secrets:
                 await amask(secret)
-            self._async = AsyncTransport(
-                self._settings(conn), error_class=self.error_class, log=self.log, secrets=self._secrets_of(conn)
-            )
+            self._async = AsyncTransport(self._settings(conn), error_class=self.error_class, log=self.log, secrets=secrets)
             self._on_async_connection(conn)
         return self._async
 

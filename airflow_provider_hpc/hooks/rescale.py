@@ -8,7 +8,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlsplit
 
-from airflow_provider_hpc.exceptions import RescaleApiError
+from airflow_provider_hpc.exceptions import RescaleApiError, TransferIntegrityError
 from airflow_provider_hpc.hooks._base import HpcHttpHook, clean_secret, connection_extra
 from airflow_provider_hpc.hooks._forms import RESCALE_PLATFORM_URL
 from airflow_provider_hpc.models.rescale import (
@@ -16,6 +16,7 @@ from airflow_provider_hpc.models.rescale import (
     JobOutcome,
     JobStatus,
     OutputFile,
+    RescaleJob,
     RescaleRun,
     RunVariable,
     SnapshotResult,
@@ -25,7 +26,7 @@ from airflow_provider_hpc.models.rescale import (
 )
 from airflow_provider_hpc.models.values import validate_segment
 from airflow_provider_hpc.storage import StoredFile, as_storage_path, file_sink
-from airflow_provider_hpc.transport.base import TransportSettings
+from airflow_provider_hpc.transport.base import TransportSettings, UploadFile
 from airflow_provider_hpc.transport.retry import RetryPolicy
 from airflow_provider_hpc.transport.urls import with_query
 
@@ -33,11 +34,14 @@ if TYPE_CHECKING:
     from airflow.sdk import Connection, ObjectStoragePath
 
 DEFAULT_PLATFORM_URL = RESCALE_PLATFORM_URL
+#: Job submission (uploads, jobs, statuses) is Rescale's v2 API, whatever ``api_version`` says.
+JOBS_PREFIX = "api/v2/"
 # A job id no platform hands out, used to check the API key where the jobs list is not served.
 _PROBE_JOB_ID = "airflow-connection-test"
 
 __all__ = [
-    "DirectoryEntry", "JobOutcome", "JobStatus", "OutputFile", "RescaleHook", "RescaleRun", "RunVariable", "SnapshotResult",
+    "DirectoryEntry", "JobOutcome", "JobStatus", "OutputFile", "RescaleHook", "RescaleJob", "RescaleRun", "RunVariable",
+    "SnapshotResult",
 ]
 
 
@@ -179,8 +183,87 @@ class RescaleHook(HpcHttpHook):
 
     def get_job_statuses(self, job_id: str) -> list[JobStatus]:
         """Return a job's status history, sorted by date (the API's order is not reliable)."""
-        answer = self.transport.get_json(f"api/v2/jobs/{validate_segment(job_id, 'Job id')}/statuses/", headers=self._headers)
+        answer = self.transport.get_json(f"{JOBS_PREFIX}jobs/{validate_segment(job_id, 'Job id')}/statuses/", headers=self._headers)
         return statuses_from_answer(answer)
+
+    # ----- jobs (v2: Rescale's job submission API) ----------------------------------------------
+
+    def upload_file(self, source: str | ObjectStoragePath, *, name: str | None = None) -> OutputFile:
+        """
+        Upload an input file (``POST /api/v2/files/contents/``), streamed: memory stays flat.
+
+        The answer's ``decryptedSize`` and ``md5`` must be what was sent, else the upload is tried
+        again (a :class:`TransferIntegrityError`). Trying again after an unclear failure may leave a
+        second, unused copy on the platform: it costs storage, never a run.
+
+        :param source: a local path, an fsspec URL or an ``ObjectStoragePath`` (a Muse result on S3...).
+        :param name: the name the platform shows (default: the file's own name).
+        """
+        path = as_storage_path(source)
+        if not path.is_file():
+            raise RescaleApiError(f"Input file {source} does not exist")
+        part = UploadFile("file", name or path.name, lambda: path.open("rb"), path.stat().st_size)
+        endpoint = f"POST /{JOBS_PREFIX}files/contents/"
+        answer, sent = self.transport.send_files(
+            "POST", f"{JOBS_PREFIX}files/contents/", [part], headers=self._headers, idempotent=True
+        )
+        uploaded = OutputFile.from_api(answer)
+        if uploaded.decrypted_size != part.size or (uploaded.md5 or "").lower() != sent.md5():
+            raise TransferIntegrityError(
+                f"The platform says it received {uploaded.decrypted_size} bytes (md5 {uploaded.md5}) of {part.filename}; "
+                f"{part.size} bytes (md5 {sent.md5()}) were sent",
+                endpoint=endpoint,
+            )
+        self.log.info("Uploaded %s to Rescale as file %s (%d bytes)", part.filename, uploaded.id, part.size)
+        return uploaded
+
+    def create_job(self, body: Mapping[str, Any]) -> RescaleJob:
+        """
+        Create a job, not started (``POST /api/v2/jobs/``), from a body as Rescale's API reference gives it.
+
+        Sent once: a retry happens only when the request surely never reached the platform.
+        """
+        if not isinstance(body, Mapping) or not body.get("name") or not body.get("jobanalyses"):
+            raise RescaleApiError("A job body needs a name and a non-empty jobanalyses list")
+        answer = self.transport.request_json(
+            "POST", f"{JOBS_PREFIX}jobs/", json_body=dict(body), headers=self._headers, idempotent=False
+        )
+        job = RescaleJob.from_api(answer)
+        self.log.info("Created Rescale job %s (%s)", job.id, job.name)
+        return job
+
+    def submit_job(self, job_id: str) -> None:
+        """
+        Start a created job (``POST /api/v2/jobs/{job_id}/submit/``).
+
+        Rescale limits submissions per user and hour: a ``429`` is waited out (its ``Retry-After``),
+        since it surely started nothing; any other doubt is not retried, a second submit being an error.
+        """
+        path = f"{JOBS_PREFIX}jobs/{validate_segment(job_id, 'Job id')}/submit/"
+        self.transport.request_json("POST", path, headers=self._headers, idempotent=False)
+        self.log.info("Submitted Rescale job %s", job_id)
+
+    def get_job(self, job_id: str) -> RescaleJob:
+        """Return a job (``GET /api/v2/jobs/{job_id}/``)."""
+        path = f"{JOBS_PREFIX}jobs/{validate_segment(job_id, 'Job id')}/"
+        return RescaleJob.from_api(self.transport.get_json(path, headers=self._headers))
+
+    def find_jobs(self, name: str, *, limit: int = 50) -> list[RescaleJob]:
+        """
+        Return the jobs whose name is exactly ``name``, newest first, among the first ``limit`` the search gives.
+
+        :param name: the job name looked for (``GET /api/v2/jobs/?search=...``).
+        :param limit: the most jobs read from the search.
+        """
+        path = with_query(f"{JOBS_PREFIX}jobs/", search=name)
+        found = itertools.islice(self.transport.iter_pages(path, page_size=min(limit, 100), headers=self._headers), limit)
+        return [job for job in map(RescaleJob.from_api, found) if job.name == name]
+
+    def stop_job(self, job_id: str) -> None:
+        """Stop every run of a job (``POST /api/v2/jobs/{job_id}/stop/``); stopping twice stops once."""
+        path = f"{JOBS_PREFIX}jobs/{validate_segment(job_id, 'Job id')}/stop/"
+        self.transport.request_json("POST", path, headers=self._headers, idempotent=True)
+        self.log.info("Asked Rescale to stop job %s", job_id)
 
     def test_connection(self) -> tuple[bool, str]:
         """
@@ -222,7 +305,7 @@ class RescaleHook(HpcHttpHook):
 
     async def a_get_job_statuses(self, job_id: str) -> list[JobStatus]:
         """Return a job's sorted status history without blocking the event loop."""
-        return statuses_from_answer(await self._aget(f"api/v2/jobs/{validate_segment(job_id, 'Job id')}/statuses/"))
+        return statuses_from_answer(await self._aget(f"{JOBS_PREFIX}jobs/{validate_segment(job_id, 'Job id')}/statuses/"))
 
     async def a_get_directory_contents(self, job_id: str, run_id: str) -> list[DirectoryEntry]:
         """Return an in-progress run's files without blocking the event loop."""
@@ -239,6 +322,24 @@ class RescaleHook(HpcHttpHook):
         transport = await self.async_transport()
         path = await self._a_run_path(job_id, run_id, "files/")
         return [OutputFile.from_api(f) async for f in transport.iter_pages(path, page_size=page_size, headers=self._async_headers)]
+
+    async def a_list_runs(self, job_id: str, *, page_size: int = 100, limit: int | None = None) -> list[RescaleRun]:
+        """Return the runs of a job (the first ``limit``) without blocking the event loop."""
+        transport = await self.async_transport()
+        path = self._run_path(job_id, prefix=self._async_prefix)
+        runs: list[RescaleRun] = []
+        async for item in transport.iter_pages(path, page_size=page_size, headers=self._async_headers):
+            runs.append(RescaleRun.from_api(item))
+            if limit is not None and len(runs) >= limit:
+                break
+        return runs
+
+    async def a_stop_job(self, job_id: str) -> None:
+        """Stop every run of a job without blocking the event loop (a trigger's ``on_kill``)."""
+        transport = await self.async_transport()
+        path = f"{JOBS_PREFIX}jobs/{validate_segment(job_id, 'Job id')}/stop/"
+        await transport.request_json("POST", path, headers=self._async_headers, idempotent=True)
+        self.log.info("Asked Rescale to stop job %s", job_id)
 
     async def a_stop_run(self, job_id: str, run_id: str) -> None:
         """Stop a run without blocking the event loop (a trigger's ``on_kill``)."""

@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from airflow_provider_hpc.exceptions import RescaleApiError
-from airflow_provider_hpc.models.values import SHORT_TEXT, bounded, optional_int, optional_text
+from airflow_provider_hpc.models.values import SHORT_TEXT, bounded, capped, optional_int, optional_text
 
 # Statuses on the way to Completed that mean the job did not succeed, whatever the final reason says.
 FAILURE_STATUSES = frozenset({"stopping", "stopped", "failed", "terminated", "terminating"})
@@ -23,6 +23,11 @@ MAX_RUN_VARIABLES = 200
 REASON_CHARS = 500
 PATH_CHARS = 4096
 MAX_HISTORY = 20
+MAX_ANALYSES = 20
+#: The most lines one tail request asks for and keeps (the API reads them from the end of the file).
+MAX_TAIL_LINES = 1000
+TAIL_LINE_CHARS = 1000
+MAX_INPUT_FILES = 1000
 _SUCCESS_WORD = re.compile(r"\bsuccess", re.IGNORECASE)
 _NEGATED_SUCCESS = re.compile(r"\b(?:not|no|never)\s+(?:\w+\s+)?success", re.IGNORECASE)
 
@@ -224,6 +229,45 @@ class SnapshotResult:
 
 
 @dataclass(frozen=True)
+class RescaleJob:
+    """
+    A Rescale job as created or read (``POST /api/v2/jobs/``, ``GET /api/v2/jobs/{job_id}/``).
+
+    :param id: the job id (five letters or so, e.g. ``QTVia``).
+    :param name: the job's name.
+    :param input_file_ids: the ids of the input files its analyses refer to.
+    :param date_inserted: when it was created, as the service says (ISO 8601), if it says.
+    """
+
+    id: str
+    name: str = ""
+    input_file_ids: tuple[str, ...] = ()
+    date_inserted: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a JSON-able dict (XCom)."""
+        return {**asdict(self), "input_file_ids": list(self.input_file_ids)}
+
+    @classmethod
+    def from_api(cls, data: Any) -> RescaleJob:
+        """Parse a job object of the API; one without an id is a :class:`RescaleApiError`."""
+        if not isinstance(data, dict) or data.get("id") in (None, ""):
+            raise RescaleApiError("A job object has no id", excerpt=str(data)[:300])
+        analyses = data.get("jobanalyses") if isinstance(data.get("jobanalyses"), list) else []
+        inputs = [
+            optional_text(item.get("id")) or ""
+            for analysis in analyses[:MAX_ANALYSES] if isinstance(analysis, dict)
+            for item in (analysis.get("inputFiles") or [])[:MAX_INPUT_FILES] if isinstance(item, dict)
+        ]
+        return cls(
+            id=optional_text(data["id"]) or "",
+            name=optional_text(data.get("name"), REASON_CHARS) or "",
+            input_file_ids=tuple(i for i in inputs if i),
+            date_inserted=optional_text(data.get("dateInserted")),
+        )
+
+
+@dataclass(frozen=True)
 class DirectoryEntry:
     """A file of an in-progress run's working folder."""
 
@@ -243,7 +287,8 @@ def tail_lines_from_answer(answer: Any) -> list[str]:
     lines = answer.get("lines") if isinstance(answer, dict) else None
     if not isinstance(lines, list):
         raise RescaleApiError("tail did not answer a lines list", excerpt=str(answer)[:300])
-    return [str(line) for line in lines]
+    # Each line lands in a log line: the last MAX_TAIL_LINES, each cut to TAIL_LINE_CHARS.
+    return [capped(str(line), TAIL_LINE_CHARS) for line in lines[-MAX_TAIL_LINES:]]
 
 
 def statuses_from_answer(answer: Any) -> list[JobStatus]:

@@ -12,15 +12,21 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from functools import cached_property
 from typing import Any
 
-from airflow_provider_hpc.exceptions import HpcApiError
-from airflow_provider_hpc.models.rescale import FAILURE_STATUSES, JobOutcome, JobStatus, OutputFile, RescaleRun
+from airflow_provider_hpc.exceptions import HpcApiError, RescaleApiError
+from airflow_provider_hpc.models.rescale import (
+    FAILURE_STATUSES,
+    MAX_TAIL_LINES,
+    JobOutcome,
+    JobStatus,
+    OutputFile,
+    RescaleRun,
+)
 
-#: The most lines one tail request asks for (the API reads them from the end of the file).
-MAX_TAIL_LINES = 1000
 #: The most file ids a snapshot wait keeps (see :class:`KnownFiles`).
-MAX_KNOWN_IDS = 20
+MAX_KNOWN_IDS = 200
 #: The keys of a finished run wait's XCom value (the trigger's event holds them too).
 RUN_RESULT_KEYS = ("job_id", "run_id", "status", "run", "outcome", "reason", "message")
 
@@ -178,10 +184,31 @@ def fresh_lines(previous: Sequence[str], current: Sequence[str]) -> tuple[list[s
     previous, current = list(previous), list(current)
     if not previous:
         return current, False
-    for overlap in range(min(len(previous), len(current)), 0, -1):
-        if previous[-overlap:] == current[:overlap]:
-            return current[overlap:], False
+    overlap = _longest_overlap(previous, current)
+    if overlap:
+        return current[overlap:], False
     return current, bool(current)
+
+
+def _longest_overlap(previous: list[str], current: list[str]) -> int:
+    """
+    Return the longest ``k`` with ``previous[-k:] == current[:k]``, in linear time.
+
+    The prefix function of ``current + [sentinel] + previous`` (Knuth-Morris-Pratt): its last
+    value is that ``k``. A trigger follows many files at once: comparing every overlap length
+    would cost the event loop the square of the tail's length at every poll.
+    """
+    sentinel = object()  # equal to no line, so no match runs across it
+    sequence: list[Any] = [*current, sentinel, *previous]
+    prefix = [0] * len(sequence)
+    for index in range(1, len(sequence)):
+        length = prefix[index - 1]
+        while length and sequence[index] != sequence[length]:
+            length = prefix[length - 1]
+        if sequence[index] == sequence[length]:
+            length += 1
+        prefix[index] = length
+    return prefix[-1]
 
 
 def tail_is_over(exc: HpcApiError) -> bool:
@@ -228,8 +255,9 @@ class TailFollower:
 
         :param current: the tail just read.
         """
+        current = list(current)[-self.lines:]  # a server may answer more than it was asked for
         new, gap = fresh_lines(self.shown, current)
-        self.shown = list(current)
+        self.shown = current
         return new, gap
 
     def show(self, current: Sequence[str], log: Any) -> int:
@@ -280,21 +308,35 @@ class KnownFiles:
 
     @classmethod
     def of(cls, files: Sequence[OutputFile], *extra_ids: str | None) -> KnownFiles:
-        """Return what ``files`` (listed before the request) and ``extra_ids`` make known."""
+        """
+        Return what ``files`` (listed before the request) and ``extra_ids`` make known.
+
+        More files of the newest moment (or of no stated date) than :data:`MAX_KNOWN_IDS` could not
+        be told from a new snapshot: that is an error, not a guess.
+        """
         dates = [f.date_uploaded for f in files if f.date_uploaded]
         newest = max(dates, key=_instant) if dates else None
         last_moment = [f.id for f in files if f.date_uploaded is None or f.date_uploaded == newest]
-        ids = [i for i in (*extra_ids, *last_moment) if i][:MAX_KNOWN_IDS]
-        return cls(newest, tuple(dict.fromkeys(ids)))
+        ids = tuple(dict.fromkeys(i for i in (*extra_ids, *last_moment) if i))
+        if len(ids) > MAX_KNOWN_IDS:
+            raise RescaleApiError(
+                f"{len(ids)} output files share the newest upload date (or have none): more than the "
+                f"{MAX_KNOWN_IDS} a snapshot wait can keep to tell the new snapshot from them"
+            )
+        return cls(newest, ids)
+
+    @cached_property
+    def _until(self) -> datetime | None:
+        return None if self.uploaded_until is None else _instant(self.uploaded_until)
 
     def knows(self, file: OutputFile) -> bool:
         """Whether ``file`` was there before the request."""
         if file.id in self.ids:
             return True
-        if self.uploaded_until is None or not file.date_uploaded:
+        if self._until is None or not file.date_uploaded:
             return False
         # Strictly before: a file of that same moment is known only by its id (one may be new).
-        return _instant(file.date_uploaded) < _instant(self.uploaded_until)
+        return _instant(file.date_uploaded) < self._until
 
     def to_dict(self) -> dict[str, Any]:
         """Return the plain form trigger kwargs carry."""

@@ -83,6 +83,8 @@ class MuseRunOperator(MuseResultMixin, BaseOperator):
     :param max_poll_failures: consecutive failed polls tolerated before the task fails.
     :param max_stdout_chars: the longest stdout put in XCom; a longer one goes to ``stdout.txt``.
     :param max_file_bytes: refuse a result file larger than this (default 64 GiB; ``None``: no limit).
+    :param durable: keep the run's key in ``task_state_store`` so a retry re-attaches instead of
+        submitting again (``False`` keeps nothing: every try submits, as in the official providers).
     """
 
     template_fields: Sequence[str] = (
@@ -124,9 +126,11 @@ class MuseRunOperator(MuseResultMixin, BaseOperator):
         max_poll_failures: int = 5,
         max_stdout_chars: int = DEFAULT_MAX_XCOM_STDOUT,
         max_file_bytes: int | None = DEFAULT_MAX_FILE_BYTES,
+        durable: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self.durable = durable
         self.name = name
         self.cmd = cmd
         self.cmd_option = cmd_option
@@ -209,7 +213,7 @@ class MuseRunOperator(MuseResultMixin, BaseOperator):
     def _finish(self, context: Context, key: str, report: MuseReport | None) -> dict[str, Any]:
         """Collect the result of a run that ended well, then mark its entry collected (see :meth:`_resume`)."""
         value = self._collect(context, self.name, key, report, self.returned_type)
-        state = TaskState(context, STATE_STORE_KEY, self.log)
+        state = TaskState(context, STATE_STORE_KEY, self.log, durable=self.durable)
         entry = state.get()
         if entry is not None and entry.get("key") == key:
             # Marked, not dropped: until Airflow has stored the return value, a retry (a dead worker,
@@ -237,8 +241,8 @@ class MuseRunOperator(MuseResultMixin, BaseOperator):
         anew (run ``NOK``, unknown to the service, or inputs changed). Once the result is collected
         the entry is marked so: a retry collects again, a cleared task runs anew.
         """
-        state = TaskState(context, STATE_STORE_KEY, self.log)
-        if not state.available:
+        state = TaskState(context, STATE_STORE_KEY, self.log, durable=self.durable)
+        if self.durable and not state.available:
             self.log.warning("task_state_store is not available: a retry of this task cannot re-attach to its Muse run")
         submitted = self._fingerprint()
         resumed = self._resume(state, submitted, context)

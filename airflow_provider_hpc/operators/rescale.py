@@ -6,7 +6,6 @@ Harvesting a run's output files is :class:`~airflow_provider_hpc.operators.resca
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
@@ -22,7 +21,13 @@ from airflow_provider_hpc.models.rescale_state import KnownFiles
 from airflow_provider_hpc.settings import default_deferrable
 from airflow_provider_hpc.storage import resolve_output_path, safe_join
 from airflow_provider_hpc.transport.retry import RetryPolicy
-from airflow_provider_hpc.triggers._polling import PollingTrigger, deferral_timeout, first_poll_after, wait_in_worker
+from airflow_provider_hpc.triggers._polling import (
+    PollingTrigger,
+    deadline_from_timeout,
+    deferral_timeout,
+    first_poll_after,
+    wait_in_worker,
+)
 from airflow_provider_hpc.triggers.rescale import RescaleRunTrigger, RescaleSnapshotTrigger
 
 if TYPE_CHECKING:
@@ -87,7 +92,7 @@ class _RescaleRunOperator(BaseOperator):
             "rescale_conn_id": self.rescale_conn_id,
             "poll_interval": self.poll_interval,
             "max_poll_interval": self.max_poll_interval,
-            "deadline": time.time() + self.wait_timeout,
+            "deadline": deadline_from_timeout(self.wait_timeout),
             "max_poll_failures": self.max_poll_failures,
             "retry": self.retry.to_dict() if self.retry else None,
             "first_poll_at": first_poll_after(self.poll_interval),  # the task has just read the run
@@ -202,6 +207,8 @@ class RescaleSnapshotRunOperator(_RescaleRunOperator):
     :param run_id: the run id within the job (templated).
     :param rescale_conn_id: the Airflow connection id.
     :param wait_for_file: wait until the snapshot is an output file of the run.
+    :param durable: keep the request in ``task_state_store`` so a retry re-attaches to it instead of
+        taking a second snapshot (``False`` keeps nothing).
     :param output_path: a folder (local path, fsspec URL or ``ObjectStoragePath``) to download the
         snapshot to, once it appeared (templated; needs ``wait_for_file``).
     :param deferrable: wait in the triggerer instead of a worker slot.
@@ -219,6 +226,7 @@ class RescaleSnapshotRunOperator(_RescaleRunOperator):
         *,
         wait_for_file: bool = False,
         output_path: str | ObjectStoragePath | None = None,
+        durable: bool = True,
         poll_interval: float = 5.0,
         max_poll_interval: float = 60.0,
         wait_timeout: float = 3600.0,
@@ -229,11 +237,12 @@ class RescaleSnapshotRunOperator(_RescaleRunOperator):
             raise ValueError("output_path needs wait_for_file=True: the snapshot is downloaded once it appeared")
         self.wait_for_file = wait_for_file
         self.output_path = output_path
+        self.durable = durable
 
     def execute(self, context: Context) -> dict[str, Any]:
         """Ask for the snapshot (once per try cycle: a retry re-attaches); wait for its file when asked."""
         RescaleJobLink.persist(context, hook=self.hook, job_id=self.job_id)
-        state = TaskState(context, SNAPSHOT_STATE_KEY, self.log)
+        state = TaskState(context, SNAPSHOT_STATE_KEY, self.log, durable=self.durable)
         resumed = self._resumed_request(state)
         result, known = resumed if resumed is not None else self._request(state)
         if not self.wait_for_file:
@@ -253,8 +262,14 @@ class RescaleSnapshotRunOperator(_RescaleRunOperator):
         what = f"the snapshot request of run {self.run_id} of Rescale job {self.job_id}"
         # Kept before it is sent: a try that dies before hearing the answer must not take a second one.
         state.set(self._entry(KnownFiles.of(before), None), what=what)
-        snapshot = self.hook.snapshot_run(self.job_id, self.run_id)
+        try:
+            snapshot = self.hook.snapshot_run(self.job_id, self.run_id)
+        except HpcApiError as exc:
+            if exc.status is not None and 400 <= exc.status < 500:
+                state.delete()  # refused: no snapshot was taken, a retry may ask again
+            raise
         if snapshot.exitcode not in (0, None):
+            state.delete()  # answered, and no snapshot came of it
             raise RescaleApiError(
                 f"The snapshot of run {self.run_id} of Rescale job {self.job_id} failed: exit code {snapshot.exitcode}, "
                 f"reason {snapshot.reason!r}"
@@ -281,10 +296,17 @@ class RescaleSnapshotRunOperator(_RescaleRunOperator):
             self.log.info(
                 "A previous try already took the snapshot of run %s of Rescale job %s: re-attaching to it", self.run_id, self.job_id
             )
+        elif not self.wait_for_file:
+            # Nothing tells whether that snapshot was taken: say so rather than claim one.
+            raise RescaleApiError(
+                f"A previous try asked for a snapshot of run {self.run_id} of Rescale job {self.job_id} and never heard "
+                "the answer; not asking again (a repeat would take a second snapshot). Look at the run's output files, "
+                "or clear the task to ask anew"
+            )
         else:
             self.log.warning(
                 "A previous try asked for a snapshot of run %s of Rescale job %s and never heard the answer: not asking "
-                "again (a repeat would take a second snapshot)", self.run_id, self.job_id,
+                "again (a repeat would take a second snapshot); waiting for the file it asked for", self.run_id, self.job_id,
             )
             result = self._snapshot_result(None)
         return result, KnownFiles.from_dict(entry.get("known"))

@@ -27,7 +27,7 @@ from airflow_provider_hpc.models.rescale_state import (
 )
 from airflow_provider_hpc.settings import default_deferrable
 from airflow_provider_hpc.transport.retry import RetryPolicy
-from airflow_provider_hpc.triggers._polling import deferral_timeout, first_poll_after
+from airflow_provider_hpc.triggers._polling import deadline_from_timeout, deferral_timeout, first_poll_after
 from airflow_provider_hpc.triggers.rescale import RescaleRunTrigger
 
 if TYPE_CHECKING:
@@ -143,7 +143,7 @@ class RescaleRunSensor(BaseSensorOperator):
             rescale_conn_id=self.rescale_conn_id,
             poll_interval=self.poll_interval,
             max_poll_interval=self.max_poll_interval,
-            deadline=time.time() + self.timeout,
+            deadline=deadline_from_timeout(self.timeout),
             max_poll_failures=self.max_poll_failures,
             retry=self.retry.to_dict() if self.retry else None,
             accept_any_completion=self.accept_any_completion,

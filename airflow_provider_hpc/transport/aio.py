@@ -7,6 +7,7 @@ import ssl
 import weakref
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
+from functools import cached_property
 from typing import Any
 from urllib.parse import urljoin
 
@@ -108,9 +109,8 @@ class AsyncTransport(BaseTransport):
         endpoint = endpoint_of(method, url)
         idempotent = method.upper() in ("GET", "HEAD") if idempotent is None else idempotent
         settings = self.settings
-        timeout = aiohttp.ClientTimeout(
-            total=settings.request_timeout, sock_connect=settings.connect_timeout, sock_read=settings.read_timeout
-        )
+        # A request that creates work is not cut at request_timeout (see the sync side's request_json).
+        timeout = self._timeouts[0 if idempotent else 1]
         ssl_setting = self._ssl_setting(url, endpoint)
 
         async with self.session_lease() as session:
@@ -127,7 +127,8 @@ class AsyncTransport(BaseTransport):
                                 target = self._same_origin_target(response, target, endpoint)
                                 query = None  # the Location carries its own query
                                 continue
-                            body = await _read_capped(response, errors.MAX_JSON_BYTES + 1)
+                            limit = errors.ERROR_BODY_BYTES if response.status >= 400 else errors.MAX_JSON_BYTES + 1
+                            body = await _read_capped(response, limit)
                             if response.status >= 400:
                                 raise self._http_error(
                                     response.status, body, endpoint, response.headers.get("Retry-After"), idempotent
@@ -145,6 +146,8 @@ class AsyncTransport(BaseTransport):
                 except aiohttp.ClientError as exc:
                     raise self._transport_error(exc, endpoint, idempotent) from None
                 except errors.TransportError:
+                    # The provider's own errors pass as they are (InvalidIdentifierError and
+                    # UnsafePathError are ValueErrors too, and must not be taken for the next case).
                     raise
                 except ValueError as exc:  # a header value the client refuses to send
                     raise self.error_class(
@@ -165,6 +168,13 @@ class AsyncTransport(BaseTransport):
                 f"The CA bundle {self.settings.verify!r} could not be loaded: {type(exc).__name__}: {exc}",
                 endpoint=endpoint,
             ) from None
+
+    @cached_property
+    def _timeouts(self) -> tuple[aiohttp.ClientTimeout, aiohttp.ClientTimeout]:
+        """The timeouts of a request that may be repeated, and of one that creates work (built once)."""
+        settings = self.settings
+        per_read = {"sock_connect": settings.connect_timeout, "sock_read": settings.read_timeout}
+        return aiohttp.ClientTimeout(total=settings.request_timeout, **per_read), aiohttp.ClientTimeout(**per_read)
 
     def _same_origin_target(self, response: aiohttp.ClientResponse, current: str, endpoint: str) -> str:
         """Return where a redirect leads when it stays on the same origin; raise otherwise."""

@@ -15,6 +15,8 @@ RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
 ERROR_EXCERPT_CHARS = 300
 # A JSON answer larger than this is refused: every documented JSON answer is a few KiB.
 MAX_JSON_BYTES = 32 * 1024 * 1024
+#: Bytes read of an error answer: it is only ever shown as a short excerpt.
+ERROR_BODY_BYTES = 64 * 1024
 
 
 class TransportError(Exception):

@@ -5,7 +5,7 @@ Rescale pages answer ``count``, ``next``, ``previous`` and ``results``. The ``ne
 ``page_size`` (the server then falls back to 25 a page), so it is carried over to every page.
 
 The walk ends on the last page (no ``next``), on an empty page, or once ``count`` items were
-read. A ``next`` already followed, or more pages than the cap (the first page's ``count`` divided
+read; an empty page while ``count`` says items remain is an error, not a short list. A ``next`` already followed, or more pages than the cap (the first page's ``count`` divided
 by its length, plus :data:`PAGE_SLACK`; at most ``max_pages``), stops it with an error: a broken
 or hostile server must not keep a worker or a triggerer asking forever, nor spend the hourly
 request budget Rescale gives an API key.
@@ -75,10 +75,18 @@ class PageWalk:
             self._count = _count_of(page)
             if self._count is not None and items:
                 self.max_pages = min(self.max_pages, math.ceil(self._count / len(items)) + PAGE_SLACK)
+        if not items and following and self._count is not None and self._read < self._count:
+            # Stopping here would hand back a list silently short of what the server announced.
+            raise self.error_class(
+                f"The server answered an empty page after {self._read} of the {self._count} items it announces; stopping",
+                endpoint=endpoint,
+            )
         done = not items or (self._count is not None and self._read >= self._count)
         self._next = with_query(self.resolve(following), page_size=self.page_size) if following and not done else None
         if self._next in self._seen:
-            raise self.error_class(f"The server's next page repeats an earlier one ({self._next}); stopping")
+            raise self.error_class(
+                f"The server's next page repeats an earlier one ({self._next[:200]}); stopping", endpoint=endpoint
+            )
         return items
 
 

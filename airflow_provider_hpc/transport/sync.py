@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
+from functools import partial
 from typing import Any, TypeVar
 from urllib.parse import urljoin
 
@@ -31,6 +32,7 @@ class _SameOriginSession(requests.Session):
     """
 
     def get_redirect_target(self, resp: requests.Response) -> str | None:
+        """Return where a redirect leads when it stays on the same origin, else ``None`` (not followed)."""
         target = super().get_redirect_target(resp)
         if target and origin(urljoin(resp.url, target)) != origin(resp.url):
             return None
@@ -73,6 +75,7 @@ class SyncTransport(BaseTransport):
         headers: Mapping[str, str] | None = None,
         idempotent: bool | None = None,
         total_timeout: float | None = None,
+        paced: bool = False,
     ) -> Any:
         """
         Send a request and hand the streaming response to ``handle``, all under the retry policy.
@@ -80,10 +83,13 @@ class SyncTransport(BaseTransport):
         A failure while ``handle`` reads the body (a dropped connection, a retryable
         :class:`~.errors.TransportError` such as an md5 mismatch) retries the whole exchange when the request
         is idempotent. ``handle`` reads the body with :func:`body_chunks` or :func:`read_capped`,
-        which keep it to the settings' ``min_download_rate`` and to ``total_timeout``.
+        which keep it to ``total_timeout`` and, for a ``paced`` download, to the settings'
+        ``min_download_rate``. Both count from the moment the answer's headers arrive: the upload
+        and the server's own work before it answers are not the answer's slowness.
 
         :param idempotent: whether a retry may repeat the request; defaults to ``True`` for GET only.
-        :param total_timeout: seconds one attempt may take in all (``None``: only the pace is bounded).
+        :param total_timeout: seconds reading the answer may take (``None``: no total limit).
+        :param paced: hold the body to ``min_download_rate`` (file downloads).
         """
         url = self.url(path)
         endpoint = endpoint_of(method, url)
@@ -91,9 +97,9 @@ class SyncTransport(BaseTransport):
         settings = self.settings
 
         def attempt() -> Any:
-            budget = BodyBudget(
-                self.error_class, endpoint, timeout=total_timeout,
-                min_rate=settings.min_download_rate or None, window=settings.rate_window,
+            budget = partial(
+                BodyBudget, self.error_class, endpoint, timeout=total_timeout,
+                min_rate=(settings.min_download_rate or None) if paced else None, window=settings.rate_window,
             )
             response = self._send(method, url, endpoint, idempotent, params, data, json_body, files, headers, budget)
             with response:
@@ -109,7 +115,8 @@ class SyncTransport(BaseTransport):
         return self.retrier.call(endpoint, attempt)
 
     def _send(
-        self, method, url, endpoint, idempotent, params, data, json_body, files, headers, budget: BodyBudget
+        self, method, url, endpoint, idempotent, params, data, json_body, files, headers,
+        budget: Callable[[], BodyBudget],
     ) -> requests.Response:
         upload = MultipartBody(data or {}, files) if files else None
         if upload is not None:
@@ -131,12 +138,13 @@ class SyncTransport(BaseTransport):
                 raise self.error_class(f"Request failed: {detail}", endpoint=endpoint) from None
             except OSError as exc:  # an input file that could not be read, or changed while sent
                 raise self.error_class(f"Could not send the request's files: {exc}", endpoint=endpoint) from None
-        response.hpc_budget = budget  # read by body_chunks and read_capped, the error answer's included
+        # Started now, headers in hand; read by body_chunks and read_capped, the error answer's included.
+        response.hpc_budget = budget()
         response.hpc_sent = upload  # what was sent of each file (size, md5), for the caller to check
         if response.status_code >= 400:
             with response:
                 try:
-                    body = read_capped(response, 64 * 1024)
+                    body = read_capped(response, errors.ERROR_BODY_BYTES)
                 except (requests.RequestException, urllib3.exceptions.HTTPError) as exc:
                     # The connection dropped in the middle of the error answer.
                     raise self._transport_error(exc, endpoint, idempotent) from None
@@ -153,8 +161,34 @@ class SyncTransport(BaseTransport):
         def read_json(response: requests.Response) -> Any:
             return self.parse_json(read_capped(response, errors.MAX_JSON_BYTES + 1), endpoint, response.status_code)
 
-        kwargs.setdefault("total_timeout", self.settings.request_timeout)
+        # A request that may be repeated is cut at request_timeout; one that creates work is not:
+        # giving up on its answer would leave the work done and the retry doing it again.
+        if kwargs.get("idempotent", method.upper() in ("GET", "HEAD")):
+            kwargs.setdefault("total_timeout", self.settings.request_timeout)
         return self.fetch(method, path, read_json, **kwargs)
+
+    def send_files(
+        self,
+        method: str,
+        path: str,
+        files: Sequence[UploadFile],
+        *,
+        fields: Mapping[str, Any] | None = None,
+        headers: Mapping[str, str] | None = None,
+        idempotent: bool | None = None,
+    ) -> tuple[Any, MultipartBody]:
+        """
+        Send files (streamed, see :class:`~.multipart.MultipartBody`) and return the JSON answer with what was sent.
+
+        No total time limit applies (a large file takes what it takes); the answer is bounded as any.
+        """
+        endpoint = endpoint_of(method, self.url(path))
+
+        def read_json(response: requests.Response) -> tuple[Any, MultipartBody]:
+            answer = self.parse_json(read_capped(response, errors.MAX_JSON_BYTES + 1), endpoint, response.status_code)
+            return answer, response.hpc_sent
+
+        return self.fetch(method, path, read_json, data=fields, files=files, headers=headers, idempotent=idempotent)
 
     def get_json(self, path: str, params: Mapping[str, Any] | None = None, headers: Mapping[str, str] | None = None) -> Any:
         """GET a JSON document."""
@@ -185,7 +219,9 @@ class SyncTransport(BaseTransport):
 
         :param sink: takes the body's chunks and returns what it stored.
         """
-        return self.fetch("GET", path, lambda response: sink(body_chunks(response)), params=params, headers=headers)
+        return self.fetch(
+            "GET", path, lambda response: sink(body_chunks(response)), params=params, headers=headers, paced=True
+        )
 
 
 def body_chunks(response: requests.Response, size: int = CHUNK_SIZE) -> Iterator[bytes]:
@@ -216,8 +252,9 @@ def body_chunks(response: requests.Response, size: int = CHUNK_SIZE) -> Iterator
 
 def _read_some(raw: Any) -> Callable[[int], bytes]:
     """Return a reader giving what one socket read brings, decoded (whatever is there, up to ``n``)."""
+    # urllib3 2.6+ bounds the decoded bytes one read1 gives (pinned in the provider's dependencies).
     fp = getattr(raw, "_fp", None)
-    if fp is not None and hasattr(fp, "read1"):
+    if hasattr(raw, "read1") and fp is not None and hasattr(fp, "read1"):
         return lambda n: raw.read1(n, decode_content=True)
     # A body that is not a socket (a test double) has no read1: plain reads, same decoding.
     return lambda n: raw.read(n, decode_content=True)

@@ -24,6 +24,8 @@ from airflow_provider_hpc.transport.retry import RetryPolicy
 if TYPE_CHECKING:
     from airflow_provider_hpc.hooks._base import HpcHttpHook
 
+_timeout = getattr(asyncio, "timeout", None)
+
 #: How much longer than the trigger's own deadline Airflow's deferral timeout is set, so the
 #: trigger's clearer ``timeout`` event normally arrives first. It covers a poll still in flight at
 #: the deadline, retries included (up to five attempts with backoffs of up to 30 s each).
@@ -266,11 +268,15 @@ class PollingTrigger(BaseTrigger):
         """
         Poll once; a poll still in flight :data:`LAST_POLL_GRACE` seconds past the deadline is cut.
 
-        The grace lets the look taken at the deadline finish, so the timeout names the last state.
+        The grace lets a look taken at the deadline finish, so the timeout names the last state.
         """
         if self.deadline is None:
             return await self._poll()
-        return await asyncio.wait_for(self._poll(), timeout=max(self.deadline - time.time(), LAST_POLL_GRACE))
+        limit = max(self.deadline - time.time(), 0.0) + LAST_POLL_GRACE
+        if _timeout is not None:  # Python 3.11+: no task built per poll, as wait_for builds one
+            async with _timeout(limit):
+                return await self._poll()
+        return await asyncio.wait_for(self._poll(), timeout=limit)
 
     def _failure_message(self, exc: HpcApiError, failures: int) -> str:
         if is_transient(exc):

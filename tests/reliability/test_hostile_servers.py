@@ -239,7 +239,7 @@ FILE = {"id": "AbCdEf", "name": "out.txt", "relativePath": "out.txt", "decrypted
 
 @pytest.mark.parametrize(
     ("results", "count", "pages"),
-    [pytest.param([], 10**6, 1, id="empty-page"), pytest.param([FILE], 3, 3, id="count-reached")],
+    [pytest.param([], None, 1, id="empty-page"), pytest.param([], 0, 1, id="empty-list"), pytest.param([FILE], 3, 3, id="count-reached")],
 )
 def test_an_endless_list_stops_on_both_paths(serve: Callable[..., RawServer], results: list[Any], count: int, pages: int) -> None:
     server = serve(endless_pages(results, count))
@@ -251,6 +251,15 @@ def test_an_endless_list_stops_on_both_paths(serve: Callable[..., RawServer], re
     files = run_async(lambda: RescaleHook("rescale_raw", retry=NO_WAIT_RETRY).a_list_output_files("AbCdE", "1"))
     assert len(files) == len(results) * pages and len(server.requests) == pages
     assert time.monotonic() - started < 5
+
+
+def test_an_empty_page_short_of_the_announced_count_is_an_error_on_both_paths(serve: Callable[..., RawServer]) -> None:
+    server = serve(endless_pages([], 10**6))
+    with pytest.raises(RescaleApiError, match="empty page after 0 of the 1000000 items"):
+        RescaleHook("rescale_raw", retry=NO_WAIT_RETRY).list_output_files("AbCdE", "1")
+    with pytest.raises(RescaleApiError, match="empty page after 0 of the 1000000 items"):
+        run_async(lambda: RescaleHook("rescale_raw", retry=NO_WAIT_RETRY).a_list_output_files("AbCdE", "1"))
+    assert len(server.requests) == 2
 
 
 # ----- 4. echoed fields ------------------------------------------------------------------------------
@@ -478,3 +487,25 @@ def test_a_forgotten_key_answered_without_a_404_is_submitted_anew(serve: Callabl
         task.execute({"ti": ti, "task_state_store": state_store})
     assert store[STATE_STORE_KEY]["key"] == new_key and pushed["muse_key"] == new_key
     assert sum(request.startswith(b"POST ") for request in server.requests) == 1
+
+
+# ----- what creates work is never cut half-way ---------------------------------------------------
+
+
+def test_a_submit_whose_answer_comes_late_is_not_given_up(serve: Callable[..., RawServer]) -> None:
+    submitted = json.dumps({"msg": "submitted", "url": f"http://x/api/software/muse/state/sw_example/{KEY}/"}).encode()
+
+    def slow_service(client: socket.socket, head: bytes) -> None:
+        time.sleep(1.5)  # the service works on the submit longer than request_timeout and rate_window
+        answer(200, submitted)(client, head)
+
+    server = serve(slow_service, request_timeout=0.5, rate_window=0.5, min_download_rate=10**9)
+    submission = MuseHook("muse_raw", retry=NO_WAIT_RETRY).submit("sw_example", cmd="python /add.py 4 5")
+    assert submission.key == KEY and len(server.requests) == 1
+
+
+def test_credentials_in_the_host_url_are_refused_without_being_repeated(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AIRFLOW_CONN_MUSE_URLCREDS", json.dumps({"conn_type": "muse", "host": "http://me:hunter2pw@127.0.0.1:9/api/"}))
+    with pytest.raises(HpcApiError, match="holds credentials") as info:
+        MuseHook("muse_urlcreds").state_url("sw_example", KEY)
+    assert "hunter2pw" not in str(info.value)

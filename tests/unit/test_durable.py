@@ -35,6 +35,9 @@ class Store:
             raise RuntimeError("500 Internal Server Error")
         self.values[key] = value
 
+    def delete(self, key: str) -> None:
+        self.values.pop(key, None)
+
 
 @dataclass
 class Ti:
@@ -144,3 +147,35 @@ def test_the_wait_for_the_job_verdict_spans_reschedules() -> None:
     done = poke_once(context)  # a new instance: the wait started at the first poke, not now
 
     assert done and done.xcom_value["status"] == "success" and "not completed yet" in done.xcom_value["reason"]
+
+
+# ----- RescaleSnapshotRunOperator: a refused request may be asked again ---------------------------------
+
+
+class RefusingSnapshotHook:
+    """A run in progress whose snapshot request is refused with a 400."""
+
+    def get_run(self, job_id: str, run_id: str) -> RescaleRun:
+        return RescaleRun(id="1", date_started="2024-05-01T12:00:01Z")
+
+    def list_output_files(self, job_id: str, run_id: str) -> list[Any]:
+        return []
+
+    def snapshot_run(self, job_id: str, run_id: str) -> Any:
+        from airflow_provider_hpc.exceptions import RescaleApiError
+
+        raise RescaleApiError("HTTP 400 from the server", status=400)
+
+
+def test_a_refused_snapshot_request_leaves_no_entry_so_a_retry_asks_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    from airflow_provider_hpc.exceptions import RescaleApiError
+    from airflow_provider_hpc.links.rescale import RescaleJobLink
+    from airflow_provider_hpc.operators.rescale import SNAPSHOT_STATE_KEY, RescaleSnapshotRunOperator
+
+    monkeypatch.setattr(RescaleJobLink, "persist", staticmethod(lambda *args, **kwargs: ""))
+    store = Store()
+    task = RescaleSnapshotRunOperator(task_id="snap", job_id="jobA", run_id="1", deferrable=False)
+    task.__dict__["hook"] = RefusingSnapshotHook()
+    with pytest.raises(RescaleApiError, match="400"):
+        task.execute({"task_state_store": store, "ti": Ti()})
+    assert SNAPSHOT_STATE_KEY not in store.values
