@@ -38,7 +38,10 @@ def get_provider_info() -> dict[str, Any]:
         ],
         "operators": [
             {"integration-name": "Muse", "python-modules": _modules("operators", "muse")},
-            {"integration-name": "Rescale", "python-modules": _modules("operators", "rescale", "rescale_download")},
+            {
+                "integration-name": "Rescale",
+                "python-modules": _modules("operators", "rescale", "rescale_download", "rescale_submit"),
+            },
         ],
         "sensors": [
             {"integration-name": "Muse", "python-modules": _modules("sensors", "muse")},
@@ -46,7 +49,7 @@ def get_provider_info() -> dict[str, Any]:
         ],
         "triggers": [
             {"integration-name": "Muse", "python-modules": _modules("triggers", "muse")},
-            {"integration-name": "Rescale", "python-modules": _modules("triggers", "rescale")},
+            {"integration-name": "Rescale", "python-modules": _modules("triggers", "rescale", "rescale_job")},
         ],
         "extra-links": [
             f"{_PACKAGE}.links.muse.MuseJobStateLink",

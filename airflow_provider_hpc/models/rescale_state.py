@@ -161,6 +161,43 @@ def run_result(
     }
 
 
+def job_message(job_id: str, runs: int, verdict: RunVerdict) -> str:
+    """
+    Return the one-line summary of a job whose runs all completed.
+
+    :param job_id: the job id.
+    :param runs: how many runs it had.
+    :param verdict: the decision read from the job's statuses.
+    """
+    history = " -> ".join(verdict.outcome.history) or "no statuses"
+    word = "completed successfully" if verdict.is_successful else "did not succeed"
+    return f"Rescale job {job_id} ({runs} runs) {word}: {verdict.reason or 'no reason given'} (job statuses: {history})"
+
+
+def job_result(
+    job_id: str, run_ids: Sequence[str], status: str, message: str, *, verdict: RunVerdict | None = None
+) -> dict[str, Any]:
+    """
+    Return the value of a finished job wait: ``{"job_id", "run_ids", "status", "outcome", "reason", "message"}``.
+
+    It is the job trigger's event payload and :class:`RescaleSubmitJobOperator`'s XCom value.
+
+    :param job_id: the job id.
+    :param run_ids: the ids of its runs.
+    :param status: ``success`` or ``failed``; ``timeout`` or ``error`` in an event.
+    :param message: the one-line summary.
+    :param verdict: the decision (gives ``outcome`` and ``reason``).
+    """
+    return {
+        "job_id": job_id,
+        "run_ids": list(run_ids),
+        "status": status,
+        "outcome": verdict.outcome.to_dict() if verdict else None,
+        "reason": verdict.reason if verdict else None,
+        "message": message,
+    }
+
+
 def run_result_of(event: dict[str, Any]) -> dict[str, Any]:
     """Return the XCom value held in a run trigger's event (the event without what only the task needs)."""
     return {key: event.get(key) for key in RUN_RESULT_KEYS}

@@ -1,0 +1,176 @@
+"""
+RescaleSubmitJobOperator against the emulator: start a job, wait for every run, judge it; durably.
+
+Each try is an ``execute`` with a context holding a ``task_state_store``; a worker that dies is a
+``BaseException`` raised from the store right after a given write, as in the Muse retry tests.
+The emulator counts every create and submit, so "exactly one job" is what it saw.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import pytest
+
+from airflow_provider_hpc.exceptions import RescaleRunFailed
+from airflow_provider_hpc.operators.rescale_submit import JOB_STATE_KEY, RescaleSubmitJobOperator
+from airflow_provider_hpc.transport.aio import close_all_sessions
+from tests.integration.rescale.support import API_KEY, FAST_RETRY, FakeTaskInstance, RescaleApi, run_deferrable
+
+CREATE_ROUTE = "POST /api/v2/jobs/"
+SUBMIT_ROUTE = "POST /api/v2/jobs/{job_id}/submit/"
+STOP_ROUTE = "POST /api/v2/jobs/{job_id}/stop/"
+FAST = {"poll_interval": 0.1, "max_poll_interval": 0.2, "outcome_wait": 2.0, "retry": FAST_RETRY}
+
+
+def body(command: str = "echo solved > out.txt", **extra: Any) -> dict[str, Any]:
+    """A job body as Rescale's API reference gives it."""
+    analysis = {
+        "analysis": {"code": "user_included", "version": "0"},
+        "command": command,
+        "hardware": {"coreType": "emerald", "coresPerSlot": 1, "slots": 1},
+    }
+    return {"name": "solver", "jobanalyses": [analysis], **extra}
+
+
+def submit(**kwargs: Any) -> RescaleSubmitJobOperator:
+    return RescaleSubmitJobOperator(task_id="solve", job=kwargs.pop("job", body()), **{**FAST, **kwargs})
+
+
+class Store:
+    """A ``task_state_store``: JSON values by key, kept across tries; can kill the try after a write."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, Any] = {}
+        self.die_after: Any = None
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return json.loads(json.dumps(self.values[key])) if key in self.values else default
+
+    def set(self, key: str, value: Any, **_: Any) -> None:
+        self.values[key] = json.loads(json.dumps(value))
+        if self.die_after is not None and self.die_after(value):
+            self.die_after = None
+            raise WorkerLost(f"worker lost after storing {value}")
+
+    def delete(self, key: str) -> None:
+        self.values.pop(key, None)
+
+
+class WorkerLost(BaseException):
+    """The death of the worker running a try."""
+
+
+@pytest.fixture
+def store() -> Store:
+    return Store()
+
+
+def context_of(store: Store, try_number: int = 1) -> dict[str, Any]:
+    ti = FakeTaskInstance()
+    ti.try_number, ti.max_tries = try_number, 3  # type: ignore[attr-defined]
+    return {"ti": ti, "task_state_store": store}
+
+
+def counts(api: RescaleApi) -> tuple[int, int]:
+    return api.requests_to(CREATE_ROUTE), api.requests_to(SUBMIT_ROUTE)
+
+
+def test_a_job_is_started_waited_on_and_judged(api: RescaleApi, store: Store) -> None:
+    result, event = run_deferrable(submit(), context_of(store), api_key=API_KEY)
+
+    assert result["status"] == "success" and result["run_ids"] == ["1"]
+    assert result["outcome"]["history"][-1] == "Completed"
+    assert counts(api) == (1, 1)
+    # The job's name says which task instance started it: a lost create answer can be found again.
+    job = api.session.get(api.url(f"jobs/{result['job_id']}/"), timeout=10).json()
+    assert job["name"] == "solver [dag.task@manual__test]"
+    assert store.values[JOB_STATE_KEY]["collected"] is True
+
+
+def test_a_failed_job_fails_the_task(api: RescaleApi, store: Store) -> None:
+    with pytest.raises(RescaleRunFailed, match="did not succeed"):
+        run_deferrable(submit(job=body(emulator={"completedReason": "Exceeded max number of restarts"})), context_of(store))
+
+
+@pytest.mark.parametrize(
+    ("dies_after", "case"),
+    [
+        (lambda v: v.get("job_id") and v.get("submitted") is False, "created, never submitted"),
+        (lambda v: v.get("submitted") is True, "submitted, never deferred"),
+    ],
+    ids=["after-create", "after-submit"],
+)
+def test_a_retry_after_a_dead_worker_starts_no_second_job(api: RescaleApi, store: Store, dies_after: Any, case: str) -> None:
+    store.die_after = dies_after
+    with pytest.raises(WorkerLost):
+        submit().execute(context_of(store))
+
+    result, _ = run_deferrable(submit(), context_of(store, try_number=2))
+
+    assert result["status"] == "success", case
+    assert counts(api) == (1, 1), case
+
+
+def test_a_retry_whose_create_answer_was_lost_finds_the_job_by_name(api: RescaleApi, store: Store) -> None:
+    store.die_after = lambda v: v.get("job_id") and v.get("submitted") is False
+    with pytest.raises(WorkerLost):
+        submit().execute(context_of(store))
+    store.values[JOB_STATE_KEY]["job_id"] = None  # as if the create's answer never arrived
+
+    result, _ = run_deferrable(submit(), context_of(store, try_number=2))
+
+    assert result["status"] == "success" and counts(api) == (1, 1)
+
+
+def test_a_retry_after_a_failed_job_starts_a_new_one(api: RescaleApi, store: Store) -> None:
+    failing = body(emulator={"completedReason": "Exceeded max number of restarts"})
+    with pytest.raises(RescaleRunFailed):
+        run_deferrable(submit(job=failing), context_of(store))
+
+    with pytest.raises(RescaleRunFailed):
+        run_deferrable(submit(job=failing), context_of(store, try_number=2))
+
+    assert counts(api) == (2, 2)
+
+
+def test_killing_the_deferred_task_stops_the_job_once_and_a_timeout_stops_nothing(api: RescaleApi, store: Store) -> None:
+    from tests.integration.rescale.support import execute_until_deferred
+
+    deferral = execute_until_deferred(submit(job=body("sleep 30")), context_of(store))
+    trigger = deferral.trigger
+
+    async def kill_while_waiting() -> None:
+        try:
+            waiting = asyncio.ensure_future(trigger.run().__anext__())
+            await asyncio.sleep(0.5)
+            waiting.cancel()
+            await trigger.on_kill()
+        finally:
+            await close_all_sessions()
+
+    asyncio.run(kill_while_waiting())
+    assert api.requests_to(STOP_ROUTE) == 1
+
+    timed = execute_until_deferred(submit(job=body("sleep 30"), timeout=0.5), context_of(Store()))
+    event = asyncio.run(_first_event(timed.trigger))
+    assert event["status"] == "timeout" and api.requests_to(STOP_ROUTE) == 1
+
+
+async def _first_event(trigger: Any) -> dict[str, Any]:
+    try:
+        async for event in trigger.run():
+            return event.payload
+        raise AssertionError("no event")
+    finally:
+        await close_all_sessions()
+
+
+def test_a_bad_body_is_refused_before_any_request(api: RescaleApi, store: Store) -> None:
+    from airflow_provider_hpc.exceptions import RescaleApiError
+
+    with pytest.raises(RescaleApiError, match="non-empty name"):
+        submit(job={"jobanalyses": [{"command": "x"}]}).execute(context_of(store))
+    assert counts(api) == (0, 0)
