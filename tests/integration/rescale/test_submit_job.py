@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from typing import Any
 
 import pytest
@@ -174,3 +175,23 @@ def test_a_bad_body_is_refused_before_any_request(api: RescaleApi, store: Store)
     with pytest.raises(RescaleApiError, match="non-empty name"):
         submit(job={"jobanalyses": [{"command": "x"}]}).execute(context_of(store))
     assert counts(api) == (0, 0)
+
+
+def test_a_retry_while_the_first_try_was_deferred_re_attaches(api: RescaleApi, store: Store) -> None:
+    from tests.integration.rescale.support import execute_until_deferred
+
+    execute_until_deferred(submit(job=body("sleep 1; echo done > out.txt")), context_of(store))  # the try is lost deferred
+
+    result, _ = run_deferrable(submit(job=body("sleep 1; echo done > out.txt")), context_of(store, try_number=2))
+
+    assert result["status"] == "success" and counts(api) == (1, 1)
+
+
+def test_the_running_run_s_file_is_followed_into_the_log(api: RescaleApi, store: Store, capsys: Any) -> None:
+    command = "for i in 1 2 3 4 5 6; do echo line $i >> solver.log; sleep 0.3; done"
+    result, _ = run_deferrable(submit(job=body(command), tail_path="solver.log"), context_of(store))
+
+    assert result["status"] == "success"
+    shown = re.findall(r"\[solver\.log\] line (\d)", capsys.readouterr().out)
+    # Each line once, in order (the last ones may land after the run completed, when the tail ends).
+    assert shown and shown == sorted(set(shown)) and shown[0] == "1"
