@@ -27,6 +27,7 @@ from airflow_provider_hpc.models.rescale import (
 from airflow_provider_hpc.models.values import validate_segment
 from airflow_provider_hpc.storage import StoredFile, as_storage_path, file_sink
 from airflow_provider_hpc.transport.base import TransportSettings, UploadFile
+from airflow_provider_hpc.transport.multipart import MultipartBody
 from airflow_provider_hpc.transport.retry import RetryPolicy
 from airflow_provider_hpc.transport.urls import with_query
 
@@ -204,16 +205,20 @@ class RescaleHook(HpcHttpHook):
             raise RescaleApiError(f"Input file {source} does not exist")
         part = UploadFile("file", name or path.name, lambda: path.open("rb"), path.stat().st_size)
         endpoint = f"POST /{JOBS_PREFIX}files/contents/"
-        answer, sent = self.transport.send_files(
-            "POST", f"{JOBS_PREFIX}files/contents/", [part], headers=self._headers, idempotent=True
+
+        def received_as_sent(answer: Any, sent: MultipartBody) -> OutputFile:
+            uploaded = OutputFile.from_api(answer)
+            if uploaded.decrypted_size != part.size or (uploaded.md5 or "").lower() != sent.md5():
+                raise TransferIntegrityError(
+                    f"The platform says it received {uploaded.decrypted_size} bytes (md5 {uploaded.md5}) of "
+                    f"{part.filename}; {part.size} bytes (md5 {sent.md5()}) were sent",
+                    endpoint=endpoint,
+                )
+            return uploaded
+
+        uploaded = self.transport.send_files(
+            "POST", f"{JOBS_PREFIX}files/contents/", [part], headers=self._headers, idempotent=True, check=received_as_sent
         )
-        uploaded = OutputFile.from_api(answer)
-        if uploaded.decrypted_size != part.size or (uploaded.md5 or "").lower() != sent.md5():
-            raise TransferIntegrityError(
-                f"The platform says it received {uploaded.decrypted_size} bytes (md5 {uploaded.md5}) of {part.filename}; "
-                f"{part.size} bytes (md5 {sent.md5()}) were sent",
-                endpoint=endpoint,
-            )
         self.log.info("Uploaded %s to Rescale as file %s (%d bytes)", part.filename, uploaded.id, part.size)
         return uploaded
 

@@ -176,17 +176,20 @@ class SyncTransport(BaseTransport):
         fields: Mapping[str, Any] | None = None,
         headers: Mapping[str, str] | None = None,
         idempotent: bool | None = None,
-    ) -> tuple[Any, MultipartBody]:
+        check: Callable[[Any, MultipartBody], Any] = lambda answer, sent: answer,
+    ) -> Any:
         """
-        Send files (streamed, see :class:`~.multipart.MultipartBody`) and return the JSON answer with what was sent.
+        Send files (streamed, see :class:`~.multipart.MultipartBody`) and return ``check(answer, sent)``.
 
-        No total time limit applies (a large file takes what it takes); the answer is bounded as any.
+        ``check`` compares the JSON answer with what was sent (sizes, md5s) inside the attempt, so a
+        retryable error it raises (a :class:`TransferIntegrityError`) sends the files again. No total
+        time limit applies (a large file takes what it takes); the answer is bounded as any.
         """
         endpoint = endpoint_of(method, self.url(path))
 
-        def read_json(response: requests.Response) -> tuple[Any, MultipartBody]:
+        def read_json(response: requests.Response) -> Any:
             answer = self.parse_json(read_capped(response, errors.MAX_JSON_BYTES + 1), endpoint, response.status_code)
-            return answer, response.hpc_sent
+            return check(answer, response.hpc_sent)
 
         return self.fetch(method, path, read_json, data=fields, files=files, headers=headers, idempotent=idempotent)
 

@@ -671,3 +671,18 @@ def test_malformed_run_and_file_objects() -> None:
     assert OutputFile.from_api({"id": "abc", "name": "U", "relativePath": {"x": 1}}).relative_path == "U"
     with pytest.raises(RescaleApiError, match="neither relativePath nor name"):
         OutputFile.from_api({"id": "abc", "relativePath": None})
+
+
+def test_an_upload_the_platform_misreports_is_tried_again_then_refused(
+    rescale_hook: RescaleHook, requests_mock: rm.Mocker, tmp_path: Any
+) -> None:
+    """The answer's size and md5 must be what was streamed; a mismatch uploads again, then fails."""
+    from airflow_provider_hpc.exceptions import TransferIntegrityError
+
+    source = tmp_path / "case.txt"
+    source.write_bytes(b"4 5\n")
+    wrong = {"id": "InPuT1", "name": "case.txt", "relativePath": "case.txt", "decryptedSize": 4, "md5": "0" * 32, "isUploaded": True}
+    upload = requests_mock.post(PLATFORM + "api/v2/files/contents/", status_code=201, json=wrong)
+    with pytest.raises(TransferIntegrityError, match="were sent"):
+        rescale_hook.upload_file(source)
+    assert upload.call_count == rescale_hook.transport.settings.retry.max_attempts

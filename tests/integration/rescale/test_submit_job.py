@@ -195,3 +195,43 @@ def test_the_running_run_s_file_is_followed_into_the_log(api: RescaleApi, store:
     shown = re.findall(r"\[solver\.log\] line (\d)", capsys.readouterr().out)
     # Each line once, in order (the last ones may land after the run completed, when the tail ends).
     assert shown and shown == sorted(set(shown)) and shown[0] == "1"
+
+
+def test_inputs_from_a_local_path_and_from_object_storage_reach_the_run(api: RescaleApi, store: Store, tmp_path: Any) -> None:
+    import fsspec
+    from airflow.sdk import ObjectStoragePath
+    from airflow.sdk.io import attach
+
+    attach("memory", fs=fsspec.filesystem("memory"))
+    local = tmp_path / "case.txt"
+    local.write_text("4 5\n")
+    remote = ObjectStoragePath("memory://cases/extra.txt")
+    remote.parent.mkdir(parents=True, exist_ok=True)
+    remote.write_bytes(b"from object storage\n")
+
+    command = "cat case.txt extra.txt > seen.txt"
+    result, _ = run_deferrable(submit(job=body(command), input_files=[str(local), remote]), context_of(store))
+
+    assert result["status"] == "success"
+    files = api.session.get(api.url(f"jobs/{result['job_id']}/runs/1/files/"), timeout=10).json()["results"]
+    seen = next(f for f in files if f["relativePath"] == "seen.txt")
+    content = api.session.get(api.url(f"files/{seen['id']}/contents/"), timeout=10).content
+    assert content == b"4 5\nfrom object storage\n"
+    assert api.requests_to("POST /api/v2/files/contents/") == 2
+    fsspec.filesystem("memory").rm("/cases", recursive=True)
+
+
+def test_an_upload_is_checked_and_a_missing_input_refused_before_any_request(api: RescaleApi, tmp_path: Any) -> None:
+    from airflow_provider_hpc.hooks.rescale import RescaleHook
+
+    source = tmp_path / "case.txt"
+    source.write_text("4 5\n")
+    hook = RescaleHook(retry=FAST_RETRY)
+    uploaded = hook.upload_file(source)
+    assert uploaded.decrypted_size == 4 and uploaded.md5 == __import__("hashlib").md5(b"4 5\n").hexdigest()
+
+    from airflow_provider_hpc.exceptions import RescaleApiError
+
+    with pytest.raises(RescaleApiError, match="does not exist"):
+        hook.upload_file(tmp_path / "missing.txt")
+    assert api.requests_to("POST /api/v2/files/contents/") == 1
