@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT))
 
 from hpc_emulator.config import EmulatorConfig  # noqa: E402
 from hpc_emulator.server import EmulatorServer  # noqa: E402
-from scripts.rescale_demo_job import create_demo_run  # noqa: E402
+from scripts.rescale_demo_job import create_demo_job, submitted_when_watched  # noqa: E402
 
 DEMO = ROOT / ".demo"
 MUSE_DAGS = ["example_muse_single", "example_muse_sweep", "example_muse_runzip"]
@@ -42,6 +42,7 @@ def airflow_env(emulator: EmulatorServer) -> dict[str, str]:
             "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
             # The demo's Rescale run lasts about 20 s: poll it every second, not every 5.
             "RESCALE_EXAMPLE_POLL_SECONDS": "1",
+            "CHAIN_EXAMPLE_POLL_SECONDS": "1",
         }
     )
     return env
@@ -77,8 +78,8 @@ def last_run_state(env: dict[str, str], dag_id: str) -> str | None:
     return row[0] if row else None
 
 
-def return_values(env: dict[str, str], dag_id: str) -> list[tuple[str, int, str]]:
-    """Return each task's XCom ``return_value`` of the DAG's latest run."""
+def return_values(env: dict[str, str], dag_id: str, *, full: bool = False) -> list[tuple[str, int, str]]:
+    """Return each task's XCom ``return_value`` of the DAG's latest run (cut for printing unless ``full``)."""
     with _database(env) as db:
         rows = db.execute(
             "SELECT x.task_id, x.map_index, x.value FROM xcom x JOIN dag_run r ON x.dag_run_id = r.id "
@@ -86,7 +87,18 @@ def return_values(env: dict[str, str], dag_id: str) -> list[tuple[str, int, str]
             "ORDER BY x.timestamp, x.map_index",
             (dag_id,),
         ).fetchall()
-    return [(task_id, map_index, _short(value)) for task_id, map_index, value in rows]
+    shown = (lambda value: value.decode() if isinstance(value, bytes) else str(value)) if full else _short
+    return [(task_id, map_index, shown(value)) for task_id, map_index, value in rows]
+
+
+def print_chain_table(env: dict[str, str]) -> None:
+    """Print the table the chain's last task returned: each case, prepared on Muse and solved on Rescale."""
+    rows = next((json.loads(v) for t, _, v in return_values(env, "example_chain_muse_rescale", full=True) if t == "table"), [])
+    if not rows:
+        return
+    print(f"\n   {'case':>4}  {'Muse key':<36}  {'prepared':>8}  {'Rescale job':<11}  {'solved':>8}")
+    for row in rows:
+        print(f"   {row['case']:>4}  {row['muse_key']:<36}  {row['prepared']:>8}  {row['rescale_job']:<11}  {row['solved']:>8}")
 
 
 def _short(value: object) -> str:
@@ -106,9 +118,12 @@ def main() -> int:
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         results = [run_dag(dag_id, env) for dag_id in MUSE_DAGS]
-        job_id, run_id = create_demo_run(emulator.rescale_url, api_key="demo")
-        print(f"\nSubmitted a Rescale job on the emulator: job {job_id}, run {run_id}")
-        results.append(run_dag("example_rescale_harvest", env, {"job_id": job_id, "run_id": run_id}))
+        job_id, run_id = create_demo_job(emulator.rescale_url, api_key="demo")
+        print(f"\nCreated a Rescale job on the emulator: job {job_id}, run {run_id} (submitted once the DAG looks at it)")
+        with submitted_when_watched(emulator, "demo", job_id):
+            results.append(run_dag("example_rescale_harvest", env, {"job_id": job_id, "run_id": run_id}))
+        results.append(run_dag("example_chain_muse_rescale", env))
+        print_chain_table(env)
         print("\nEmulator requests:", json.dumps(emulator.counters.snapshot().get("requests", {}), indent=1)[:2000])
     failed = results.count(False)
     print(f"\n{len(results) - failed} of {len(results)} example DAGs succeeded.")

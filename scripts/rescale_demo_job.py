@@ -16,9 +16,16 @@ The job's single run behaves like a little solver: for ``steps`` steps it append
 from __future__ import annotations
 
 import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import requests
+
+#: The route a DAG's first look at the demo run asks (the emulator counts its requests by route).
+RUN_ROUTE = "GET /api/jobs/{job_id}/runs/{run_id}/"
 
 #: The job's command: plain POSIX shell, so it runs wherever the emulator runs.
 DEMO_COMMAND = r"""
@@ -122,6 +129,36 @@ def create_demo_run(
     job_id, run_id = create_demo_job(rescale_url, api_key, steps=steps, step_seconds=step_seconds, timeout=timeout)
     submit_job(rescale_url, api_key, job_id, timeout=timeout)
     return job_id, run_id
+
+
+@contextmanager
+def submitted_when_watched(emulator: Any, api_key: str, job_id: str) -> Iterator[None]:
+    """
+    Submit ``job_id`` on the emulator as soon as someone reads one of its runs (the DAG has started).
+
+    ``airflow dags test`` takes seconds to start, more on a busy machine: a job submitted before it
+    could complete before the DAG snapshots it midway.
+
+    :param emulator: the running emulator (its request counters tell when the run is first read).
+    :param api_key: an API key it accepts.
+    :param job_id: the created, not yet submitted, job.
+    """
+    done = threading.Event()
+
+    def submit_once_watched() -> None:
+        while not done.is_set():
+            if emulator.counters.snapshot().get("requests", {}).get(RUN_ROUTE):
+                submit_job(emulator.rescale_url, api_key, job_id)
+                return
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=submit_once_watched, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join(timeout=10)
 
 
 def _session(api_key: str) -> requests.Session:

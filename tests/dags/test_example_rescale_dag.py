@@ -16,11 +16,7 @@ from __future__ import annotations
 import hashlib
 import re
 import sys
-import threading
-import time
 import zipfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -32,14 +28,19 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from scripts.rescale_demo_job import DEMO_LOG_PATH, DEMO_SUMMARY_PATH, create_demo_job, submit_job  # noqa: E402
+from scripts.rescale_demo_job import (  # noqa: E402
+    DEMO_LOG_PATH,
+    DEMO_SUMMARY_PATH,
+    create_demo_job,
+    submit_job,
+    submitted_when_watched,
+)
 
 DAG_ID = "example_rescale_harvest"
 #: The run starts once the DAG asks about it, and lasts long enough to be snapshotted midway.
 STEPS = 16
 STEP_SECONDS = 0.4
 TASKS = ("midway", "snapshot", "watch", "harvest", "summarize")
-RUN_ROUTE = "GET /api/jobs/{job_id}/runs/{run_id}/"
 #: Long enough for the secrets masker, and easy to look for in the output.
 API_KEY = "rk-dag-test-0123456789-SECRET"
 
@@ -50,27 +51,6 @@ def emulator_config(tmp_path: Path) -> EmulatorConfig:
     return EmulatorConfig(
         data_dir=tmp_path / "emulator", time_scale=0.05, pending_seconds=0.2, seed=7, rescale_api_keys=frozenset({API_KEY})
     )
-
-
-@contextmanager
-def submitted_when_watched(emulator: EmulatorServer, api_key: str, job_id: str) -> Iterator[None]:
-    """Submit ``job_id`` as soon as someone reads one of its runs (the DAG has started)."""
-    done = threading.Event()
-
-    def submit_once_watched() -> None:
-        while not done.is_set():
-            if emulator.counters.snapshot().get("requests", {}).get(RUN_ROUTE):
-                submit_job(emulator.rescale_url, api_key, job_id)
-                return
-            time.sleep(0.05)
-
-    thread = threading.Thread(target=submit_once_watched, daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        done.set()
-        thread.join(timeout=10)
 
 
 def test_example_rescale_harvest(dag_runner, airflow_home, emulator: EmulatorServer) -> None:
