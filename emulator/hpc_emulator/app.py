@@ -43,7 +43,15 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-RESCALE_MODULES = ("hpc_emulator.rescale", "hpc_emulator.rescale_runs")
+RESCALE_MODULES = (
+    "hpc_emulator.rescale",
+    "hpc_emulator.rescale_files",
+    "hpc_emulator.rescale_models",
+    "hpc_emulator.rescale_process",
+    "hpc_emulator.rescale_runs",
+    "hpc_emulator.rescale_spec",
+    "hpc_emulator.rescale_uploads",
+)
 
 
 def create_app(config: EmulatorConfig, counters: Counters | None = None) -> FastAPI:

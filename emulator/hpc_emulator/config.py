@@ -34,6 +34,8 @@ class EmulatorConfig:
     :param software_dirs: extra Muse software catalogues: folders holding ``NAME/image/`` folders,
         served beside the built-in ``sw_example``.
     :param muse_max_running: Muse jobs running at once; later ones stay PENDING, as in a busy queue.
+    :param rescale_max_upload_bytes: the largest Rescale input file ``POST files/contents/`` takes
+        (2 GiB by default); a larger one answers 413.
     """
 
     data_dir: Path
@@ -47,6 +49,7 @@ class EmulatorConfig:
     tls: bool = False
     software_dirs: list[Path] = field(default_factory=list)
     muse_max_running: int = 32
+    rescale_max_upload_bytes: int = 2 * 1024**3
 
     def delay(self, seconds: float) -> float:
         """Return an emulated delay scaled by ``time_scale``."""

@@ -2,9 +2,11 @@
 The Rescale side of the emulator: the jobs and runs API over HTTP, as ``shared/api/rescale`` shows it.
 
 Every path exists under ``/api/`` (v1) and ``/api/v2/``. Answers follow Django REST Framework's
-conventions, as the real service does: errors are ``{"detail": ...}``, lists are paginated with
-``page`` / ``page_size`` and ``count`` / ``next`` / ``previous`` / ``results``. The engine that
-executes the runs is in ``rescale_runs.py``; the protocol is described in ``docs/emulator.md``.
+conventions, as the real service does: errors are ``{"detail": ...}`` (plus DRF's field errors
+for a refused body field), lists are paginated with ``page`` / ``page_size`` and ``count`` /
+``next`` / ``previous`` / ``results``. The engine that executes the runs is in
+``rescale_runs.py``, job bodies are checked in ``rescale_spec.py``, uploads received in
+``rescale_uploads.py``; the protocol is described in ``docs/emulator.md``.
 """
 
 from __future__ import annotations
@@ -24,8 +26,11 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from hpc_emulator.config import Counters, EmulatorConfig
-from hpc_emulator.rescale_models import EngineError, Job, OutputFile, Run, parse_job_spec
-from hpc_emulator.rescale_runs import CHUNK, RescaleEngine, describe_file_type, tail_lines
+from hpc_emulator.rescale_files import CHUNK, describe_file_type, tail_lines
+from hpc_emulator.rescale_models import EngineError, Job, OutputFile, Run
+from hpc_emulator.rescale_runs import RescaleEngine
+from hpc_emulator.rescale_spec import FieldError, parse_job_spec
+from hpc_emulator.rescale_uploads import receive_upload, store_upload
 
 DEFAULT_PAGE_SIZE = 25
 MAX_PAGE_SIZE = 1000
@@ -39,7 +44,8 @@ def create_rescale_router(
     """
     Build the router serving the Rescale API under ``/api/`` and ``/api/v2/``.
 
-    :param config: the emulator settings; ``rescale_api_keys`` is read on every request.
+    :param config: the emulator settings; ``rescale_api_keys`` and ``rescale_max_upload_bytes``
+        are read on every request.
     :param counters: where submissions (``rescale_jobs_submitted``) and stops (``rescale_stops``)
         are counted.
     :param engine: the engine to serve; a new one when not given. The server passes its own, so
@@ -61,6 +67,7 @@ def create_rescale_router(
     _add_run_routes(api, engine)
     _add_live_routes(api, engine)
     _add_file_routes(api, engine)
+    _add_upload_routes(api, engine, config)
     router = APIRouter(lifespan=lifespan)
     router.include_router(api, prefix="/api")
     router.include_router(api, prefix="/api/v2")
@@ -94,6 +101,12 @@ def _unauthorized(detail: str) -> NoReturn:
     raise HTTPException(401, detail, headers={"WWW-Authenticate": "Token"})
 
 
+def _refusal(exc: EngineError) -> JSONResponse:
+    """Answer a refusal: ``{"detail"}``, with DRF's field errors when a body field is at fault."""
+    body = exc.to_json() if isinstance(exc, FieldError) else {"detail": str(exc)}
+    return JSONResponse(body, status_code=exc.status_code)
+
+
 @contextmanager
 def _http_errors() -> Iterator[None]:
     """Turn an engine refusal into its HTTP answer."""
@@ -118,15 +131,18 @@ def _run_or_404(engine: RescaleEngine, job_id: str, run_id: str) -> Run:
 
 
 def paginate(
-    request: Request, items: Sequence[Any], render: Callable[[Any], dict[str, Any]]
+    request: Request,
+    items: Sequence[Any],
+    render: Callable[[Any], dict[str, Any]],
+    keep: Sequence[str] = (),
 ) -> dict[str, Any]:
     """
     Return one page of ``items`` as DRF's ``PageNumberPagination`` does.
 
     ``page`` counts from 1; ``page_size`` defaults to 25 (at most 1000; an invalid one falls back
     to the default); a page past the end answers 404 ``Invalid page.``. Like the real service, the
-    ``next`` and ``previous`` URLs keep only ``page``: a client must carry ``page_size`` over.
-    Only the items of the page are rendered, so long lists stay fast.
+    ``next`` and ``previous`` URLs keep only ``page`` (and the filters named in ``keep``): a client
+    must carry ``page_size`` over. Only the items of the page are rendered, so long lists stay fast.
     """
     size = _page_size(request.query_params.get("page_size"))
     pages = max(1, math.ceil(len(items) / size))
@@ -134,8 +150,8 @@ def paginate(
     start = (page - 1) * size
     return {
         "count": len(items),
-        "next": _page_url(request, page + 1) if page < pages else None,
-        "previous": _page_url(request, page - 1) if page > 1 else None,
+        "next": _page_url(request, page + 1, keep) if page < pages else None,
+        "previous": _page_url(request, page - 1, keep) if page > 1 else None,
         "results": [render(item) for item in items[start : start + size]],
     }
 
@@ -158,16 +174,26 @@ def _page_number(raw: str, pages: int) -> int:
     return page
 
 
-def _page_url(request: Request, page: int) -> str:
-    # DRF drops ``page`` for the first page; every other query parameter is dropped too.
-    return str(request.url.replace(query=urlencode({"page": page}) if page > 1 else ""))
+def _page_url(request: Request, page: int, keep: Sequence[str]) -> str:
+    # DRF drops ``page`` for the first page; every other query parameter is dropped too, but for
+    # the list's filters (a next page of a search is a page of the same search).
+    query = [(name, value) for name, value in request.query_params.multi_items() if name in keep]
+    if page > 1:
+        query.append(("page", str(page)))
+    return str(request.url.replace(query=urlencode(query)))
 
 
 # -- routes ---------------------------------------------------------------------------------------
 
 
 def _add_job_routes(api: APIRouter, engine: RescaleEngine) -> None:
-    """Create, get, submit, stop a job; read its statuses."""
+    """List, create, get, submit, stop a job; read its statuses."""
+
+    @api.get("/jobs/")
+    def list_jobs(request: Request) -> dict[str, Any]:
+        """Return the jobs, newest first, paginated; ``search`` keeps those whose name holds it."""
+        jobs = engine.jobs(request.query_params.get("search"))
+        return engine.read(lambda: paginate(request, jobs, Job.summary_json, keep=("search",)))
 
     @api.post("/jobs/", status_code=201)
     async def create_job(request: Request) -> JSONResponse:
@@ -179,8 +205,10 @@ def _add_job_routes(api: APIRouter, engine: RescaleEngine) -> None:
             payload = json.loads(body or b"null")
         except ValueError as exc:
             raise HTTPException(400, f"JSON parse error - {exc}") from exc
-        with _http_errors():
-            spec = parse_job_spec(payload)
+        try:
+            spec = parse_job_spec(payload, engine.input_file)
+        except EngineError as exc:
+            return _refusal(exc)
         job = await run_in_threadpool(engine.create_job, spec)
         return JSONResponse(engine.read(job.to_json), status_code=201)
 
@@ -282,11 +310,19 @@ def _add_live_routes(api: APIRouter, engine: RescaleEngine) -> None:
 
 
 def _add_file_routes(api: APIRouter, engine: RescaleEngine) -> None:
-    """Download output files."""
+    """Describe and download files: run outputs and uploaded inputs alike."""
+
+    @api.get("/files/{file_id}/")
+    def file_metadata(file_id: str) -> dict[str, Any]:
+        """Return a file's record, as the upload or the output-files list shows it."""
+        item = engine.file(file_id)
+        if item is None:
+            raise HTTPException(404, NOT_FOUND)
+        return item.to_json()
 
     @api.get("/files/{file_id}/contents/")
     def file_contents(file_id: str) -> FileResponse:
-        """Stream an output file's bytes (Content-Length set, Range honoured)."""
+        """Stream a file's bytes (Content-Length set, Range honoured)."""
         output = engine.file(file_id)
         if output is None or not output.disk_path.is_file():
             raise HTTPException(404, NOT_FOUND)
@@ -295,6 +331,22 @@ def _add_file_routes(api: APIRouter, engine: RescaleEngine) -> None:
             media_type="application/octet-stream",
             filename=output.relative_path.rsplit("/", 1)[-1],
         )
+
+
+def _add_upload_routes(api: APIRouter, engine: RescaleEngine, config: EmulatorConfig) -> None:
+    """Upload input files."""
+
+    @api.post("/files/contents/", status_code=201)
+    async def upload_file(request: Request) -> JSONResponse:
+        """Store the multipart ``file`` part as an input file; answer its record."""
+        folder = engine.uploads_dir
+        try:
+            name, received, size, md5 = await receive_upload(request, folder, config.rescale_max_upload_bytes)
+        except EngineError as exc:
+            return _refusal(exc)
+        record = await run_in_threadpool(store_upload, folder, engine.new_file_id(), name, received, size, md5)
+        engine.add_input(record)
+        return JSONResponse(record.to_json(), status_code=201)
 
 
 def _stream_growing_file(path: Path) -> StreamingResponse:

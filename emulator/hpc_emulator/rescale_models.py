@@ -1,45 +1,42 @@
 """
-The records of the Rescale emulator: job bodies and their validation, jobs, runs, output files.
+The records of the Rescale emulator: jobs, runs, input and output files, status entries.
 
 They render themselves as the API shows them (``to_json``); ``rescale_runs.py`` changes them under
-its lock, and ``rescale.py`` serves them.
+its lock, and ``rescale.py`` serves them. The job bodies and their validation are in
+``rescale_spec.py``.
 """
 
 from __future__ import annotations
 
+import base64
 import enum
 import itertools
-import math
 import random
-import re
 import secrets
 import string
 import subprocess
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from hpc_emulator.rescale_spec import JobSpec
 
 ID_ALPHABET = string.ascii_letters + string.digits
 OWNER = "demouser@rescale.com"
 USER_FOLDER = "user_emUla"
-RUN_TYPES = frozenset({1, 2, 3})
-MAX_RUNS = 10_000
-MAX_CONCURRENT_RUNS = 64
-DEFAULT_CONCURRENT_RUNS = 8
-_VARIABLE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+# File types of Rescale's file records.
+INPUT_FILE_TYPE = 1
+OUTPUT_FILE_TYPE = 5
 
 
 class EngineError(Exception):
     """A request the engine refuses; ``str(exc)`` is the ``detail`` sent back with ``status_code``."""
 
     status_code = 400
-
-
-class JobSpecError(EngineError):
-    """The job body cannot be accepted."""
 
 
 class NotInProgressError(EngineError):
@@ -72,26 +69,6 @@ class RunState(enum.Enum):
 
 
 @dataclass(frozen=True)
-class RunSpec:
-    """One run as the job body asks for it: its variables (name, value), ``isOptimal``, ``type``."""
-
-    variables: tuple[tuple[str, float], ...] = ()
-    is_optimal: bool = False
-    run_type: int = 3
-
-
-@dataclass(frozen=True)
-class JobSpec:
-    """A validated job body (see :func:`parse_job_spec` for the accepted shape)."""
-
-    name: str
-    commands: tuple[str, ...]
-    runs: tuple[RunSpec, ...]
-    completed_reason: str | None = None
-    max_concurrent_runs: int = DEFAULT_CONCURRENT_RUNS
-
-
-@dataclass(frozen=True)
 class StatusEntry:
     """One entry of a job's status history."""
 
@@ -102,6 +79,38 @@ class StatusEntry:
     def to_json(self) -> dict[str, Any]:
         """Return the entry as the statuses endpoint shows it."""
         return {"status": self.status, "statusDate": iso(self.date), "statusReason": self.reason}
+
+
+def new_file_fields(disk_path: Path, size: int, md5: str) -> dict[str, Any]:
+    """Return the fields every new file record starts with: its bytes' place, size, md5, date, key."""
+    return {
+        "disk_path": disk_path,
+        "size": size,
+        "md5": md5,
+        "date_uploaded": utc_now(),
+        "encryption_key": base64.b64encode(secrets.token_bytes(32)).decode(),
+    }
+
+
+def file_json(
+    item: InputFile | OutputFile, type_id: int, path: str, view_in_browser: bool
+) -> dict[str, Any]:
+    """Return a file record as Rescale's file endpoints show it, whatever its type."""
+    return {
+        "typeId": type_id,
+        "name": item.relative_path.rsplit("/", 1)[-1],
+        "dateUploaded": iso(item.date_uploaded),
+        "relativePath": item.relative_path,
+        "encodedEncryptionKey": item.encryption_key,
+        "sharedWith": [],
+        "decryptedSize": item.size,
+        "owner": OWNER,
+        "path": path,
+        "isUploaded": True,
+        "viewInBrowser": view_in_browser,
+        "id": item.id,
+        "md5": item.md5,
+    }
 
 
 @dataclass(frozen=True)
@@ -120,21 +129,36 @@ class OutputFile:
 
     def to_json(self) -> dict[str, Any]:
         """Return the file as the output-files endpoint shows it."""
-        return {
-            "typeId": 5,
-            "name": self.relative_path.rsplit("/", 1)[-1],
-            "dateUploaded": iso(self.date_uploaded),
-            "relativePath": self.relative_path,
-            "encodedEncryptionKey": self.encryption_key,
-            "sharedWith": [],
-            "decryptedSize": self.size,
-            "owner": OWNER,
-            "path": f"user/{USER_FOLDER}/output/job_{self.job_id}/run{self.run_id}/{self.relative_path}",
-            "isUploaded": True,
-            "viewInBrowser": True,
-            "id": self.id,
-            "md5": self.md5,
-        }
+        path = f"user/{USER_FOLDER}/output/job_{self.job_id}/run{self.run_id}/{self.relative_path}"
+        return file_json(self, OUTPUT_FILE_TYPE, path, view_in_browser=True)
+
+
+@dataclass(frozen=True)
+class InputFile:
+    """
+    A file uploaded with ``POST files/contents/``, for jobs to name in their ``inputFiles``.
+
+    ``storage_name`` is its name in the user's storage folder: the real service inserts a UUID
+    into the name (``airfoil2d-06feda72-….zip``), so two uploads of one name never collide.
+    """
+
+    id: str
+    name: str
+    disk_path: Path
+    size: int
+    md5: str
+    date_uploaded: datetime
+    encryption_key: str
+    storage_name: str
+
+    @property
+    def relative_path(self) -> str:
+        """Return the file's path relative to a run's working folder: its name."""
+        return self.name
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the file as the upload answer and a job's ``inputFiles`` show it."""
+        return file_json(self, INPUT_FILE_TYPE, f"user/{USER_FOLDER}/{self.storage_name}", view_in_browser=False)
 
 
 @dataclass(eq=False)
@@ -212,14 +236,42 @@ class Job:
     wake: threading.Event = field(default_factory=threading.Event)
 
     def to_json(self) -> dict[str, Any]:
-        """Return the job as the jobs endpoints show it."""
+        """Return the job as the jobs endpoints show it: the body as stored, defaults filled in."""
         return {
             "id": self.id,
             "name": self.spec.name,
             "owner": OWNER,
             "dateInserted": iso(self.date_inserted),
-            "jobanalyses": [{"command": command} for command in self.spec.commands],
+            "jobanalyses": [analysis.to_json() for analysis in self.spec.analyses],
+            **self.spec.job_fields(),
         }
+
+    def summary_json(self) -> dict[str, Any]:
+        """Return the job as the job list shows it (Rescale's short form)."""
+        names = list(dict.fromkeys(analysis.display_name for analysis in self.spec.analyses))
+        storage = sum(item.size for item in self.spec.input_files)
+        storage += sum(item.size for run in self.runs for item in run.files)
+        return {
+            "analysisNames": names,
+            "clusterStatusDisplay": _status_display(self._cluster_status()),
+            "dateInserted": iso(self.date_inserted),
+            "id": self.id,
+            "isVisible": True,
+            "jobStatus": _status_display(self.statuses[-1].status if self.statuses else ""),
+            "name": self.spec.name,
+            "owner": OWNER,
+            "sharedWith": [],
+            "storage": storage,
+        }
+
+    def _cluster_status(self) -> str:
+        if self.finished:
+            return "Stopped"
+        return "Running" if self.submitted else ""
+
+
+def _status_display(content: str) -> dict[str, Any]:
+    return {"content": content, "labelClass": "", "useLabel": False}
 
 
 def iso(moment: datetime | None) -> str | None:
@@ -242,87 +294,6 @@ def utc_now() -> datetime:
 def random_id(length: int) -> str:
     """Return a random id of letters and digits, like Rescale's ``QTVia``."""
     return "".join(secrets.choice(ID_ALPHABET) for _ in range(length))
-
-
-def parse_job_spec(body: Any) -> JobSpec:
-    """
-    Validate a job-creation body and return its spec, or raise :class:`JobSpecError`.
-
-    Accepted (unknown keys are ignored, as the real service does)::
-
-        {"name": "sweep",
-         "jobanalyses": [{"command": "echo $x > out.txt"}],
-         "runs": [{"variables": {"x": 1.5}, "isOptimal": false, "type": 3}],
-         "emulator": {"completedReason": "Exceeded max number of restarts", "maxConcurrentRuns": 8}}
-    """
-    if not isinstance(body, Mapping):
-        raise JobSpecError("Expected a JSON object.")
-    name = body.get("name")
-    if not isinstance(name, str) or not name.strip():
-        raise JobSpecError("name: this field is required and must be a non-empty string.")
-    runs_body = body.get("runs")
-    runs = (RunSpec(),) if runs_body is None else _parse_runs(runs_body)
-    reason, concurrency = _parse_emulator_options(body.get("emulator"))
-    return JobSpec(name, _parse_commands(body.get("jobanalyses")), runs, reason, concurrency)
-
-
-def _parse_commands(analyses: Any) -> tuple[str, ...]:
-    if not isinstance(analyses, list) or not analyses:
-        raise JobSpecError("jobanalyses: a non-empty list of {\"command\": str} is required.")
-    commands = []
-    for index, analysis in enumerate(analyses):
-        command = analysis.get("command") if isinstance(analysis, Mapping) else None
-        if not isinstance(command, str) or not command.strip():
-            raise JobSpecError(f"jobanalyses[{index}].command: a non-empty string is required.")
-        commands.append(command)
-    return tuple(commands)
-
-
-def _parse_runs(runs: Any) -> tuple[RunSpec, ...]:
-    if not isinstance(runs, list) or not 1 <= len(runs) <= MAX_RUNS:
-        raise JobSpecError(f"runs: a list of 1 to {MAX_RUNS} run objects is expected.")
-    return tuple(_parse_run(index, run) for index, run in enumerate(runs))
-
-
-def _parse_run(index: int, run: Any) -> RunSpec:
-    if not isinstance(run, Mapping):
-        raise JobSpecError(f"runs[{index}]: expected an object.")
-    variables = run.get("variables", {})
-    if not isinstance(variables, Mapping):
-        raise JobSpecError(f"runs[{index}].variables: expected an object of name: number.")
-    parsed = tuple((name, _parse_value(index, name, value)) for name, value in variables.items())
-    is_optimal = run.get("isOptimal", False)
-    run_type = run.get("type", 3)
-    if not isinstance(is_optimal, bool):
-        raise JobSpecError(f"runs[{index}].isOptimal: expected a boolean.")
-    if run_type not in RUN_TYPES or isinstance(run_type, bool):
-        raise JobSpecError(f"runs[{index}].type: expected 1 (optimization), 2 (iteration) or 3 (case).")
-    return RunSpec(parsed, is_optimal, run_type)
-
-
-def _parse_value(index: int, name: Any, value: Any) -> float:
-    # Variables become environment variables, so their names must be valid shell names.
-    if not isinstance(name, str) or not _VARIABLE_NAME.match(name):
-        raise JobSpecError(f"runs[{index}].variables: {name!r} is not a valid variable name.")
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise JobSpecError(f"runs[{index}].variables.{name}: expected a finite number.")
-    return float(value)
-
-
-def _parse_emulator_options(options: Any) -> tuple[str | None, int]:
-    if options is None:
-        return None, DEFAULT_CONCURRENT_RUNS
-    if not isinstance(options, Mapping):
-        raise JobSpecError("emulator: expected an object.")
-    reason = options.get("completedReason")
-    if reason is not None and (not isinstance(reason, str) or not reason.strip()):
-        raise JobSpecError("emulator.completedReason: expected a non-empty string.")
-    concurrency = options.get("maxConcurrentRuns", DEFAULT_CONCURRENT_RUNS)
-    if isinstance(concurrency, bool) or not isinstance(concurrency, int):
-        raise JobSpecError("emulator.maxConcurrentRuns: expected an integer.")
-    if not 1 <= concurrency <= MAX_CONCURRENT_RUNS:
-        raise JobSpecError(f"emulator.maxConcurrentRuns: expected 1 to {MAX_CONCURRENT_RUNS}.")
-    return reason, concurrency
 
 
 def unsorted_statuses(job_id: str, statuses: Sequence[StatusEntry]) -> list[StatusEntry]:

@@ -8,34 +8,33 @@ changes, so request handlers never stall.
 
 On disk, under ``data_dir / "rescale"``::
 
+    files/{file_id}/{name}                   uploaded input files
     jobs/{job_id}/runs/{run_id}/work/        the run's working folder (its command's cwd)
     jobs/{job_id}/runs/{run_id}/snapshots/   snapshot archives, kept outside the work folder
+
+The files on disk (hashes, tails, zips, inputs placed) are handled by ``rescale_files.py``, and
+the command of a run (script, environment, process) by ``rescale_process.py``.
 """
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import logging
-import os
 import queue
-import secrets
-import signal
 import subprocess
 import threading
 import time
-import zipfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 from hpc_emulator.config import Counters, EmulatorConfig
+from hpc_emulator.rescale_files import is_unchanged_input, iter_work_files, md5_of, zip_folder
 from hpc_emulator.rescale_models import (
     EngineError,
+    InputFile,
     InvalidPathError,
     Job,
-    JobSpec,
     MissingFileError,
     NotInProgressError,
     OutputFile,
@@ -43,15 +42,16 @@ from hpc_emulator.rescale_models import (
     RunState,
     ServiceStoppingError,
     StatusEntry,
-    display_value,
+    new_file_fields,
     random_id,
     unsorted_statuses,
     utc_now,
 )
+from hpc_emulator.rescale_process import kill_command, prepare_work_dir, start_command
+from hpc_emulator.rescale_spec import JobSpec
 
 log = logging.getLogger(__name__)
 
-LOG_NAME = "process_output.log"
 SUCCESS_REASON = "Completed successfully"
 STOP_REASON = "User requested stop"
 STOPPED_REASON = "Stopped by user"
@@ -60,83 +60,6 @@ STOPPED_REASON = "Stopped by user"
 STEP_SECONDS = 0.2
 SNAPSHOT_SECONDS = 0.3
 UPLOAD_SECONDS = 0.2
-CHUNK = 1024 * 1024
-# A tail never reads more than this from the end of a file, whatever ``lines`` asks.
-MAX_TAIL_BYTES = 16 * 1024 * 1024
-
-
-def md5_of(path: Path) -> str:
-    """Return the hex md5 of a file, read in chunks."""
-    digest = hashlib.md5(usedforsecurity=False)
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def iter_work_files(work_dir: Path) -> Iterator[tuple[str, Path]]:
-    """Yield ``(relative posix path, path)`` for every regular file under ``work_dir``, sorted."""
-    for folder, subfolders, names in os.walk(work_dir):
-        subfolders.sort()
-        for name in sorted(names):
-            path = Path(folder, name)
-            # Symlinks are skipped: one could point anywhere on the emulator's host.
-            if not path.is_symlink() and path.is_file():
-                yield path.relative_to(work_dir).as_posix(), path
-
-
-def zip_folder(folder: Path, target: Path) -> None:
-    """Write every file of ``folder`` into the zip ``target``; files that vanish meanwhile are skipped."""
-    with zipfile.ZipFile(target, "w", compression=zipfile.ZIP_DEFLATED, allowZip64=True) as archive:
-        for relative, path in iter_work_files(folder):
-            try:
-                archive.write(path, relative)
-            except FileNotFoundError:
-                continue
-
-
-def describe_file_type(path: Path) -> str:
-    """Guess a file's type as the ``file`` command would word it, from its first bytes."""
-    with path.open("rb") as handle:
-        head = handle.read(64 * 1024)
-    if not head:
-        return "empty"
-    if head.startswith(b"PK\x03\x04"):
-        return "Zip archive data"
-    if b"\x00" in head:
-        return "data"
-    try:
-        head.decode("ascii")
-        return "ASCII text"
-    except UnicodeDecodeError:
-        pass
-    try:
-        # The head may cut a multi-byte character in two: ignore a broken last few bytes.
-        head[: len(head) - 3 if len(head) == 64 * 1024 else len(head)].decode("utf-8")
-        return "UTF-8 Unicode text"
-    except UnicodeDecodeError:
-        return "data"
-
-
-def tail_lines(path: Path, count: int) -> list[str]:
-    """Return the last ``count`` lines of a text file, reading backwards from its end."""
-    if count <= 0:
-        return []
-    with path.open("rb") as handle:
-        position = handle.seek(0, os.SEEK_END)
-        data = b""
-        # More than ``count`` newlines guarantee the first kept line is whole.
-        while position > 0 and data.count(b"\n") <= count and len(data) < MAX_TAIL_BYTES:
-            step = min(64 * 1024, position)
-            position -= step
-            handle.seek(position)
-            data = handle.read(step) + data
-    if not data:
-        return []
-    if data.endswith(b"\n"):
-        data = data[:-1]
-    lines = data.split(b"\n")
-    return [line.decode("utf-8", "replace").rstrip("\r") for line in lines[-count:]]
 
 
 class RescaleEngine:
@@ -151,9 +74,11 @@ class RescaleEngine:
         self._config = config
         self._counters = counters
         self._root = Path(config.data_dir) / "rescale" / "jobs"
+        self.uploads_dir = Path(config.data_dir) / "rescale" / "files"
         self._lock = threading.RLock()
         self._jobs: dict[str, Job] = {}
         self._files: dict[str, OutputFile] = {}
+        self._inputs: dict[str, InputFile] = {}
         self._file_ids: set[str] = set()
         # Set once the server is stopping: no process starts after that.
         self._closed = False
@@ -177,10 +102,27 @@ class RescaleEngine:
             index = int(run_id) - 1
             return job.runs[index] if 0 <= index < len(job.runs) else None
 
-    def file(self, file_id: str) -> OutputFile | None:
-        """Return an uploaded output file, or None."""
+    def file(self, file_id: str) -> OutputFile | InputFile | None:
+        """Return an output file or an uploaded input file, or None."""
         with self._lock:
-            return self._files.get(file_id)
+            return self._files.get(file_id) or self._inputs.get(file_id)
+
+    def input_file(self, file_id: str) -> InputFile | None:
+        """Return an uploaded input file, or None."""
+        with self._lock:
+            return self._inputs.get(file_id)
+
+    def add_input(self, item: InputFile) -> None:
+        """Keep an uploaded input file, its id taken from :meth:`new_file_id`."""
+        with self._lock:
+            self._inputs[item.id] = item
+
+    def jobs(self, search: str | None = None) -> list[Job]:
+        """Return the jobs, newest first; with ``search``, those whose name holds it, in any case."""
+        needle = (search or "").casefold()
+        with self._lock:
+            # Insertion order is creation order.
+            return [job for job in reversed(self._jobs.values()) if needle in job.spec.name.casefold()]
 
     def read(self, reader: Callable[[], Any]) -> Any:
         """Call ``reader`` under the engine lock, so it sees one consistent state."""
@@ -274,7 +216,7 @@ class RescaleEngine:
             for job in self._jobs.values():
                 job.wake.set()
                 for run in job.runs:
-                    self._kill(run)
+                    kill_command(run.process)
 
     def wait_closed(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for every job and snapshot thread to end; return whether they did."""
@@ -296,7 +238,8 @@ class RescaleEngine:
             if job_id not in self._jobs and not (self._root / job_id).exists():
                 return job_id
 
-    def _new_file_id(self) -> str:
+    def new_file_id(self) -> str:
+        """Return a file id no file of this server has had, for an output or an upload."""
         with self._lock:
             while (file_id := random_id(6)) in self._file_ids:
                 continue
@@ -394,7 +337,7 @@ class RescaleEngine:
             if run.state is not RunState.RUNNING:
                 raise NotInProgressError("Snapshots only apply to runs that are currently in progress.")
             previous = run.snapshot_ids[-1] if run.snapshot_ids else None
-            file_id = self._new_file_id()
+            file_id = self.new_file_id()
             run.snapshot_ids.append(file_id)
             thread = threading.Thread(target=self._take_snapshot, args=(run, file_id), daemon=True)
             run.snapshot_threads.append(thread)
@@ -409,7 +352,7 @@ class RescaleEngine:
             return True
         if run.state is RunState.RUNNING and not run.stopped:
             run.stopped = True
-            self._kill(run)
+            kill_command(run.process)
             return True
         return False
 
@@ -417,15 +360,6 @@ class RescaleEngine:
         run.stopped = run.stopped or self._jobs[run.job_id].stop_requested
         run.state = RunState.COMPLETED
         run.date_completed = utc_now()
-
-    def _kill(self, run: Run) -> None:
-        process = run.process
-        if process is not None and process.poll() is None:
-            try:
-                # The command runs in its own session: kill the shell and everything it started.
-                os.killpg(process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
     def _run_worker(self, job: Job, pending: queue.SimpleQueue[Run]) -> None:
         while True:
@@ -436,13 +370,15 @@ class RescaleEngine:
             self._execute_run(job, run)
 
     def _execute_run(self, job: Job, run: Run) -> None:
+        if not self._may_start(job, run):
+            return
+        # Copied without the lock, which must never wait on a large copy; the run stays PENDING,
+        # so a stop meanwhile completes it unstarted and the check below sees it.
+        prepared = prepare_work_dir(job, run)
         with self._lock:
-            if run.state is not RunState.PENDING:
+            if not self._may_start(job, run):
                 return
-            if job.stop_requested or self._closed:
-                self._finish_unstarted(run)
-                return
-            process = self._spawn(job, run)
+            process = self._spawn(job, run, prepared)
         exit_code = process.wait() if process is not None else 127
         with self._lock:
             run.exit_code = exit_code
@@ -452,52 +388,47 @@ class RescaleEngine:
             thread.join()
         self._pause(job, UPLOAD_SECONDS)
         # The server is going down and its data folder with it: nothing to upload any more.
-        outputs = [] if self._closed else self._upload_outputs(run)
+        outputs = [] if self._closed else self._upload_outputs(job, run)
         with self._lock:
             run.files = (*outputs, *run.files)
             self._files.update((output.id, output) for output in outputs)
             run.state = RunState.COMPLETED
             run.date_completed = utc_now()
 
-    def _spawn(self, job: Job, run: Run) -> subprocess.Popen[bytes] | None:
+    def _may_start(self, job: Job, run: Run) -> bool:
+        with self._lock:
+            if run.state is not RunState.PENDING:
+                return False
+            if job.stop_requested or self._closed:
+                self._finish_unstarted(run)
+                return False
+            return True
+
+    def _spawn(self, job: Job, run: Run, prepared: bool) -> subprocess.Popen[bytes] | None:
         run.work_dir.mkdir(parents=True, exist_ok=True)
         run.snapshot_dir.mkdir(parents=True, exist_ok=True)
         run.state = RunState.RUNNING
         run.date_started = utc_now()
-        with (run.work_dir / LOG_NAME).open("ab") as output:
-            try:
-                run.process = subprocess.Popen(
-                    ["/bin/sh", "-c", _script(job.spec.commands)],
-                    cwd=run.work_dir,
-                    env=_environment(job, run),
-                    stdin=subprocess.DEVNULL,
-                    stdout=output,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
-            except OSError as exc:
-                output.write(f"emulator: cannot start the command: {exc}\n".encode())
-                return None
+        # A run whose inputs could not be placed ends at once, like a command that cannot start.
+        run.process = start_command(job, run) if prepared else None
         return run.process
 
-    def _upload_outputs(self, run: Run) -> list[OutputFile]:
-        return [
-            self._make_output(run, self._new_file_id(), relative, path)
-            for relative, path in iter_work_files(run.work_dir)
-        ]
+    def _upload_outputs(self, job: Job, run: Run) -> list[OutputFile]:
+        """Return the working folder's files as outputs, leaving out the inputs left unchanged."""
+        inputs = {item.name: item for item in job.spec.input_files}
+        outputs = []
+        for relative, path in iter_work_files(run.work_dir):
+            size, md5 = path.stat().st_size, md5_of(path)
+            if not is_unchanged_input(relative, size, md5, inputs):
+                outputs.append(self._make_output(run, self.new_file_id(), relative, path, (size, md5)))
+        return outputs
 
-    def _make_output(self, run: Run, file_id: str, relative: str, path: Path) -> OutputFile:
-        return OutputFile(
-            id=file_id,
-            job_id=run.job_id,
-            run_id=run.id,
-            relative_path=relative,
-            disk_path=path,
-            size=path.stat().st_size,
-            md5=md5_of(path),
-            date_uploaded=utc_now(),
-            encryption_key=base64.b64encode(secrets.token_bytes(32)).decode(),
-        )
+    def _make_output(
+        self, run: Run, file_id: str, relative: str, path: Path, measured: tuple[int, str] | None = None
+    ) -> OutputFile:
+        size, md5 = measured if measured is not None else (path.stat().st_size, md5_of(path))
+        fields = new_file_fields(path, size, md5)
+        return OutputFile(id=file_id, job_id=run.job_id, run_id=run.id, relative_path=relative, **fields)
 
     def _take_snapshot(self, run: Run, file_id: str) -> None:
         job = self._jobs[run.job_id]
@@ -516,16 +447,3 @@ class RescaleEngine:
         with self._lock:
             run.files = (*run.files, output)
             self._files[file_id] = output
-
-
-def _script(commands: Sequence[str]) -> str:
-    # Each analysis runs in its own subshell, in order; the first failure ends the run with its
-    # exit code. The newline before ")" keeps a trailing "# comment" from eating the parenthesis.
-    return " && ".join(f"( {command}\n)" for command in commands)
-
-
-def _environment(job: Job, run: Run) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update({name: display_value(value) for name, value in run.spec.variables})
-    env.update({"RESCALE_RUN_ID": run.id, "RESCALE_JOB_ID": job.id})
-    return env
