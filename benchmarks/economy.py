@@ -31,11 +31,13 @@ FIXED_INTERVAL = 5.0
 
 
 def default_backoff() -> tuple[float, float]:
-    """Return MuseJobTrigger's own defaults: (poll_interval, max_poll_interval)."""
+    """Return MuseJobTrigger's own defaults: (poll_interval, max_poll_interval, the polling loop's)."""
+    from airflow_provider_hpc.triggers._polling import PollingTrigger
     from airflow_provider_hpc.triggers.muse import MuseJobTrigger
 
-    parameters = inspect.signature(MuseJobTrigger.__init__).parameters
-    return float(parameters["poll_interval"].default), float(parameters["max_poll_interval"].default)
+    own = inspect.signature(MuseJobTrigger.__init__).parameters
+    loop = inspect.signature(PollingTrigger.__init__).parameters
+    return float(own["poll_interval"].default), float(loop["max_poll_interval"].default)
 
 
 async def _watch(watched: list[tuple[Any, str, float, float]], scale: float) -> dict[str, tuple[float, int, str]]:
