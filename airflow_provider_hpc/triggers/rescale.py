@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from functools import cached_property
 from typing import Any
 
@@ -190,17 +190,8 @@ class RescaleRunTrigger(_RescalePollingTrigger):
 
     async def _follow_tail(self) -> int:
         """Log the lines of ``tail_path`` written since the last poll; return how many were shown."""
-        tail = self._tail
-        assert tail is not None
-        try:
-            if not tail.found:
-                entries = await self.hook.a_get_directory_contents(self.job_id, self.run_id)
-                if not tail.spot([entry.path for entry in entries]):
-                    return 0
-            return tail.show(await self.hook.a_tail(self.job_id, self.run_id, tail.path, tail.lines), self.log)
-        except HpcApiError as exc:
-            tail.note_failure(exc, self.run_id, self.log)
-            return 0
+        assert self._tail is not None
+        return await follow_tail(self._tail, self.hook, self.job_id, self.run_id, self.log)
 
     def _event(self, status: str, message: str, verdict: RunVerdict | None = None) -> dict[str, Any]:
         run = self._run.to_dict() if self._run else None
@@ -223,24 +214,52 @@ class RescaleRunTrigger(_RescalePollingTrigger):
 
     async def on_kill(self) -> None:
         """Stop the run: the user killed the deferred task (mark failed/success, clear)."""
-        if not self.cancel_on_kill:
-            self.log.info(
-                "The task was killed; run %s of Rescale job %s keeps going (cancel_on_kill is off)",
-                self.run_id, self.job_id,
-            )
-            return
-        self.log.info("The task was killed: stopping run %s of Rescale job %s", self.run_id, self.job_id)
-        try:
-            # Airflow bounds on_kill too ([triggerer] on_kill_timeout); this bound comes first so
-            # the log says what happened instead of a bare cancellation.
-            await asyncio.wait_for(self.hook.a_stop_run(self.job_id, self.run_id), timeout=ON_KILL_TIMEOUT)
-        except HpcApiError as exc:
-            self.log.warning("Could not stop run %s of Rescale job %s: %s", self.run_id, self.job_id, exc)
-        except asyncio.TimeoutError:
-            self.log.warning(
-                "Could not stop run %s of Rescale job %s within %.0f s; stop it on the platform",
-                self.run_id, self.job_id, ON_KILL_TIMEOUT,
-            )
+        await stop_when_killed(self, lambda: self.hook.a_stop_run(self.job_id, self.run_id), cancel=self.cancel_on_kill)
+
+
+async def follow_tail(tail: TailFollower, hook: RescaleHook, job_id: str, run_id: str, log: Any) -> int:
+    """
+    Log the lines of a run's followed file written since the last look; return how many were shown.
+
+    The file is looked for in the run's working folder first; a failed look never fails the wait.
+
+    :param tail: what was shown so far of the file.
+    :param hook: the hook of the trigger following it.
+    :param job_id: the job id.
+    :param run_id: the run whose working folder holds the file.
+    :param log: the trigger's logger.
+    """
+    try:
+        if not tail.found:
+            entries = await hook.a_get_directory_contents(job_id, run_id)
+            if not tail.spot([entry.path for entry in entries]):
+                return 0
+        return tail.show(await hook.a_tail(job_id, run_id, tail.path, tail.lines), log)
+    except HpcApiError as exc:
+        tail.note_failure(exc, run_id, log)
+        return 0
+
+
+async def stop_when_killed(trigger: PollingTrigger, stop: Callable[[], Awaitable[None]], *, cancel: bool) -> None:
+    """
+    Stop what ``trigger`` waits on, as its ``on_kill``: once, bounded, never raising.
+
+    :param trigger: the trigger being killed (its ``subject`` and ``log`` name what is stopped).
+    :param stop: sends the stop request.
+    :param cancel: the task's ``cancel_on_kill``; off, the remote work keeps going and the log says so.
+    """
+    if not cancel:
+        trigger.log.info("The task was killed; %s keeps going (cancel_on_kill is off)", trigger.subject)
+        return
+    trigger.log.info("The task was killed: stopping %s", trigger.subject)
+    try:
+        # Airflow bounds on_kill too ([triggerer] on_kill_timeout); this bound comes first so
+        # the log says what happened instead of a bare cancellation.
+        await asyncio.wait_for(stop(), timeout=ON_KILL_TIMEOUT)
+    except HpcApiError as exc:
+        trigger.log.warning("Could not stop %s: %s", trigger.subject, exc)
+    except asyncio.TimeoutError:
+        trigger.log.warning("Could not stop %s within %.0f s; stop it on the platform", trigger.subject, ON_KILL_TIMEOUT)
 
 
 class RescaleSnapshotTrigger(_RescalePollingTrigger):

@@ -9,12 +9,10 @@ way or a failure reason is a failure), waiting up to ``outcome_wait`` for the jo
 
 from __future__ import annotations
 
-import asyncio
 import time
 from functools import cached_property
 from typing import Any
 
-from airflow_provider_hpc.exceptions import HpcApiError
 from airflow_provider_hpc.hooks.rescale import RescaleHook
 from airflow_provider_hpc.models.rescale import RescaleRun
 from airflow_provider_hpc.models.rescale_state import (
@@ -25,11 +23,10 @@ from airflow_provider_hpc.models.rescale_state import (
     judge_completed_run,
 )
 from airflow_provider_hpc.triggers._polling import PollingTrigger
+from airflow_provider_hpc.triggers.rescale import follow_tail, stop_when_killed
 
 #: The most runs of one job a wait follows (a larger job fails the wait, saying so).
 MAX_JOB_RUNS = 1000
-#: Seconds :meth:`RescaleJobTrigger.on_kill` gives the stop request (retries included).
-ON_KILL_TIMEOUT = 20.0
 
 
 class RescaleJobTrigger(PollingTrigger):
@@ -141,16 +138,7 @@ class RescaleJobTrigger(PollingTrigger):
         """Log the new lines of ``tail_path`` in ``run``; return how many were shown."""
         if self._tail is None or self._tail_run != run.id:
             self._tail, self._tail_run = TailFollower(str(self.tail_path), self.tail_lines), run.id
-        tail = self._tail
-        try:
-            if not tail.found:
-                entries = await self.hook.a_get_directory_contents(self.job_id, run.id)
-                if not tail.spot([entry.path for entry in entries]):
-                    return 0
-            return tail.show(await self.hook.a_tail(self.job_id, run.id, tail.path, tail.lines), self.log)
-        except HpcApiError as exc:
-            tail.note_failure(exc, run.id, self.log)
-            return 0
+        return await follow_tail(self._tail, self.hook, self.job_id, run.id, self.log)
 
     def _event(self, status: str, message: str, verdict: Any = None) -> dict[str, Any]:
         return job_result(self.job_id, [run.id for run in self._runs], status, message, verdict=verdict)
@@ -167,15 +155,4 @@ class RescaleJobTrigger(PollingTrigger):
 
     async def on_kill(self) -> None:
         """Stop the job: the user killed the deferred task (mark failed/success, clear)."""
-        if not self.cancel_on_kill:
-            self.log.info("The task was killed; %s keeps going (cancel_on_kill is off)", self.subject)
-            return
-        self.log.info("The task was killed: stopping %s", self.subject)
-        try:
-            # Airflow bounds on_kill too ([triggerer] on_kill_timeout); this bound comes first so
-            # the log says what happened instead of a bare cancellation.
-            await asyncio.wait_for(self.hook.a_stop_job(self.job_id), timeout=ON_KILL_TIMEOUT)
-        except HpcApiError as exc:
-            self.log.warning("Could not stop %s: %s", self.subject, exc)
-        except asyncio.TimeoutError:
-            self.log.warning("Could not stop %s within %.0f s; stop it on the platform", self.subject, ON_KILL_TIMEOUT)
+        await stop_when_killed(self, lambda: self.hook.a_stop_job(self.job_id), cancel=self.cancel_on_kill)
