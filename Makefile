@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed-stamp
 # script, which reinstalling the provider removes; the emulator's install then puts it back.
 $(STAMP): pyproject.toml emulator/pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test,bench]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test,bench,system]'
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ./emulator
 	touch $(STAMP)
 

@@ -22,7 +22,6 @@ sys.path.insert(0, str(ROOT))
 
 from hpc_emulator.config import EmulatorConfig  # noqa: E402
 from hpc_emulator.server import EmulatorServer  # noqa: E402
-from scripts.rescale_demo_job import create_demo_job, submitted_when_watched  # noqa: E402
 
 DEMO = ROOT / ".demo"
 MUSE_DAGS = ["example_muse_single", "example_muse_sweep", "example_muse_runzip"]
@@ -117,12 +116,7 @@ def main() -> int:
             [sys.executable, "-m", "airflow", "db", "migrate"], env=env, check=True,
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
-        results = [run_dag(dag_id, env) for dag_id in MUSE_DAGS]
-        job_id, run_id = create_demo_job(emulator.rescale_url, api_key="demo")
-        print(f"\nCreated a Rescale job on the emulator: job {job_id}, run {run_id} (submitted once the DAG looks at it)")
-        with submitted_when_watched(emulator, "demo", job_id):
-            results.append(run_dag("example_rescale_harvest", env, {"job_id": job_id, "run_id": run_id}))
-        results.append(run_dag("example_chain_muse_rescale", env))
+        results = [run_dag(dag_id, env) for dag_id in (*MUSE_DAGS, "example_rescale_harvest", "example_chain_muse_rescale")]
         print_chain_table(env)
         print("\nEmulator requests:", json.dumps(emulator.counters.snapshot().get("requests", {}), indent=1)[:2000])
     failed = results.count(False)

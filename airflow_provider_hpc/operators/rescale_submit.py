@@ -23,6 +23,8 @@ from airflow_provider_hpc.triggers.rescale_job import RescaleJobTrigger
 if TYPE_CHECKING:
     from airflow.sdk import Context
 
+#: The XCom key the job id is pushed under as soon as the job exists (before any wait).
+JOB_ID_XCOM_KEY = "job_id"
 #: The ``task_state_store`` key of the job: its name, id, whether it was submitted, what was asked.
 JOB_STATE_KEY = "rescale_job"
 _NAME_UNSAFE = re.compile(r"[^A-Za-z0-9._:@=+-]+")
@@ -40,7 +42,8 @@ class RescaleSubmitJobOperator(BaseOperator):
     the body or inputs changed. The job's name carries the task instance (DAG, run, task, map
     index), so a retry finds a job whose create answer was lost.
 
-    The XCom value is ``{"job_id", "run_ids", "status", "outcome", "reason", "message"}`` (see
+    The job id is also pushed on its own, under the XCom key ``job_id``, as soon as the job is
+    submitted: ``task.output["job_id"]`` hands it to the next tasks. The XCom value is ``{"job_id", "run_ids", "status", "outcome", "reason", "message"}`` (see
     ``docs/results.md``). A failed job raises :class:`RescaleRunFailed`. Killing the task stops the
     job (``cancel_on_kill``); a timeout or a triggerer restart never does.
 
@@ -49,6 +52,8 @@ class RescaleSubmitJobOperator(BaseOperator):
         (templated).
     :param input_files: files to upload and give to the first analysis (templated).
     :param rescale_conn_id: the Airflow connection id.
+    :param wait_for_completion: wait until every run completed (``False``: return once the job is
+        submitted, with ``status`` ``"submitted"``, for tasks that follow the run themselves).
     :param deferrable: wait in the triggerer instead of a worker slot.
     :param poll_interval: seconds between polls at first and after each change.
     :param max_poll_interval: the longest wait between two polls while nothing changes.
@@ -73,6 +78,7 @@ class RescaleSubmitJobOperator(BaseOperator):
         job: Mapping[str, Any],
         input_files: Sequence[str | ObjectStoragePath] = (),
         rescale_conn_id: str = RescaleHook.default_conn_name,
+        wait_for_completion: bool = True,
         deferrable: bool | None = None,
         poll_interval: float = 30.0,
         max_poll_interval: float = 300.0,
@@ -90,6 +96,7 @@ class RescaleSubmitJobOperator(BaseOperator):
         self.job = job
         self.input_files = input_files
         self.rescale_conn_id = rescale_conn_id
+        self.wait_for_completion = wait_for_completion
         self.deferrable = default_deferrable() if deferrable is None else deferrable
         self.poll_interval = float(poll_interval)
         self.max_poll_interval = float(max_poll_interval)
@@ -118,7 +125,10 @@ class RescaleSubmitJobOperator(BaseOperator):
         asked = fingerprint(job=body, inputs=[str(f) for f in self.input_files or ()])
         job_id = self._resume(state, asked) or self._start(state, body, asked, _job_name(body, context))
         self._job_id = job_id
+        context["ti"].xcom_push(key=JOB_ID_XCOM_KEY, value=job_id)
         RescaleJobLink.persist(context, hook=self.hook, job_id=job_id)
+        if not self.wait_for_completion:
+            return self._submitted(context, state, job_id)
         trigger = self._trigger(job_id)
         if self.deferrable:
             self.defer(trigger=trigger, method_name="execute_complete", timeout=deferral_timeout(self.wait_timeout))
@@ -241,6 +251,26 @@ class RescaleSubmitJobOperator(BaseOperator):
             state.set({**entry, "collected": True}, what=f"Rescale job {event.get('job_id')}")
         self._announce(context, event)
         return dict(event)
+
+    def _submitted(self, context: Context, state: TaskState, job_id: str) -> dict[str, Any]:
+        """Return the started job without waiting for it (``wait_for_completion=False``)."""
+        run_ids = [run.id for run in self.hook.list_runs(job_id)]
+        outcome = JobOutcome.from_statuses(self.hook.get_job_statuses(job_id))
+        entry = state.get()
+        if entry is not None:
+            # Done with the job: a retry of the next task does not start another; a clear does.
+            state.set({**entry, "collected": True}, what=f"Rescale job {job_id}")
+        value = {
+            "job_id": job_id,
+            "run_ids": run_ids,
+            "status": "submitted",
+            "outcome": outcome.to_dict(),
+            "reason": outcome.reason,
+            "message": f"Rescale job {job_id} submitted ({len(run_ids)} run(s)); not waiting for it",
+        }
+        self.log.info("%s", value["message"])
+        self._announce(context, value)
+        return value
 
     def _announce(self, context: Context, value: Mapping[str, Any]) -> None:
         """Attach the job's ids to every asset this task declares as an outlet."""

@@ -1,21 +1,15 @@
 """
 ``airflow dags test example_rescale_harvest`` against the emulator, end to end.
 
-A demo job is created on the emulator (``scripts/rescale_demo_job.py``); the DAG, given its
-ids as conf, waits until its run is well under way, snapshots it, watches it to completion in
-the triggerer while its log is tailed into the task log, harvests its outputs to object storage,
-and a downstream task reads one of them.
-
-``airflow dags test`` takes a few seconds to start, more on a busy machine, so the job is
-submitted only once the DAG's first task asks about its run: the run is then still going when
-the DAG snapshots it, however long the start took.
+The DAG starts its own solver job, waits until its run is well under way, snapshots it, watches
+it to completion in the triggerer while its log is tailed into the task log, harvests its
+outputs to object storage, and a downstream task reads one of them.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
-import sys
 import zipfile
 from pathlib import Path
 
@@ -23,24 +17,16 @@ import pytest
 
 from hpc_emulator import EmulatorConfig, EmulatorServer
 
-# The demo job lives in scripts/, importable from the repository's root whatever the working folder.
 REPO = Path(__file__).resolve().parents[2]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from scripts.rescale_demo_job import (  # noqa: E402
-    DEMO_LOG_PATH,
-    DEMO_SUMMARY_PATH,
-    create_demo_job,
-    submit_job,
-    submitted_when_watched,
-)
-
 DAG_ID = "example_rescale_harvest"
-#: The run starts once the DAG asks about it, and lasts long enough to be snapshotted midway.
+#: Long enough to be snapshotted midway.
 STEPS = 16
 STEP_SECONDS = 0.4
-TASKS = ("midway", "snapshot", "watch", "harvest", "summarize")
+LOG_PATH = "logs/solver.log"
+SUMMARY_PATH = "results/summary.csv"
+TASKS = ("start", "midway", "snapshot", "watch", "harvest", "summarize")
+CREATE_ROUTE = "POST /api/v2/jobs/"
+SUBMIT_ROUTE = "POST /api/v2/jobs/{job_id}/submit/"
 #: Long enough for the secrets masker, and easy to look for in the output.
 API_KEY = "rk-dag-test-0123456789-SECRET"
 
@@ -55,14 +41,18 @@ def emulator_config(tmp_path: Path) -> EmulatorConfig:
 
 def test_example_rescale_harvest(dag_runner, airflow_home, emulator: EmulatorServer) -> None:
     api_key = API_KEY
-    job_id, run_id = create_demo_job(emulator.rescale_url, api_key, steps=STEPS, step_seconds=STEP_SECONDS)
-
-    with submitted_when_watched(emulator, api_key, job_id):
-        env = {**emulator.airflow_conn_env(), "RESCALE_EXAMPLE_POLL_SECONDS": "0.5"}
-        run = dag_runner(DAG_ID, env=env, conf={"job_id": job_id, "run_id": run_id})
+    env = {**emulator.airflow_conn_env(), "RESCALE_EXAMPLE_POLL_SECONDS": "0.5"}
+    run = dag_runner(DAG_ID, env=env, conf={"steps": STEPS, "step_seconds": STEP_SECONDS})
 
     assert run.returncode == 0, run.output[-8000:]
     assert {run.states[(task, -1)] for task in TASKS} == {"success"}, run.states
+
+    # The DAG started one job, once, and did not wait for it in that task.
+    started = run.value("start")
+    job_id, run_id = started["job_id"], "1"
+    assert started["status"] == "submitted" and started["run_ids"] == [run_id]
+    requests = emulator.counters.snapshot()["requests"]
+    assert requests[CREATE_ROUTE] == requests[SUBMIT_ROUTE] == 1
 
     # The wait was deferred: the trigger ran (inline, as `dags test` runs triggers).
     assert "[DAG TEST] running trigger in line" in run.output
@@ -71,7 +61,7 @@ def test_example_rescale_harvest(dag_runner, airflow_home, emulator: EmulatorSer
     assert watched["outcome"]["history"][-1] == "Completed"
 
     # Each line of the log was shown once, in order, in the task log.
-    shown = re.findall(rf"\[{re.escape(DEMO_LOG_PATH)}\] (step \d+) of {STEPS}", run.output)
+    shown = re.findall(rf"\[{re.escape(LOG_PATH)}\] (step \d+) of {STEPS}", run.output)
     assert shown == [f"step {i}" for i in range(1, STEPS + 1)]
 
     # The snapshot was taken midway and is among the run's output files.
@@ -82,7 +72,7 @@ def test_example_rescale_harvest(dag_runner, airflow_home, emulator: EmulatorSer
     # Every output file was harvested and checked; the manifest came through XCom.
     harvest = run.value("harvest")
     relative = {f["relative_path"] for f in harvest["files"]}
-    assert {DEMO_LOG_PATH, DEMO_SUMMARY_PATH, "post/report.txt", snapshot["file"]["relative_path"]} <= relative
+    assert {LOG_PATH, SUMMARY_PATH, "post/report.txt", snapshot["file"]["relative_path"]} <= relative
     assert f"results/fields/field_{STEPS:03d}.dat" in relative
     assert harvest["downloaded"] == harvest["file_count"] == len(relative)
     for entry in harvest["files"]:
@@ -91,7 +81,7 @@ def test_example_rescale_harvest(dag_runner, airflow_home, emulator: EmulatorSer
     # The snapshot holds the log as it was midway.
     archive_entry = next(f for f in harvest["files"] if f["relative_path"] == snapshot["file"]["relative_path"])
     with zipfile.ZipFile(archive_entry["path"].removeprefix("file://")) as archive:
-        midway_lines = archive.read(DEMO_LOG_PATH).decode().splitlines()
+        midway_lines = archive.read(LOG_PATH).decode().splitlines()
     assert 3 <= len(midway_lines) < STEPS
 
     # With no output_path, the files went to the task's own folder under [hpc] results_base.
@@ -100,11 +90,11 @@ def test_example_rescale_harvest(dag_runner, airflow_home, emulator: EmulatorSer
     # The downstream task read one of the harvested files.
     summary = run.value("summarize")
     assert summary["steps"] == STEPS
-    assert summary["path"].endswith(DEMO_SUMMARY_PATH)
+    assert summary["path"].endswith(SUMMARY_PATH)
 
     # The UI's extra link points at the job on the connection's platform; no stop was sent.
     link = f"{emulator.rescale_url}/jobs/{job_id}/"
-    assert all(run.value(task, "_link_RescaleJobLink") == link for task in ("snapshot", "watch", "harvest"))
+    assert all(run.value(task, "_link_RescaleJobLink") == link for task in ("start", "snapshot", "watch", "harvest"))
     assert not emulator.counters.snapshot().get("rescale_stops")
     assert api_key not in run.output
 
@@ -114,12 +104,9 @@ SNAPSHOT_ROUTE = "POST /api/jobs/{job_id}/runs/{run_id}/snapshot/"
 
 
 def test_a_snapshot_retry_after_a_lost_worker_takes_no_second_snapshot(dag_runner, emulator: EmulatorServer) -> None:
-    # Long enough to be in progress while both tries run.
-    job_id, run_id = create_demo_job(emulator.rescale_url, API_KEY, steps=200, step_seconds=0.3)
-    submit_job(emulator.rescale_url, API_KEY, job_id)
     env = {**emulator.airflow_conn_env(), "AIRFLOW__CORE__DAGS_FOLDER": str(RETRY_DAGS)}
 
-    run = dag_runner("rescale_snapshot_retry", env=env, conf={"job_id": job_id, "run_id": run_id})
+    run = dag_runner("rescale_snapshot_retry", env=env)
 
     assert run.returncode == 0 and run.states[("snapshot", -1)] == "success", run.output[-6000:]
     assert "worker lost right after the snapshot request was answered" in run.output

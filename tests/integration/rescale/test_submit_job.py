@@ -235,3 +235,17 @@ def test_an_upload_is_checked_and_a_missing_input_refused_before_any_request(api
     with pytest.raises(RescaleApiError, match="does not exist"):
         hook.upload_file(tmp_path / "missing.txt")
     assert api.requests_to("POST /api/v2/files/contents/") == 1
+
+
+def test_without_waiting_the_task_returns_the_submitted_job_and_a_retry_starts_no_other(api: RescaleApi, store: Store) -> None:
+    operator = submit(job=body("sleep 5; echo solved > out.txt"), wait_for_completion=False)
+    context = context_of(store)
+
+    first = operator.execute(context)
+    again = submit(job=body("sleep 5; echo solved > out.txt"), wait_for_completion=False).execute(context_of(store, try_number=2))
+
+    assert first["status"] == "submitted" and first["run_ids"] == ["1"]
+    assert context["ti"].xcom["job_id"] == first["job_id"]  # for the next task's templated fields
+    assert first["outcome"]["completed"] is False
+    assert again["job_id"] == first["job_id"]
+    assert counts(api) == (1, 1)

@@ -1,6 +1,9 @@
 """
 A Rescale snapshot whose first try dies right after the request was answered and kept.
 
+``start`` submits a job whose run writes a line every 0.3 s for a minute (long enough to be in
+progress while both tries of ``snapshot`` run).
+
 The retry must find the request in ``task_state_store``, take no second snapshot, and wait for
 the one already asked for.
 """
@@ -13,6 +16,12 @@ from typing import Any
 from airflow.sdk import DAG
 
 from airflow_provider_hpc.operators.rescale import SNAPSHOT_STATE_KEY, RescaleSnapshotRunOperator
+from airflow_provider_hpc.operators.rescale_submit import RescaleSubmitJobOperator
+
+LONG_RUN = {
+    "name": "snapshot-retry",
+    "jobanalyses": [{"command": "i=0; while [ $i -lt 200 ]; do echo step $i >> log.txt; sleep 0.3; i=$((i+1)); done"}],
+}
 
 
 class WorkerLost(BaseException):
@@ -51,10 +60,11 @@ class SnapshotDyingOnce(RescaleSnapshotRunOperator):
 
 
 with DAG(dag_id="rescale_snapshot_retry", schedule=None, start_date=datetime(2025, 1, 1), catchup=False):
-    SnapshotDyingOnce(
+    start = RescaleSubmitJobOperator(task_id="start", job=LONG_RUN, wait_for_completion=False)
+    start >> SnapshotDyingOnce(
         task_id="snapshot",
-        job_id="{{ dag_run.conf['job_id'] }}",
-        run_id="{{ dag_run.conf['run_id'] }}",
+        job_id=start.output["job_id"],
+        run_id="1",
         wait_for_file=True,
         retries=1,
         retry_delay=timedelta(seconds=0),
