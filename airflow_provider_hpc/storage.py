@@ -1,68 +1,52 @@
 """
-Writing remote bytes to object storage safely: atomic, verified, confined to a destination; the
-folders task results go to; the one md5 of the provider.
+Writing remote bytes to object storage safely: confined to a destination, atomic and verified;
+the folders task results go to; the one md5 of the provider.
 
-Every file lands through :func:`write_atomically`: the bytes go to a temporary name beside the
-destination, are checked against the size and md5 the server announced, and only then are
-renamed to the final name (on object stores, where a rename is a copy, the copy of a complete
-object is itself atomic). A failed or interrupted transfer leaves nothing under the final name.
+Every file lands through :func:`~airflow_provider_hpc.storage_sink.write_atomically` (in
+``storage_sink``, re-exported here): on a local disk a temporary file beside the destination then
+``os.replace``; on S3 a multipart upload completed only after the size and md5 check; elsewhere a
+temporary object then a copy. A failed or interrupted transfer leaves nothing under the final name.
 """
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import os
 import posixpath
-import queue
 import re
-import threading
-import uuid
 import zipfile
 import zlib
-from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable
+from typing import IO, TYPE_CHECKING, Any
 
 from airflow.sdk import ObjectStoragePath
 
-from airflow_provider_hpc.exceptions import HpcApiError, TransferIntegrityError, UnsafePathError
+from airflow_provider_hpc.exceptions import HpcApiError, UnsafePathError
+from airflow_provider_hpc.storage_sink import (
+    LOCAL_PROTOCOLS,
+    PART_BYTES,
+    TEMP_PREFIX,
+    AtomicWrite,
+    StoredFile,
+    StreamMd5,
+    file_sink,
+    write_atomically,
+)
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
 
-TEMP_PREFIX = ".hpc-partial-"
+__all__ = [
+    "TEMP_PREFIX", "AtomicWrite", "StoredFile", "StreamMd5", "as_storage_path", "default_output_path", "extract_zip",
+    "file_md5", "file_sink", "md5_of", "open_for_reading", "read_zip_text", "resolve_output_path", "results_base",
+    "safe_join", "same_file_exists", "write_atomically",
+]
+
 RESULTS_SECTION = "hpc"
 RESULTS_OPTION = "results_base"
 DEFAULT_RESULTS_DIR = "hpc-results"
 _UNSAFE_SEGMENT_CHARS = re.compile(r"[^A-Za-z0-9._=-]+")
-
-# A large body's md5 is computed in a helper thread once this many bytes have been hashed inline:
-# md5 costs about as much CPU as the TLS decrypt and the file write together, and hashlib releases
-# the GIL on large buffers, so the hash then runs beside the network read instead of after it.
-# Below it (Rescale outputs of a few hundred KiB, thousands of them) no thread is ever started.
-PIPELINE_AFTER_BYTES = 4 * 1024 * 1024
-# Chunks waiting for the helper thread at most (about 1 MiB each from the hooks): memory stays flat.
-PIPELINE_QUEUE_CHUNKS = 4
-
-
-@dataclass(frozen=True)
-class StoredFile:
-    """
-    A file written to object storage.
-
-    :param path: where it is (``str`` of the ``ObjectStoragePath``, e.g. ``file:///...`` or ``s3://...``).
-    :param size: its size in bytes.
-    :param md5: its hex md5.
-    """
-
-    path: str
-    size: int
-    md5: str
-
-    def to_dict(self) -> dict[str, Any]:
-        """Return the JSON-able form used in XCom values and manifests."""
-        return asdict(self)
+#: How much of a remote file one read fetches ahead (s3fs would read 50 MiB ahead otherwise).
+READ_BLOCK_BYTES = PART_BYTES
 
 
 def as_storage_path(value: str | ObjectStoragePath) -> ObjectStoragePath:
@@ -107,7 +91,7 @@ def safe_join(root: ObjectStoragePath, relative: str) -> ObjectStoragePath:
 
 def _confine_locally(root: ObjectStoragePath, target: ObjectStoragePath, relative: str) -> None:
     """On local storage, refuse a target whose folder a symbolic link already there leads outside ``root``."""
-    if getattr(root, "protocol", None) not in ("file", "local", ""):
+    if getattr(root, "protocol", None) not in LOCAL_PROTOCOLS:
         return  # object stores have no symbolic links
     base = os.path.realpath(root.path)
     folder = os.path.realpath(target.parent.path)
@@ -115,164 +99,14 @@ def _confine_locally(root: ObjectStoragePath, target: ObjectStoragePath, relativ
         raise UnsafePathError(f"Refusing path {relative!r}: a symbolic link under {root} leads outside it")
 
 
-def write_atomically(
-    chunks: Iterable[bytes],
-    dest: ObjectStoragePath,
-    *,
-    expected_size: int | None = None,
-    expected_md5: str | None = None,
-    max_bytes: int | None = None,
-) -> StoredFile:
+def open_for_reading(path: ObjectStoragePath) -> IO[bytes]:
     """
-    Stream ``chunks`` to ``dest`` under a temporary name, verify, then move into place.
-
-    :param expected_size: the size the server announced; a mismatch raises and keeps nothing.
-    :param expected_md5: the md5 the server announced; a mismatch raises and keeps nothing.
-    :param max_bytes: refuse a body larger than this (raises, keeps nothing).
+    Open a stored file for reading with a bounded read-ahead, so reading a large file (an md5, a
+    zip's members) from an object store keeps memory flat.
     """
-    announced = None if expected_size is None else int(expected_size)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    # Beside the destination, so the final move stays within one folder (one filesystem, one bucket).
-    # The name is cut so a long final name still leaves room for the prefix (255 bytes per name).
-    temp = dest.parent / f"{TEMP_PREFIX}{uuid.uuid4().hex}-{dest.name[:100]}"
-    digest = StreamMd5()
-    size = 0
-    try:
-        out = temp.open("wb")
-        try:
-            for chunk in chunks:
-                if not chunk:
-                    continue
-                size += len(chunk)
-                if max_bytes is not None and size > max_bytes:
-                    raise HpcApiError(f"Refusing {dest}: larger than the limit of {max_bytes} bytes")
-                if announced is not None and size > announced:
-                    # No need to store the rest of a body already longer than announced.
-                    raise TransferIntegrityError(f"{dest}: received more than the {announced} bytes the server announced")
-                digest.update(chunk)
-                out.write(chunk)
-        except BaseException:
-            _close_quietly(out)
-            raise
-        out.close()
-        md5 = digest.hexdigest()
-        if announced is not None and size != announced:
-            raise TransferIntegrityError(f"{dest}: received {size} bytes, the server announced {announced}")
-        if expected_md5 and md5 != expected_md5.strip().lower():
-            raise TransferIntegrityError(f"{dest}: md5 {md5} does not match the announced {expected_md5}")
-        temp.rename(dest)
-    except BaseException:
-        _remove_quietly(temp)
-        raise
-    finally:
-        digest.close()  # never leave the helper thread behind, whatever happened
-    return StoredFile(path=str(dest), size=size, md5=md5)
-
-
-def file_sink(
-    dest: ObjectStoragePath,
-    *,
-    expected_size: int | None = None,
-    expected_md5: str | None = None,
-    max_bytes: int | None = None,
-) -> Callable[[Iterable[bytes]], StoredFile]:
-    """
-    Return a sink that writes a body's chunks to ``dest`` with :func:`write_atomically` (what a download streams into).
-
-    :param dest: the final path.
-    :param expected_size: the size the server announced.
-    :param expected_md5: the md5 the server announced.
-    :param max_bytes: refuse a body larger than this.
-    """
-    return functools.partial(
-        write_atomically, dest=dest, expected_size=expected_size, expected_md5=expected_md5, max_bytes=max_bytes
-    )
-
-
-class StreamMd5:
-    """
-    The md5 of a stream, hashed inline at first, then in a helper thread for a large body.
-
-    The first :data:`PIPELINE_AFTER_BYTES` are hashed in the caller's thread; past them, chunks go
-    through a bounded queue to one helper thread, so hashing overlaps the caller's network read and
-    file write. :meth:`hexdigest` waits for the helper and re-raises any error it met;
-    :meth:`close` stops it without waiting for the rest of the hash (call it on every error path).
-    """
-
-    _STOP = object()
-
-    def __init__(self) -> None:
-        self._digest = hashlib.md5(usedforsecurity=False)
-        self._inline = 0
-        self._queue: queue.Queue[Any] | None = None
-        self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
-        self._cancelled = False
-        self._may_pipeline = True
-
-    def update(self, chunk: bytes) -> None:
-        """Add ``chunk`` to the hash; raise the helper thread's error, if it met one."""
-        if self._queue is None:
-            self._digest.update(chunk)
-            self._inline += len(chunk)
-            if self._may_pipeline and self._inline >= PIPELINE_AFTER_BYTES:
-                self._start()
-            return
-        if self._error is not None:
-            raise self._error
-        # The chunk is read later by the other thread: a mutable buffer could change under it meanwhile.
-        self._queue.put(chunk if isinstance(chunk, bytes) else bytes(chunk))
-
-    def hexdigest(self) -> str:
-        """Wait for every chunk to be hashed; return the hex md5 (or raise the helper thread's error)."""
-        self._stop(cancel=False)
-        if self._error is not None:
-            raise self._error
-        return self._digest.hexdigest()
-
-    def close(self) -> None:
-        """Stop the helper thread, dropping what it has not hashed yet; harmless if already stopped."""
-        self._stop(cancel=True)
-
-    def _start(self) -> None:
-        self._may_pipeline = False  # one helper per stream, tried once
-        chunks: queue.Queue[Any] = queue.Queue(maxsize=PIPELINE_QUEUE_CHUNKS)
-        thread = threading.Thread(target=self._run, args=(chunks,), name="hpc-md5", daemon=True)
-        try:
-            thread.start()
-        except RuntimeError:
-            return  # no thread to spare (thousands already running): keep hashing inline
-        self._queue, self._thread = chunks, thread
-
-    def _run(self, chunks: queue.Queue[Any]) -> None:
-        # Always drain the queue up to the stop mark, even after an error or a cancel, so the
-        # producer never blocks on a full queue.
-        while (chunk := chunks.get()) is not self._STOP:
-            if self._error is None and not self._cancelled:
-                try:
-                    self._digest.update(chunk)
-                except BaseException as exc:  # surfaced in the caller's thread by update/hexdigest
-                    self._error = exc
-
-    def _stop(self, *, cancel: bool) -> None:
-        thread = self._thread
-        if thread is None:
-            return
-        if cancel:
-            self._cancelled = True
-        assert self._queue is not None
-        self._queue.put(self._STOP)
-        thread.join()
-        self._thread = None
-        self._queue = None
-
-
-def _close_quietly(handle: Any) -> None:
-    """Close a half-written temporary file (it is removed next); the original error matters more."""
-    try:
-        handle.close()
-    except Exception:
-        pass
+    if path.protocol in LOCAL_PROTOCOLS:
+        return path.open("rb")
+    return path.open("rb", block_size=READ_BLOCK_BYTES)
 
 
 def md5_of(chunks: Iterable[bytes]) -> str:
@@ -288,7 +122,7 @@ def md5_of(chunks: Iterable[bytes]) -> str:
 
 def file_md5(path: ObjectStoragePath) -> str:
     """Return the hex md5 of a stored file, read in chunks."""
-    with path.open("rb") as handle:
+    with open_for_reading(path) as handle:
         return md5_of(iter(lambda: handle.read(1024 * 1024), b""))
 
 
@@ -329,7 +163,7 @@ def extract_zip(
 def _extract_zip(
     archive: ObjectStoragePath, dest: ObjectStoragePath, *, max_total_bytes: int, max_members: int
 ) -> list[StoredFile]:
-    with archive.open("rb") as handle, zipfile.ZipFile(handle) as zipped:
+    with open_for_reading(archive) as handle, zipfile.ZipFile(handle) as zipped:
         members = [m for m in zipped.infolist() if not m.is_dir()]
         if len(members) > max_members:
             raise UnsafePathError(f"{archive} holds {len(members)} files, more than the limit of {max_members}")
@@ -348,15 +182,6 @@ def _extract_zip(
             budget -= stored.size
             written.append(stored)
         return written
-
-
-def _remove_quietly(path: ObjectStoragePath) -> None:
-    """Remove a temporary file if it is there; a failed clean-up must not hide the original error."""
-    try:
-        if path.exists():
-            path.unlink()
-    except Exception:
-        pass
 
 
 # ----- where task results go ---------------------------------------------------------------------
@@ -428,7 +253,7 @@ def read_zip_text(
     :param tail_bytes: keep only the last bytes.
     :param max_bytes: without ``tail_bytes``, refuse a member larger than this.
     """
-    with as_storage_path(archive).open("rb") as handle, zipfile.ZipFile(handle) as zipped:
+    with open_for_reading(as_storage_path(archive)) as handle, zipfile.ZipFile(handle) as zipped:
         candidates = [i for i in zipped.infolist() if not i.is_dir() and i.filename.rsplit("/", 1)[-1] == member]
         if not candidates:
             return None

@@ -19,8 +19,10 @@ PACKAGE = Path(__file__).resolve().parents[2] / "airflow_provider_hpc"
 
 # Each layer and the provider's packages it must not import (what sits above it).
 FORBIDDEN = {
-    "transport": ("hooks", "models", "storage", "triggers", "operators", "sensors", "links", "muse_results", "durable"),
+    "transport": ("hooks", "models", "storage", "storage_sink", "lineage", "triggers", "operators", "sensors", "links", "muse_results", "durable"),
     "storage": ("hooks", "models", "triggers", "operators", "sensors", "links", "muse_results", "durable"),
+    "storage_sink": ("storage", "hooks", "models", "triggers", "operators", "sensors", "links", "muse_results", "durable", "lineage"),
+    "lineage": ("storage", "storage_sink", "hooks", "models", "triggers", "operators", "sensors", "links", "muse_results", "durable"),
     "models": ("hooks", "triggers", "operators", "sensors", "links", "muse_results", "durable"),
     "hooks": ("triggers", "operators", "sensors", "links", "muse_results", "durable"),
     "triggers": ("operators", "sensors", "links", "muse_results", "durable"),

@@ -1,7 +1,8 @@
 """
-Writing to object storage (``storage.py``): atomic, verified against size and md5, confined to the
-destination, with flat memory whatever the file size; on a local ``file://`` folder and on fsspec's
-in-memory backend (an object store without a real rename).
+Writing to object storage (``storage.py``, ``storage_sink.py``): atomic, verified against size and
+md5, confined to the destination, with flat memory whatever the file size; on a local ``file://``
+folder and on fsspec's in-memory backend (an object store without a real rename). S3 itself is
+tested against a real server in ``tests/integration/storage/``.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import requests_mock as rm
 from airflow.sdk import ObjectStoragePath
 from airflow.sdk.io import attach
 
-import airflow_provider_hpc.storage as storage
+import airflow_provider_hpc.storage_sink as storage_sink
 from airflow_provider_hpc.exceptions import HpcApiError, TransferIntegrityError, UnsafePathError
 from airflow_provider_hpc.hooks.rescale import OutputFile, RescaleHook
 from airflow_provider_hpc.storage import (
@@ -151,6 +152,40 @@ def test_memory_stays_flat_whatever_the_size(tmp_path: Any) -> None:
     assert peak < 8 * MIB
 
 
+def test_s3_parts_grow_only_for_files_beyond_ten_thousand_parts() -> None:
+    """8 MiB parts up to 78 GiB; a larger announced size (or limit) gets whole-MiB parts, never over 10,000."""
+    part = storage_sink.PART_BYTES
+    assert storage_sink.part_bytes_for(None) == storage_sink.part_bytes_for(MIB) == part == 8 * MIB
+    assert storage_sink.part_bytes_for(part * storage_sink.MAX_PARTS) == part
+    for size in (part * storage_sink.MAX_PARTS + 1, 200 * 1024**3, 5 * 1024**4):
+        grown = storage_sink.part_bytes_for(size)
+        assert grown > part and grown % MIB == 0 and -(-size // grown) <= storage_sink.MAX_PARTS
+
+
+def test_a_store_error_is_the_providers_and_keeps_nothing(root: ObjectStoragePath, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A write the store refuses (disk full, access denied) is an ``HpcApiError`` naming the file; nothing stays."""
+
+    def refuse(self: Any, data: Any) -> int:
+        raise OSError(28, "No space left on device")
+
+    if root.protocol == "file":
+        monkeypatch.setattr(storage_sink._LocalFile, "write", refuse)
+    else:
+        monkeypatch.setattr(storage_sink._TemporaryObject, "write", refuse)
+    with pytest.raises(HpcApiError, match=r"Could not write .*/U: OSError: .*No space left"):
+        write_atomically(chunks(DATA), root / "U")
+    assert names(root) == []
+
+
+def test_hook_lineage_names_the_final_file_once(root: ObjectStoragePath, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Airflow's hook lineage hears of the file under its final name, never of the temporary one."""
+    seen: list[str] = []
+    collector = SimpleNamespace(add_output_asset=lambda context, uri: seen.append(uri))
+    monkeypatch.setattr("airflow.sdk.lineage.get_hook_lineage_collector", lambda: collector)
+    write_atomically(chunks(DATA), root / "run.zip")
+    assert seen == [str(root / "run.zip")]
+
+
 # ----- the md5 of a large body, hashed in a helper thread --------------------------------------------
 
 
@@ -162,7 +197,7 @@ def md5_threads() -> list[threading.Thread]:
 @pytest.fixture
 def pipelined(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Hash in the helper thread after 64 KiB, so a small body goes through it; check no helper is left."""
-    monkeypatch.setattr(storage, "PIPELINE_AFTER_BYTES", 64 * 1024)
+    monkeypatch.setattr(storage_sink, "PIPELINE_AFTER_BYTES", 64 * 1024)
     yield
     assert md5_threads() == []
 
@@ -265,7 +300,7 @@ def test_a_failure_in_the_helper_surfaces_and_keeps_nothing(
     root: ObjectStoragePath, monkeypatch: pytest.MonkeyPatch, count: int
 ) -> None:
     """The helper's own error is raised in the caller (never a hang on a full queue); nothing is kept."""
-    monkeypatch.setattr(storage, "hashlib", SimpleNamespace(md5=FailingMd5))
+    monkeypatch.setattr(storage_sink, "hashlib", SimpleNamespace(md5=FailingMd5))
     piece = bytes(16 * 1024)
     with pytest.raises(MemoryError, match="no memory left"):
         write_atomically((piece for _ in range(count)), root / "big")
@@ -396,10 +431,11 @@ def test_as_storage_path(tmp_path: Any) -> None:
 
 
 def test_the_helpers_other_modules_import_keep_their_names() -> None:
-    """Operators and results import these names from ``storage``."""
+    """Operators and results import these names from ``storage`` (the sink's among them, re-exported)."""
     import airflow_provider_hpc.storage as storage
 
-    for name in ("StoredFile", "as_storage_path", "safe_join", "same_file_exists", "write_atomically", "extract_zip"):
+    for name in ("StoredFile", "as_storage_path", "safe_join", "same_file_exists", "write_atomically", "extract_zip",
+                 "file_sink", "open_for_reading"):
         assert callable(getattr(storage, name))
 
 
