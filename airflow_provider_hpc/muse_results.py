@@ -25,6 +25,7 @@ from airflow.sdk import Asset
 
 from airflow_provider_hpc.exceptions import HpcApiError, MuseJobFailed
 from airflow_provider_hpc.hooks.muse import MuseHook
+from airflow_provider_hpc.lineage import LineageMixin, LineageRecord
 from airflow_provider_hpc.models.muse import (
     DEFAULT_MAX_FILE_BYTES,
     CONTENT_ZIP_NAME,
@@ -40,6 +41,7 @@ from airflow_provider_hpc.models.muse import (
     describe_result,
     result_value,
 )
+from airflow_provider_hpc.models.values import SHORT_TEXT, capped
 from airflow_provider_hpc.storage import (
     StoredFile,
     as_storage_path,
@@ -131,9 +133,31 @@ def store_result(
     return value
 
 
+def failure_message(
+    name: str, key: str, report: MuseReport | None, stored: StoredFile | None, missing: str | None, state_url: str
+) -> str:
+    """
+    Return a failed run's error: a short first line (key, state, where the content zip is), details below.
+
+    Each line is bounded, and a URL or path ends its line: the Airflow log view links a URL up to
+    the next whitespace.
+    """
+    state = report.latest_state if report and report.latest_state else (report.cr.value if report else "unknown")
+    where = f"content zip at {stored.path}" if stored else "the content zip could not be fetched"
+    lines = [
+        f"Muse run {name}/{key} ended badly: latest_state {capped(str(state), SHORT_TEXT)}; {where}",
+        f"SLURM job {report.job_id if report else None}, latest_cr {capped(str(report.latest_cr if report else None), SHORT_TEXT)}",
+    ]
+    if stored is None and missing:
+        lines.append(f"why no content zip: {capped(' '.join(str(missing).split()), 300)}")
+    lines.append(f"state: {state_url}")
+    return "\n".join(lines)
+
+
 def _is_zip(stored: StoredFile) -> bool:
-    with as_storage_path(stored.path).open("rb") as handle:
-        return handle.read(4) == b"PK\x03\x04"
+    path = as_storage_path(stored.path)
+    # Four bytes asked for, not a read-ahead block: on an object store that is one small range request.
+    return path.fs.cat_file(path.path, start=0, end=4) == b"PK\x03\x04"
 
 
 def extract_result(stored: StoredFile, target: ObjectStoragePath) -> dict[str, Any]:
@@ -167,8 +191,11 @@ def fetch_failure_evidence(
     return stored, tail, None
 
 
-class MuseResultMixin:
-    """What the Muse operators and the sensor share: the hook, the output folder, fetching results, announcing assets."""
+class MuseResultMixin(LineageMixin):
+    """
+    What the Muse operators and the sensor share: the hook, the output folder, fetching results,
+    announcing assets, and the lineage of the run (:meth:`_note_run`).
+    """
 
     muse_conn_id: str
     output_path: str | ObjectStoragePath | None
@@ -200,23 +227,32 @@ class MuseResultMixin:
             max_file_bytes=self.max_file_bytes,
         )
         self.log.info("Muse run %s/%s result: %s", name, key, describe_result(value))
+        self._note_run(name, key, value)
         self._announce(context, value)
         return value
 
+    def _note_run(self, name: str, key: str | None, value: dict[str, Any] | None = None, inputs: list[str] | None = None) -> None:
+        """Note the run, the files sent and the result files stored, for the task's OpenLineage event."""
+        record = self.lineage or LineageRecord("muse")
+        record.software, record.job_id = name, key or record.job_id
+        record.url = self.hook.state_url(name, key) if key else record.url
+        if inputs is not None:
+            record.inputs = inputs
+        if value:
+            stored = [value.get("file"), value.get("extracted")]
+            record.outputs = [entry["path"] for entry in stored if isinstance(entry, dict) and entry.get("path")]
+        self.lineage = record
+
     def _failure(self, context: Context, name: str, key: str, report: MuseReport | None) -> MuseJobFailed:
         """Fetch a failed run's folder, log its stderr tail, and return the error naming where it is."""
+        self._note_run(name, key)
         output_path = resolve_output_path(self.output_path, context)
         stored, stderr_tail, missing = fetch_failure_evidence(self.hook, name=name, key=key, output_path=output_path)
         if stderr_tail:
             self.log.error("Tail of %s of Muse run %s/%s:\n%s", STDERR_MEMBER, name, key, stderr_tail)
         elif stored is not None:
             self.log.error("Muse run %s/%s left no %s to show (%s)", name, key, STDERR_MEMBER, missing or "missing or empty")
-        where = f"content zip at {stored.path}" if stored else f"content zip could not be fetched ({missing})"
-        return MuseJobFailed(
-            f"Muse run {name}/{key} ended badly: key {key}, SLURM job {report.job_id if report else None}, "
-            f"latest_state {report.latest_state if report else None}, "
-            f"latest_cr {report.latest_cr if report else None}; {where}; state: {self.hook.state_url(name, key)}",
-        )
+        return MuseJobFailed(failure_message(name, key, report, stored, missing, self.hook.state_url(name, key)))
 
     def _announce(self, context: Context, value: dict[str, Any]) -> None:
         """Attach the result's summary to every asset this task declares as an outlet."""

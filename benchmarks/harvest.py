@@ -19,6 +19,7 @@ from typing import Any
 import requests
 
 from benchmarks.emulator import EmulatorProcess
+from hpc_emulator import DEMO_API_KEY
 from benchmarks.jobs import wait_rescale_completed
 from benchmarks.report import table
 
@@ -39,7 +40,7 @@ def create_output_job(emulator: EmulatorProcess, count: int, size: int) -> str:
         f"mkdir -p out && i=0 && while [ $i -lt {count} ]; do "
         f"head -c {size} /dev/urandom > out/part_$i.bin; i=$((i+1)); done"
     )
-    headers = {"Authorization": "Token demo"}
+    headers = {"Authorization": f"Token {DEMO_API_KEY}"}
     verify = emulator.ca_path or True
     job = requests.post(
         f"{emulator.base_url}/api/v2/jobs/", json={"name": "harvest", "jobanalyses": [{"command": command}]},
@@ -59,7 +60,7 @@ def listed_files(emulator: EmulatorProcess, job_id: str) -> dict[str, str]:
     while True:
         answer = requests.get(
             f"{emulator.base_url}/api/jobs/{job_id}/runs/1/files/", params={"page": page, "page_size": 1000},
-            headers={"Authorization": "Token demo"}, verify=emulator.ca_path or True, timeout=60,
+            headers={"Authorization": f"Token {DEMO_API_KEY}"}, verify=emulator.ca_path or True, timeout=60,
         ).json()
         files.update({item["relativePath"]: item["md5"] for item in answer["results"]})
         if not answer.get("next"):

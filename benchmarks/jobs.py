@@ -16,6 +16,7 @@ import aiohttp
 import requests
 
 from benchmarks.emulator import EmulatorProcess
+from hpc_emulator import DEMO_API_KEY, DEMO_PASSWORD
 
 MUSE_SOFTWARE = "sw_example"
 SUBMIT_CONCURRENCY = 16
@@ -50,7 +51,7 @@ def _ssl(emulator: EmulatorProcess) -> ssl.SSLContext | bool:
 def muse_token(emulator: EmulatorProcess) -> str:
     """Obtain a Muse token for the emulator's demo account."""
     response = requests.post(
-        f"{emulator.muse_url}jwt/obtain/", data={"username": "demo", "password": "demo"},
+        f"{emulator.muse_url}jwt/obtain/", data={"username": "demo", "password": DEMO_PASSWORD},
         verify=emulator.ca_path or True, timeout=30,
     )
     response.raise_for_status()
@@ -83,7 +84,7 @@ async def _submit_all(
             jobs[index] = SubmittedJob("muse", match.group(1), length, time.time())
 
         async def submit_rescale(index: int, length: float) -> None:
-            headers = {"Authorization": "Token demo"}
+            headers = {"Authorization": f"Token {DEMO_API_KEY}"}
             body = {"name": "bench", "jobanalyses": [{"command": job_command(length, gate)}]}
             async with slots:
                 async with session.post(f"{emulator.base_url}/api/v2/jobs/", json=body, headers=headers) as response:
@@ -177,7 +178,7 @@ def wait_rescale_completed(emulator: EmulatorProcess, job_id: str, timeout: floa
     deadline = time.monotonic() + timeout
     url = f"{emulator.base_url}/api/v2/jobs/{job_id}/statuses/"
     while time.monotonic() < deadline:
-        answer = requests.get(url, headers={"Authorization": "Token demo"}, verify=emulator.ca_path or True, timeout=30).json()
+        answer = requests.get(url, headers={"Authorization": f"Token {DEMO_API_KEY}"}, verify=emulator.ca_path or True, timeout=30).json()
         if any(entry["status"] == "Completed" for entry in answer["results"]):
             return
         time.sleep(0.25)
@@ -187,7 +188,7 @@ def wait_rescale_completed(emulator: EmulatorProcess, job_id: str, timeout: floa
 def rescale_run(emulator: EmulatorProcess, job_id: str, run_id: str = "1") -> dict[str, Any]:
     """Return a Rescale run as the API answers it."""
     response = requests.get(
-        f"{emulator.base_url}/api/jobs/{job_id}/runs/{run_id}/", headers={"Authorization": "Token demo"},
+        f"{emulator.base_url}/api/jobs/{job_id}/runs/{run_id}/", headers={"Authorization": f"Token {DEMO_API_KEY}"},
         verify=emulator.ca_path or True, timeout=30,
     )
     response.raise_for_status()

@@ -26,9 +26,10 @@ from airflow_provider_hpc.operators.rescale_download import RescaleDownloadOutpu
 from airflow_provider_hpc.operators.rescale_submit import RescaleSubmitJobOperator
 
 CHAIN_RESULTS = Asset("hpc-chain-results")
-# The emulator's runs last seconds: poll often. On the real services keep the defaults (10 s for
-# Muse, 30 s for Rescale) or more (docs/errors.md: "A deferred task failed with no error in its log").
-POLL = float(os.environ.get("CHAIN_EXAMPLE_POLL_SECONDS", "2"))
+# Poll every 10 s or more on the real services (docs/errors.md, "A deferred task failed with no
+# error in its log"): set CHAIN_EXAMPLE_POLL_SECONDS; the demo and the tests set it lower, for the
+# emulator's runs of seconds.
+POLL = float(os.environ.get("CHAIN_EXAMPLE_POLL_SECONDS", "10"))
 WAIT = {"poll_interval": POLL, "max_poll_interval": 30, "retries": 2, "retry_delay": timedelta(seconds=5)}
 
 #: The Rescale job: the case's number, squared. ``user_included`` runs the command as given.

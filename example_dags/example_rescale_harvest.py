@@ -17,10 +17,12 @@ line to ``logs/solver.log``, then writes ``results/summary.csv``, one field file
 5. ``summarize`` reads ``results/summary.csv`` from the harvested files.
 
 Needs a ``rescale_default`` connection (see docs/rescale.md); ``make demo`` points it at the
-local emulator through ``AIRFLOW_CONN_RESCALE_DEFAULT``. The tasks poll every 5 seconds at
-first, backing off to a minute while nothing changes; ``RESCALE_EXAMPLE_POLL_SECONDS`` sets the
-first interval (the demo and the tests, whose runs last seconds, poll faster). Every deferrable
-task has retries: a retry re-attaches to what its first try started, it never starts a second job.
+local emulator through ``AIRFLOW_CONN_RESCALE_DEFAULT``. The tasks poll every
+``RESCALE_EXAMPLE_POLL_SECONDS`` at first (10 unless set), backing off to a minute while nothing
+changes: poll every 10 s or more on the real services (docs/errors.md, "A deferred task failed
+with no error in its log"); the demo and the tests set it lower, for the emulator's runs of
+seconds. Every deferrable task has retries: a retry re-attaches to what its first try started, it
+never starts a second job.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from airflow_provider_hpc.sensors.rescale import RescaleRunSensor
 
 SUMMARY_PATH = "results/summary.csv"
 #: Seconds between two polls at first (and after each change); waits back off up to a minute.
-POLL_SECONDS = float(os.environ.get("RESCALE_EXAMPLE_POLL_SECONDS", "5"))
+POLL_SECONDS = float(os.environ.get("RESCALE_EXAMPLE_POLL_SECONDS", "10"))
 RETRIES = {"retries": 2, "retry_delay": timedelta(seconds=5)}
 
 #: The solver's command: plain POSIX shell, so it runs on any Rescale core type and on the emulator.

@@ -39,7 +39,9 @@ def airflow_env(emulator: EmulatorServer) -> dict[str, str]:
             "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
             "AIRFLOW__HPC__RESULTS_BASE": f"file://{DEMO / 'results'}",
             "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
-            # The demo's Rescale run lasts about 20 s: poll it every second, not every 5.
+            # The emulator's runs last seconds: the examples poll faster than the 10 s or more
+            # they need on the real services (their tasks have retries for the race it risks).
+            "MUSE_EXAMPLE_POLL_SECONDS": "2",
             "RESCALE_EXAMPLE_POLL_SECONDS": "1",
             "CHAIN_EXAMPLE_POLL_SECONDS": "1",
         }

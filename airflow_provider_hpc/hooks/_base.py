@@ -235,7 +235,7 @@ class HpcHttpHook(BaseHook):
             )
         if settings.base_url.lower().startswith("http://") and self._secrets_of(conn):
             self.log.warning(
-                "Connection %r: credentials go over plain http to %s; use https where the service offers it",
+                "Connection %r: credentials go over plain http; use https where the service offers it. Host: %s",
                 self.conn_id, settings.base_url,
             )
 

@@ -21,7 +21,7 @@ from airflow_provider_hpc.models.muse import (
     MuseResult,
     MuseSubmission,
 )
-from airflow_provider_hpc.models.values import optional_text, short_json, validate_segment
+from airflow_provider_hpc.models.values import capped, optional_text, short_json, validate_segment
 from airflow_provider_hpc.storage import StoredFile, as_storage_path, file_sink
 from airflow_provider_hpc.transport.base import UploadFile
 from airflow_provider_hpc.transport.errors import MAX_JSON_BYTES, server_error_fields
@@ -191,6 +191,7 @@ class MuseHook(HpcHttpHook):
         if module_list:
             fields["module_list"] = json.dumps(list(module_list))
         uploads = _uploads(files)
+        self._log_inputs(name, files, uploads)
         path = f"software/muse/run/{name}/"
 
         def post(token: str) -> Any:
@@ -216,7 +217,8 @@ class MuseHook(HpcHttpHook):
         submission = MuseSubmission(
             name=name, key=key, state_url=self.state_url(name, key), message=optional_text(answer.get("msg"), 1000) or ""
         )
-        self.log.info("Submitted %s to Muse: key %s (state: %s)", name, submission.key, submission.state_url)
+        # The URL ends the line: the Airflow log view links a URL up to the next whitespace.
+        self.log.info("Submitted %s to Muse: key %s; state: %s", name, submission.key, submission.state_url)
         return submission
 
     def run(
@@ -240,6 +242,7 @@ class MuseHook(HpcHttpHook):
         name = validate_segment(name, "Software name")
         fields = self._run_fields(cmd, cmd_option, returned_type, todownload, files_order)
         uploads = _uploads(files)
+        self._log_inputs(name, files, uploads)
         path = f"software/run/{name}/"
 
         def post(token: str) -> MuseResult:
@@ -371,6 +374,11 @@ class MuseHook(HpcHttpHook):
                 "The answer is not a JSON object", endpoint=endpoint, excerpt=short_json(answer, self.known_secrets)
             )
 
+    def _log_inputs(self, name: str, files: Sequence[str | ObjectStoragePath], uploads: Sequence[UploadFile]) -> None:
+        """Say which input files a run is sent (names, sizes, where from; never their contents)."""
+        if uploads:
+            self.log.info("%s", describe_inputs(name, files, uploads))
+
     def test_connection(self) -> tuple[bool, str]:
         """Check the base URL answers and the credentials give a token (the UI's Test button)."""
         try:
@@ -380,6 +388,31 @@ class MuseHook(HpcHttpHook):
         except Exception as exc:  # the UI shows the message, whatever went wrong
             return False, str(exc)
         return True, f"Connected to {self.base_url} and obtained a valid token"
+
+
+#: The most input files one log line lists (the others are counted).
+MAX_LISTED_INPUTS = 20
+
+
+def describe_inputs(name: str, files: Sequence[str | ObjectStoragePath], uploads: Sequence[UploadFile]) -> str:
+    """
+    Return the log text naming the input files sent to a run: one line each, name, size and source.
+
+    Bounded: the first :data:`MAX_LISTED_INPUTS` files, each source cut to 300 characters, which
+    ends its line (a URL followed by nothing stays a link in the Airflow log view).
+
+    :param name: the software name.
+    :param files: the files as the task gave them (paths or ``ObjectStoragePath``).
+    :param uploads: the parts built from them (name sent and size).
+    """
+    total = sum(part.size or 0 for part in uploads)
+    count = f"{len(uploads)} input file{'s' if len(uploads) != 1 else ''}"
+    lines = [f"Sending {count} ({total} bytes) to Muse software {name}:"]
+    for item, part in list(zip(files, uploads))[:MAX_LISTED_INPUTS]:
+        lines.append(f"  {capped(part.filename, 200)}: {part.size} bytes, from {capped(str(item), 300)}")
+    if len(uploads) > MAX_LISTED_INPUTS:
+        lines.append(f"  ... and {len(uploads) - MAX_LISTED_INPUTS} more")
+    return "\n".join(lines)
 
 
 def _uploads(files: Sequence[str | ObjectStoragePath]) -> list[UploadFile]:

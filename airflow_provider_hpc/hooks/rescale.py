@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Mapping
+from contextlib import aclosing
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlsplit
@@ -24,6 +25,7 @@ from airflow_provider_hpc.models.rescale import (
     statuses_from_answer,
     tail_lines_from_answer,
 )
+from airflow_provider_hpc.models.rescale_tail import same_path
 from airflow_provider_hpc.models.values import validate_segment
 from airflow_provider_hpc.storage import StoredFile, as_storage_path, file_sink
 from airflow_provider_hpc.transport.base import TransportSettings, UploadFile
@@ -37,6 +39,8 @@ if TYPE_CHECKING:
 DEFAULT_PLATFORM_URL = RESCALE_PLATFORM_URL
 #: Job submission (uploads, jobs, statuses) is Rescale's v2 API, whatever ``api_version`` says.
 JOBS_PREFIX = "api/v2/"
+#: The most output files looked at to find one file (``find_output_file``): 100 pages of 100.
+MAX_FILES_SEARCHED = 10_000
 # A job id no platform hands out, used to check the API key where the jobs list is not served.
 _PROBE_JOB_ID = "airflow-connection-test"
 
@@ -149,6 +153,30 @@ class RescaleHook(HpcHttpHook):
         """Return every output file of a completed run (all pages)."""
         path = self._run_path(job_id, run_id, "files/")
         return [OutputFile.from_api(f) for f in self.transport.iter_pages(path, page_size=page_size, headers=self._headers)]
+
+    def find_output_file(
+        self, job_id: str, run_id: str, relative_path: str, *, page_size: int = 100, limit: int = MAX_FILES_SEARCHED
+    ) -> OutputFile | None:
+        """
+        Return the completed run's output file at ``relative_path``, or ``None``; the pages after it are not asked.
+
+        :param relative_path: the file's path in the run's folder (``./`` and a leading ``/`` aside).
+        :param limit: the most files looked at (a run with more is not listed to its end for one file).
+        """
+        path = self._run_path(job_id, run_id, "files/")
+        items = itertools.islice(self.transport.iter_pages(path, page_size=page_size, headers=self._headers), limit)
+        return next((f for f in map(OutputFile.from_api, items) if same_path(f.relative_path, relative_path)), None)
+
+    def read_output_file(self, file: OutputFile, *, max_bytes: int) -> bytes | None:
+        """
+        Return a small output file's bytes (to show it in a log), or ``None`` when it holds more than ``max_bytes``.
+
+        Read into memory, bounded: a file meant to be kept is streamed with :meth:`download_file`.
+        """
+        return self.transport.get_bytes(self._contents_path(file), limit=max_bytes, headers=self._headers)
+
+    def _contents_path(self, file: OutputFile, prefix: str | None = None) -> str:
+        return f"{prefix or self._prefix(self.connection)}files/{validate_segment(file.id, 'File id')}/contents/"
 
     def get_directory_contents(self, job_id: str, run_id: str) -> list[DirectoryEntry]:
         """Return the files of an in-progress run's working folder."""
@@ -327,6 +355,30 @@ class RescaleHook(HpcHttpHook):
         transport = await self.async_transport()
         path = await self._a_run_path(job_id, run_id, "files/")
         return [OutputFile.from_api(f) async for f in transport.iter_pages(path, page_size=page_size, headers=self._async_headers)]
+
+    async def a_find_output_file(
+        self, job_id: str, run_id: str, relative_path: str, *, page_size: int = 100, limit: int = MAX_FILES_SEARCHED
+    ) -> OutputFile | None:
+        """Return the completed run's output file at ``relative_path``, or ``None``, without blocking the event loop."""
+        transport = await self.async_transport()
+        path = await self._a_run_path(job_id, run_id, "files/")
+        async with aclosing(transport.iter_pages(path, page_size=page_size, headers=self._async_headers)) as items:
+            looked = 0
+            async for item in items:
+                if looked >= limit:
+                    break
+                looked += 1
+                file = OutputFile.from_api(item)
+                if same_path(file.relative_path, relative_path):
+                    return file
+        return None
+
+    async def a_read_output_file(self, file: OutputFile, *, max_bytes: int) -> bytes | None:
+        """Return a small output file's bytes, or ``None`` when it holds more than ``max_bytes``, without blocking."""
+        transport = await self.async_transport()
+        return await transport.get_bytes(
+            self._contents_path(file, self._async_prefix), limit=max_bytes, headers=self._async_headers
+        )
 
     async def a_list_runs(self, job_id: str, *, page_size: int = 100, limit: int | None = None) -> list[RescaleRun]:
         """Return the runs of a job (the first ``limit``) without blocking the event loop."""

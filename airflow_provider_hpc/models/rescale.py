@@ -27,6 +27,8 @@ MAX_ANALYSES = 20
 #: The most lines one tail request asks for and keeps (the API reads them from the end of the file).
 MAX_TAIL_LINES = 1000
 TAIL_LINE_CHARS = 1000
+#: The largest followed file read whole from a completed run's outputs, to show the lines its tail missed.
+MAX_FOLLOWED_FILE_BYTES = MAX_TAIL_LINES * TAIL_LINE_CHARS
 MAX_INPUT_FILES = 1000
 _SUCCESS_WORD = re.compile(r"\bsuccess", re.IGNORECASE)
 _NEGATED_SUCCESS = re.compile(r"\b(?:not|no|never)\s+(?:\w+\s+)?success", re.IGNORECASE)
@@ -289,6 +291,23 @@ def tail_lines_from_answer(answer: Any) -> list[str]:
         raise RescaleApiError("tail did not answer a lines list", excerpt=str(answer)[:300])
     # Each line lands in a log line: the last MAX_TAIL_LINES, each cut to TAIL_LINE_CHARS.
     return [capped(str(line), TAIL_LINE_CHARS) for line in lines[-MAX_TAIL_LINES:]]
+
+
+def text_lines_from_bytes(body: bytes) -> tuple[list[str], int]:
+    """
+    Split a text file's bytes into lines as ``tail`` answers them; return the last ones and how many came before.
+
+    Lines end at ``\n`` (a ``\r`` before it is dropped), undecodable bytes are replaced, and, as
+    for a tail, only the last :data:`MAX_TAIL_LINES` are kept, each cut to :data:`TAIL_LINE_CHARS`.
+
+    :param body: the file's bytes (bounded by the caller).
+    """
+    text = body.decode("utf-8", "replace")
+    if text.endswith("\n"):
+        text = text[:-1]
+    lines = text.split("\n") if text else []
+    kept = lines[-MAX_TAIL_LINES:]
+    return [capped(line.rstrip("\r"), TAIL_LINE_CHARS) for line in kept], len(lines) - len(kept)
 
 
 def statuses_from_answer(answer: Any) -> list[JobStatus]:

@@ -1,6 +1,6 @@
 """
-Deciding a Rescale run's outcome, and what its wait hands on: the verdict, the XCom value, followed
-files, the new snapshot.
+Deciding a Rescale run's outcome, and what its wait hands on: the verdict, the XCom value, the new
+snapshot (followed files: ``rescale_tail.py``).
 
 Rescale keeps statuses per job, not per run, and ``Completed`` is not always a success: the
 verdict reads the job's status history sorted by date (:meth:`JobOutcome.from_statuses`). The
@@ -10,12 +10,12 @@ trigger, the sensor's poke and the operators all decide and build their values h
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import cached_property
 from typing import Any
 
-from airflow_provider_hpc.exceptions import HpcApiError, RescaleApiError
+from airflow_provider_hpc.exceptions import RescaleApiError
 from airflow_provider_hpc.models.rescale import (
     FAILURE_STATUSES,
     MAX_TAIL_LINES,
@@ -24,6 +24,7 @@ from airflow_provider_hpc.models.rescale import (
     OutputFile,
     RescaleRun,
 )
+# Following a file has its own module; its names stay importable from here, where they were.
 
 #: The most file ids a snapshot wait keeps (see :class:`KnownFiles`).
 MAX_KNOWN_IDS = 200
@@ -201,126 +202,6 @@ def job_result(
 def run_result_of(event: dict[str, Any]) -> dict[str, Any]:
     """Return the XCom value held in a run trigger's event (the event without what only the task needs)."""
     return {key: event.get(key) for key in RUN_RESULT_KEYS}
-
-
-# ----- following a file of a run in progress ------------------------------------------------------
-
-
-def fresh_lines(previous: Sequence[str], current: Sequence[str]) -> tuple[list[str], bool]:
-    """
-    Return the lines of ``current`` not already shown in ``previous``, and whether some were missed.
-
-    Both are the last lines of the same growing file, read at two moments. The longest suffix of
-    ``previous`` that is also a prefix of ``current`` is what both tails share; what follows it is
-    new. No overlap at all means more lines were appended than one tail returns (or the file was
-    rewritten): every line of ``current`` is new, and some lines between the two tails were missed.
-
-    :param previous: the tail shown last time (empty at first).
-    :param current: the tail just read.
-    """
-    previous, current = list(previous), list(current)
-    if not previous:
-        return current, False
-    overlap = _longest_overlap(previous, current)
-    if overlap:
-        return current[overlap:], False
-    return current, bool(current)
-
-
-def _longest_overlap(previous: list[str], current: list[str]) -> int:
-    """
-    Return the longest ``k`` with ``previous[-k:] == current[:k]``, in linear time.
-
-    The prefix function of ``current + [sentinel] + previous`` (Knuth-Morris-Pratt): its last
-    value is that ``k``. A trigger follows many files at once: comparing every overlap length
-    would cost the event loop the square of the tail's length at every poll.
-    """
-    sentinel = object()  # equal to no line, so no match runs across it
-    sequence: list[Any] = [*current, sentinel, *previous]
-    prefix = [0] * len(sequence)
-    for index in range(1, len(sequence)):
-        length = prefix[index - 1]
-        while length and sequence[index] != sequence[length]:
-            length = prefix[length - 1]
-        if sequence[index] == sequence[length]:
-            length += 1
-        prefix[index] = length
-    return prefix[-1]
-
-
-def tail_is_over(exc: HpcApiError) -> bool:
-    """
-    Tell whether a failed tail or listing only means the file or the run's working folder is gone.
-
-    ``directory-contents`` and ``tail`` answer 400 once the run is no longer in progress and 404 for
-    a file that does not exist (yet): neither is worth a warning.
-
-    :param exc: the error of the tail or listing request.
-    """
-    return exc.status in (400, 404)
-
-
-@dataclass
-class TailFollower:
-    """
-    Follow a growing file of a run into a log: each new line once, in order.
-
-    The trigger (async) and the sensor's poke (sync) fetch; this decides what to show. A failed
-    tail never fails the wait: following the file is a courtesy.
-
-    :param path: the file's path in the run's working folder (as ``directory-contents`` lists it).
-    :param lines: how many lines each tail asks for.
-    """
-
-    path: str
-    lines: int = 100
-    found: bool = False
-    shown: list[str] = field(default_factory=list)
-
-    def spot(self, listed_paths: Sequence[str]) -> bool:
-        """
-        Note whether the file is among the working folder's files; return whether it was found.
-
-        :param listed_paths: the paths ``directory-contents`` answered.
-        """
-        self.found = self.path in listed_paths
-        return self.found
-
-    def take(self, current: Sequence[str]) -> tuple[list[str], bool]:
-        """
-        Return the new lines of a fresh tail (and whether some were missed), remembering it.
-
-        :param current: the tail just read.
-        """
-        current = list(current)[-self.lines:]  # a server may answer more than it was asked for
-        new, gap = fresh_lines(self.shown, current)
-        self.shown = current
-        return new, gap
-
-    def show(self, current: Sequence[str], log: Any) -> int:
-        """
-        Log the new lines of a fresh tail; return how many were shown.
-
-        :param current: the tail just read.
-        :param log: the task's (or trigger's) logger.
-        """
-        new, gap = self.take(current)
-        if gap:
-            log.info("[%s] ... (more than %d lines since the last poll; some were skipped)", self.path, self.lines)
-        for line in new:
-            log.info("[%s] %s", self.path, line)
-        return len(new)
-
-    def note_failure(self, exc: HpcApiError, run_id: str, log: Any) -> None:
-        """
-        Log a failed tail or listing, unless it only means the file or the folder is gone.
-
-        :param exc: the error of the request.
-        :param run_id: the run followed, for the log line.
-        :param log: the logger.
-        """
-        if not tail_is_over(exc):
-            log.warning("Could not tail %s of run %s: %s", self.path, run_id, exc)
 
 
 # ----- snapshots ----------------------------------------------------------------------------------

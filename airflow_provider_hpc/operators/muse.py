@@ -196,6 +196,7 @@ class MuseRunOperator(MuseResultMixin, BaseOperator):
         """
         name, key = event["name"], event["key"]
         self._key = key
+        self._note_run(name, key, inputs=[str(f) for f in self.files or []])
         report = MuseReport.from_dict(event["report"]) if event.get("report") else None
         status = event["status"]
         if status == "ok":
@@ -204,11 +205,12 @@ class MuseRunOperator(MuseResultMixin, BaseOperator):
             raise self._failure(context, name, key, report)
         state_url = self.hook.state_url(name, key)
         if status == "timeout":
+            # A URL ends each message: the Airflow log view links a URL up to the next whitespace.
             raise JobTimeout(
-                f"{event['message']} (timeout {self.timeout}s; key {key}; state: {state_url}). "
-                "A retry of this task re-attaches to the same run."
+                f"{event['message']} (timeout {self.timeout}s; key {key}). "
+                f"A retry of this task re-attaches to the same run; state: {state_url}"
             )
-        raise MuseApiError(f"{event['message']} (key {key}; state: {state_url})")
+        raise MuseApiError(f"{event['message']} (key {key}); state: {state_url}")
 
     def _finish(self, context: Context, key: str, report: MuseReport | None) -> dict[str, Any]:
         """Collect the result of a run that ended well, then mark its entry collected (see :meth:`_resume`)."""
@@ -292,7 +294,8 @@ class MuseRunOperator(MuseResultMixin, BaseOperator):
         except MuseApiError as exc:
             if not is_unknown_run(exc):
                 raise
-            self.log.warning("The service no longer knows the previous try's Muse run %s/%s (%s): submitting anew", self.name, key, exc)
+            # The error goes last: it may end with a URL, which the Airflow log view links up to the next whitespace.
+            self.log.warning("The service no longer knows the previous try's Muse run %s/%s: submitting anew. %s", self.name, key, exc)
             return None
         if report.cr.value == "NOK":
             self.log.warning(
@@ -308,6 +311,7 @@ class MuseRunOperator(MuseResultMixin, BaseOperator):
         return key, report
 
     def _publish(self, context: Context, key: str, state_url: str) -> None:
+        self._note_run(self.name, key, inputs=[str(f) for f in self.files or []])
         self.log.info("Muse run %s/%s: follow it at %s", self.name, key, state_url)
         context["ti"].xcom_push(key=KEY_XCOM_KEY, value=key)
         MuseJobStateLink.persist(context, state_url)
@@ -343,6 +347,7 @@ class MuseRunOperator(MuseResultMixin, BaseOperator):
             max_stdout_chars=self.max_stdout_chars, max_file_bytes=self.max_file_bytes,
         )
         self.log.info("Muse off-cluster run of %s: %s", self.name, describe_result(value))
+        self._note_run(self.name, None, value, inputs=[str(f) for f in self.files or []])
         self._announce(context, value)
         return value
 

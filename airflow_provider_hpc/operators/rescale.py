@@ -170,7 +170,8 @@ class RescaleStopRunOperator(_RescaleRunOperator):
             # The run may have completed between the read and the stop: then there was nothing to stop.
             if exc.status not in (400, 409) or not self.hook.get_run(self.job_id, self.run_id).is_completed:
                 raise
-            self.log.info("Run %s of Rescale job %s completed meanwhile: nothing to stop (%s)", self.run_id, self.job_id, exc)
+            # The error goes last: it may end with a URL, which the Airflow log view links up to the next whitespace.
+            self.log.info("Run %s of Rescale job %s completed meanwhile: nothing to stop. %s", self.run_id, self.job_id, exc)
             return False
         return True
 

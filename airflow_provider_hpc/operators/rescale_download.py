@@ -14,6 +14,7 @@ from airflow.sdk import BaseOperator, ObjectStoragePath
 
 from airflow_provider_hpc.exceptions import HpcApiError, RescaleApiError, UnsafePathError
 from airflow_provider_hpc.hooks.rescale import RescaleHook
+from airflow_provider_hpc.lineage import LineageMixin, LineageRecord
 from airflow_provider_hpc.links.rescale import RescaleJobLink
 from airflow_provider_hpc.models.rescale import OutputFile
 from airflow_provider_hpc.storage import resolve_output_path, safe_join, same_file_exists, write_atomically
@@ -93,7 +94,7 @@ def plan_destinations(root: ObjectStoragePath, files: Sequence[OutputFile]) -> l
     return plan
 
 
-class RescaleDownloadOutputsOperator(BaseOperator):
+class RescaleDownloadOutputsOperator(LineageMixin, BaseOperator):
     """
     Download a completed Rescale run's output files to object storage, verified, in parallel.
 
@@ -179,8 +180,10 @@ class RescaleDownloadOutputsOperator(BaseOperator):
     def execute(self, context: Context) -> dict[str, Any]:
         """List, filter, download and verify the run's output files; return the manifest."""
         RescaleJobLink.persist(context, hook=self.hook, job_id=self.job_id)
+        self.lineage = LineageRecord("rescale", job_id=str(self.job_id), url=self.hook.job_url(str(self.job_id)))
         self._check_completed()
         root = resolve_output_path(self.output_path, context)
+        self.lineage.outputs = [str(root)]
         files = self.hook.list_output_files(self.job_id, self.run_id, page_size=self.page_size)
         selected, dropped = select_files(
             files, include=_patterns(self.include), exclude=_patterns(self.exclude), max_file_size=self.max_file_size

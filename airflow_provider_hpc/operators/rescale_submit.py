@@ -13,6 +13,7 @@ from airflow.sdk import BaseOperator, ObjectStoragePath
 from airflow_provider_hpc.durable import TaskState, fingerprint
 from airflow_provider_hpc.exceptions import HpcApiError, JobTimeout, RescaleApiError, RescaleRunFailed
 from airflow_provider_hpc.hooks.rescale import RescaleHook
+from airflow_provider_hpc.lineage import LineageMixin, LineageRecord
 from airflow_provider_hpc.links.rescale import RescaleJobLink
 from airflow_provider_hpc.models.rescale import JobOutcome
 from airflow_provider_hpc.settings import default_deferrable
@@ -30,7 +31,7 @@ JOB_STATE_KEY = "rescale_job"
 _NAME_UNSAFE = re.compile(r"[^A-Za-z0-9._:@=+-]+")
 
 
-class RescaleSubmitJobOperator(BaseOperator):
+class RescaleSubmitJobOperator(LineageMixin, BaseOperator):
     """
     Start a Rescale job and wait, without holding a worker slot, until every run of it completed.
 
@@ -121,10 +122,12 @@ class RescaleSubmitJobOperator(BaseOperator):
     def execute(self, context: Context) -> dict[str, Any]:
         """Start the job (or re-attach to the previous try's), then wait for every run of it."""
         body = self._checked_body()
+        self._record_lineage(None)
         state = TaskState(context, JOB_STATE_KEY, self.log, durable=self.durable)
         asked = fingerprint(job=body, inputs=[str(f) for f in self.input_files or ()])
         job_id = self._resume(state, asked) or self._start(state, body, asked, _job_name(body, context))
         self._job_id = job_id
+        self._record_lineage(job_id)
         context["ti"].xcom_push(key=JOB_ID_XCOM_KEY, value=job_id)
         RescaleJobLink.persist(context, hook=self.hook, job_id=job_id)
         if not self.wait_for_completion:
@@ -146,6 +149,19 @@ class RescaleSubmitJobOperator(BaseOperator):
         if not isinstance(analyses, list) or not analyses or not all(isinstance(a, Mapping) for a in analyses):
             raise RescaleApiError("The job body needs a non-empty jobanalyses list of objects")
         return copy.deepcopy(dict(self.job))
+
+    def _record_lineage(self, job_id: str | None) -> None:
+        """Note the inputs, and the job once it exists, for the task's OpenLineage event."""
+        analyses = self.job.get("jobanalyses") if isinstance(self.job, Mapping) else None
+        first = analyses[0] if isinstance(analyses, list) and analyses and isinstance(analyses[0], Mapping) else {}
+        analysis = first.get("analysis") if isinstance(first.get("analysis"), Mapping) else {}
+        self.lineage = LineageRecord(
+            "rescale",
+            job_id=job_id,
+            url=self.hook.job_url(job_id) if job_id else None,
+            software=str(analysis.get("code")) if analysis.get("code") else None,
+            inputs=[str(f) for f in self.input_files or ()],
+        )
 
     def _trigger(self, job_id: str) -> RescaleJobTrigger:
         return RescaleJobTrigger(
@@ -237,6 +253,7 @@ class RescaleSubmitJobOperator(BaseOperator):
         :param event: the :class:`RescaleJobTrigger` event payload.
         """
         status = event.get("status")
+        self._record_lineage(str(event["job_id"]) if event.get("job_id") else None)
         message = str(event.get("message") or f"Rescale job {event.get('job_id')}: {status}")
         if status == "failed":
             raise RescaleRunFailed(message)

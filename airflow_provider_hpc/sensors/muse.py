@@ -124,7 +124,8 @@ class MuseJobSensor(MuseResultMixin, BaseSensorOperator):
             return self._finish(context, MuseReport.from_dict(event["report"]))
         if status == "timeout":
             raise AirflowSensorTimeout(event["message"])
-        raise MuseApiError(f"{event['message']} (state: {self.hook.state_url(self.name, self.key)})")
+        # The URL ends the message: the Airflow log view links a URL up to the next whitespace.
+        raise MuseApiError(f"{event['message']}; state: {self.hook.state_url(self.name, self.key)}")
 
     def _finish(self, context: Context, report: MuseReport) -> dict[str, Any]:
         if report.is_successful:

@@ -14,17 +14,17 @@ from airflow_provider_hpc.durable import TaskState
 from airflow_provider_hpc.exceptions import HpcApiError, RescaleApiError, RescaleRunFailed
 from airflow_provider_hpc.hooks.rescale import RescaleHook
 from airflow_provider_hpc.links.rescale import RescaleJobLink
-from airflow_provider_hpc.models.rescale import RescaleRun
+from airflow_provider_hpc.models.rescale import MAX_FOLLOWED_FILE_BYTES, RescaleRun
 from airflow_provider_hpc.models.rescale_state import (
     MAX_TAIL_LINES,
     RescaleRunState,
     RunVerdict,
-    TailFollower,
     judge_completed_run,
     run_message,
     run_result,
     run_result_of,
 )
+from airflow_provider_hpc.models.rescale_tail import TailFollower
 from airflow_provider_hpc.settings import default_deferrable
 from airflow_provider_hpc.transport.retry import RetryPolicy
 from airflow_provider_hpc.triggers._polling import deadline_from_timeout, deferral_timeout, first_poll_after
@@ -49,7 +49,8 @@ class RescaleRunSensor(BaseSensorOperator):
 
     Deferrable by default (see :func:`default_deferrable`): the wait runs in the triggerer
     (:class:`RescaleRunTrigger`) and frees the worker slot. With ``tail_path``, the new lines of that
-    file of the run's working folder are written to the task log while the run is in progress.
+    file of the run's working folder are written to the task log while the run is in progress, and
+    the lines the last tail missed are read from the run's output file once it completed.
     When the task is killed (marked failed or success, or cleared), the run is
     stopped, unless ``cancel_on_kill=False``.
 
@@ -113,6 +114,7 @@ class RescaleRunSensor(BaseSensorOperator):
         self.end_from_trigger = end_from_trigger
         self._tail: TailFollower | None = None
         self._completed_seen_at: float | None = None
+        self._first_saw_completion = False
         self._watching = False
         self._last_state: str | None = None
 
@@ -126,7 +128,8 @@ class RescaleRunSensor(BaseSensorOperator):
         RescaleJobLink.persist(context, hook=self.hook, job_id=self.job_id)
         if not self.deferrable:
             return super().execute(context)
-        done = self._check(context, follow_tail=False)
+        # Completed already, the run's output file shows the followed file once (no trigger will).
+        done = self._check(context, follow_tail=False, finish_tail=True)
         if done:
             return done.xcom_value if isinstance(done, PokeReturnValue) else None
         self.defer(
@@ -161,14 +164,14 @@ class RescaleRunSensor(BaseSensorOperator):
 
         :param context: the running task's context.
         """
-        return self._check(context, follow_tail=True)
+        return self._check(context, follow_tail=True, finish_tail=True)
 
-    def _check(self, context: Context, *, follow_tail: bool) -> bool | PokeReturnValue:
+    def _check(self, context: Context, *, follow_tail: bool, finish_tail: bool = False) -> bool | PokeReturnValue:
         """
-        Read the run once, following ``tail_path`` only when asked.
+        Read the run once; follow ``tail_path`` while it runs, and show its last lines once it completed, when asked.
 
         Before deferring, the tail is left to the trigger: a line logged here would be logged again
-        by the trigger's first tail, which starts from nothing.
+        by the trigger's first tail, which starts from nothing; after the trigger, its lines were shown.
         """
         run = self.hook.get_run(self.job_id, self.run_id)
         if not run.is_completed:
@@ -181,10 +184,13 @@ class RescaleRunSensor(BaseSensorOperator):
                 self._last_state = state
             return False
         self._watching = False
+        waited = self._completed_since(context)
+        if finish_tail and self._first_saw_completion:
+            self._finish_tail()
         verdict = judge_completed_run(
             self.hook.get_job_statuses(self.job_id),
             accept_any_completion=self.accept_any_completion,
-            waited_for_job=self._completed_since(context),
+            waited_for_job=waited,
             outcome_wait=self.outcome_wait,
         )
         if verdict is None:
@@ -207,6 +213,9 @@ class RescaleRunSensor(BaseSensorOperator):
             if isinstance(seen, (int, float)) and state.same_cycle(entry):
                 self._completed_seen_at = float(seen)
             else:
+                # This look is the first to see it completed (in reschedule mode too): the output
+                # file's last lines are shown now, and by no later poke.
+                self._first_saw_completion = True
                 self._completed_seen_at = now
                 state.set(
                     {"run": [str(self.job_id), str(self.run_id)], "at": now},
@@ -233,6 +242,22 @@ class RescaleRunSensor(BaseSensorOperator):
             tail.show(self.hook.tail(self.job_id, self.run_id, tail.path, tail.lines), self.log)
         except HpcApiError as exc:
             tail.note_failure(exc, self.run_id, self.log)
+
+    def _finish_tail(self) -> None:
+        """Log the lines of ``tail_path`` the tail missed, from the completed run's output file (once)."""
+        if not self.tail_path:
+            return
+        tail = self._tail = self._tail or TailFollower(self.tail_path, self.tail_lines)
+        if tail.finished:
+            return
+        tail.finished = True
+        try:
+            file = self.hook.find_output_file(self.job_id, self.run_id, tail.path)
+            if tail.pick_output(file, self.run_id, self.log):
+                assert file is not None
+                tail.show_rest(self.hook.read_output_file(file, max_bytes=MAX_FOLLOWED_FILE_BYTES), self.run_id, self.log)
+        except HpcApiError as exc:
+            self.log.warning("Could not read the output file %s of run %s for its last lines: %s", tail.path, self.run_id, exc)
 
     def execute_complete(self, context: Context, event: dict[str, Any]) -> dict[str, Any]:
         """

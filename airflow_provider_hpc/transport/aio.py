@@ -97,6 +97,7 @@ class AsyncTransport(BaseTransport):
         params: Mapping[str, Any] | None = None,
         headers: Mapping[str, str] | None = None,
         idempotent: bool | None = None,
+        body_limit: int | None = None,
     ) -> Any:
         """
         Send a request under the retry policy and return its JSON body.
@@ -104,6 +105,9 @@ class AsyncTransport(BaseTransport):
         Each attempt is bounded in all by the settings' ``request_timeout`` (answer read included)
         and its body by ``MAX_JSON_BYTES`` of decoded bytes. Redirects are followed on the same
         origin only, as on the sync side: another host's answer never decides a run's outcome.
+
+        :param body_limit: return the body's bytes instead of its JSON, or ``None`` when it holds
+            more than this many decoded bytes (see :meth:`get_bytes`).
         """
         url = self.url(path)
         endpoint = endpoint_of(method, url)
@@ -127,12 +131,15 @@ class AsyncTransport(BaseTransport):
                                 target = self._same_origin_target(response, target, endpoint)
                                 query = None  # the Location carries its own query
                                 continue
-                            limit = errors.ERROR_BODY_BYTES if response.status >= 400 else errors.MAX_JSON_BYTES + 1
+                            wanted = errors.MAX_JSON_BYTES if body_limit is None else body_limit
+                            limit = errors.ERROR_BODY_BYTES if response.status >= 400 else wanted + 1
                             body = await _read_capped(response, limit)
                             if response.status >= 400:
                                 raise self._http_error(
                                     response.status, body, endpoint, response.headers.get("Retry-After"), idempotent
                                 )
+                            if body_limit is not None:
+                                return body if len(body) <= body_limit else None
                             return self.parse_json(body, endpoint, response.status)
                     raise self.error_class(f"More than {MAX_REDIRECTS} redirects; giving up", endpoint=endpoint)
                 except asyncio.TimeoutError as exc:
@@ -187,6 +194,10 @@ class AsyncTransport(BaseTransport):
     async def get_json(self, path: str, params: Mapping[str, Any] | None = None, headers: Mapping[str, str] | None = None) -> Any:
         """GET a JSON document."""
         return await self.request_json("GET", path, params=params, headers=headers)
+
+    async def get_bytes(self, path: str, *, limit: int, headers: Mapping[str, str] | None = None) -> bytes | None:
+        """GET a small body whole, or ``None`` when it holds more than ``limit`` decoded bytes (as on the sync side)."""
+        return await self.request_json("GET", path, headers=headers, body_limit=limit)
 
     async def iter_pages(
         self, path: str, *, page_size: int = 100, headers: Mapping[str, str] | None = None, max_pages: int = MAX_PAGES

@@ -165,7 +165,7 @@ class BaseTransport:
         url = urljoin(self.settings.base_url, path_or_url)
         if origin(url) != origin(self.settings.base_url):
             raise self.error_class(
-                f"The server pointed to another origin ({origin_text(url)}); not following it with credentials"
+                f"Not following the server to another origin with credentials: {origin_text(url)}"
             )
         if len(_JOINED_URLS) >= _JOINED_URLS_MAX:
             _JOINED_URLS.clear()
@@ -203,8 +203,8 @@ class BaseTransport:
     def _redirect_error(self, status: int, location: str, endpoint: str) -> TransportError:
         target = urljoin(self.settings.base_url, location)
         return self.error_class(
-            f"The server redirected to another origin ({origin_text(target)}); not following it with "
-            "credentials. If the service moved (for example to https), put the new URL in the connection",
+            "The server redirected to another origin; not following it with credentials. If the service "
+            f"moved (for example to https), put the new URL in the connection. Redirected to: {origin_text(target)}",
             status=status,
             endpoint=endpoint,
         )

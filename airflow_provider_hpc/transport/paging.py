@@ -85,7 +85,8 @@ class PageWalk:
         self._next = with_query(self.resolve(following), page_size=self.page_size) if following and not done else None
         if self._next in self._seen:
             raise self.error_class(
-                f"The server's next page repeats an earlier one ({self._next[:200]}); stopping", endpoint=endpoint
+                f"The server's next page repeats an earlier one; stopping. Repeated page: {self._next[:200]}",
+                endpoint=endpoint,
             )
         return items
 

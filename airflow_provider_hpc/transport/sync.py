@@ -197,6 +197,20 @@ class SyncTransport(BaseTransport):
         """GET a JSON document."""
         return self.request_json("GET", path, params=params, headers=headers)
 
+    def get_bytes(self, path: str, *, limit: int, headers: Mapping[str, str] | None = None) -> bytes | None:
+        """
+        GET a small body whole, or ``None`` when it holds more than ``limit`` decoded bytes.
+
+        Bounded like a JSON answer (``request_timeout``, ``limit``): for a file shown in a log,
+        never for a file stored (see :meth:`download`).
+        """
+
+        def read(response: requests.Response) -> bytes | None:
+            body = read_capped(response, limit + 1)
+            return body if len(body) <= limit else None
+
+        return self.fetch("GET", path, read, headers=headers, total_timeout=self.settings.request_timeout)
+
     def iter_pages(
         self, path: str, *, page_size: int = 100, headers: Mapping[str, str] | None = None, max_pages: int = MAX_PAGES
     ) -> Iterator[Any]:

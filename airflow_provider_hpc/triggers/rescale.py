@@ -18,19 +18,19 @@ from typing import Any
 
 from airflow_provider_hpc.exceptions import HpcApiError
 from airflow_provider_hpc.hooks.rescale import RescaleHook
-from airflow_provider_hpc.models.rescale import OutputFile, RescaleRun
+from airflow_provider_hpc.models.rescale import MAX_FOLLOWED_FILE_BYTES, OutputFile, RescaleRun
 from airflow_provider_hpc.models.rescale_state import (
     MAX_TAIL_LINES,
     KnownFiles,
     RescaleRunState,
     RunVerdict,
-    TailFollower,
     judge_completed_run,
     pick_new_snapshot,
     run_message,
     run_result,
     run_result_of,
 )
+from airflow_provider_hpc.models.rescale_tail import TailFollower
 from airflow_provider_hpc.triggers._polling import PollingTrigger
 
 #: The ``status`` values of a :class:`RescaleRunTrigger` event.
@@ -106,9 +106,10 @@ class RescaleRunTrigger(_RescalePollingTrigger):
     outcome (or ``None``).
 
     While the run is in progress, new lines of ``tail_path`` (found through ``directory-contents``,
-    read with ``tail``) go to the task log, each line once. When the user kills the task while it
-    is deferred, :meth:`on_kill` stops the run (unless ``cancel_on_kill`` is off); a triggerer
-    restart or a timeout never stops it.
+    read with ``tail``) go to the task log, each line once; once it completed, the lines the last
+    tail missed are read from the run's output file of that path (see :func:`finish_tail`). When
+    the user kills the task while it is deferred, :meth:`on_kill` stops the run (unless
+    ``cancel_on_kill`` is off); a triggerer restart or a timeout never stops it.
 
     The run, the connection, ``carry`` and the loop's settings are those of :class:`_RescalePollingTrigger`.
 
@@ -163,9 +164,9 @@ class RescaleRunTrigger(_RescalePollingTrigger):
             return None, changed or shown > 0
         if self._completed_seen_at is None:
             self._completed_seen_at = time.monotonic()
-            if self._tail and self._tail.found:
-                # The last lines written before completion: the file may still be readable once.
-                await self._follow_tail()
+        if self._tail and not self._tail.finished:
+            # The lines written after the last tail: tail answers 400 now, the output file has them.
+            await finish_tail(self._tail, self.hook, self.job_id, self.run_id, self.log)
         statuses = await self.hook.a_get_job_statuses(self.job_id)
         verdict = judge_completed_run(
             statuses,
@@ -238,6 +239,33 @@ async def follow_tail(tail: TailFollower, hook: RescaleHook, job_id: str, run_id
     except HpcApiError as exc:
         tail.note_failure(exc, run_id, log)
         return 0
+
+
+async def finish_tail(tail: TailFollower, hook: RescaleHook, job_id: str, run_id: str, log: Any) -> int:
+    """
+    Once the run completed, log the lines of its followed file the tail missed; return how many.
+
+    They are read from the run's output file of that path (found in its output files list, read
+    whole up to ``MAX_FOLLOWED_FILE_BYTES``); a file that is absent or larger is said in one log
+    line. Looked at once per run; a failed look never fails the wait.
+
+    :param tail: what was shown so far of the file.
+    :param hook: the hook of the trigger following it.
+    :param job_id: the job id.
+    :param run_id: the completed run.
+    :param log: the trigger's logger.
+    """
+    tail.finished = True
+    try:
+        file = await hook.a_find_output_file(job_id, run_id, tail.path)
+        if not tail.pick_output(file, run_id, log):
+            return 0
+        assert file is not None
+        body = await hook.a_read_output_file(file, max_bytes=MAX_FOLLOWED_FILE_BYTES)
+    except HpcApiError as exc:
+        log.warning("Could not read the output file %s of run %s for its last lines: %s", tail.path, run_id, exc)
+        return 0
+    return tail.show_rest(body, run_id, log)
 
 
 async def stop_when_killed(trigger: PollingTrigger, stop: Callable[[], Awaitable[None]], *, cancel: bool) -> None:

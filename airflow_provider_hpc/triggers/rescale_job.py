@@ -17,13 +17,13 @@ from airflow_provider_hpc.hooks.rescale import RescaleHook
 from airflow_provider_hpc.models.rescale import RescaleRun
 from airflow_provider_hpc.models.rescale_state import (
     MAX_TAIL_LINES,
-    TailFollower,
     job_message,
     job_result,
     judge_completed_run,
 )
+from airflow_provider_hpc.models.rescale_tail import TailFollower
 from airflow_provider_hpc.triggers._polling import PollingTrigger
-from airflow_provider_hpc.triggers.rescale import follow_tail, stop_when_killed
+from airflow_provider_hpc.triggers.rescale import finish_tail, follow_tail, stop_when_killed
 
 #: The most runs of one job a wait follows (a larger job fails the wait, saying so).
 MAX_JOB_RUNS = 1000
@@ -36,7 +36,8 @@ class RescaleJobTrigger(PollingTrigger):
     The event payload is :func:`~airflow_provider_hpc.models.rescale_state.job_result`:
     ``{"job_id", "run_ids", "status", "outcome", "reason", "message"}``, ``status`` being
     ``success``, ``failed``, ``timeout`` or ``error``. While runs are in progress, new lines of
-    ``tail_path`` in the first run still going go to the task log. When the user kills the
+    ``tail_path`` in the first run still going go to the task log; when that run completes, the
+    lines its last tail missed are read from its output file. When the user kills the
     deferred task, :meth:`on_kill` stops the whole job (unless ``cancel_on_kill`` is off); a
     triggerer restart or a timeout never stops it.
 
@@ -106,6 +107,12 @@ class RescaleJobTrigger(PollingTrigger):
             return self._error(f"{self.subject} has more than {MAX_JOB_RUNS} runs: too many to wait on in one task"), False
         changed = self._note_runs(runs)
         going = [run for run in runs if not run.is_completed]
+        if self.tail_path and self._tail is None and runs and not going:
+            # Completed before any poll saw it going: its output file still shows the followed file once.
+            self._tail, self._tail_run = TailFollower(str(self.tail_path), self.tail_lines), runs[0].id
+        if self._tail is not None and not self._tail.finished and self._tail_run not in {run.id for run in going}:
+            # The followed run completed: the lines its last tail missed are in its output file.
+            changed = await finish_tail(self._tail, self.hook, self.job_id, str(self._tail_run), self.log) > 0 or changed
         if going or not runs:
             shown = await self._follow_tail(going[0]) if going and self.tail_path else 0
             return None, changed or shown > 0

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import requests
-from hpc_emulator import EmulatorServer
+from hpc_emulator import DEMO_API_KEY, EmulatorServer
 
 def md5_file(path: Path) -> str:
     digest = hashlib.md5(usedforsecurity=False)
@@ -28,7 +28,7 @@ class Harness:
     def __init__(self, server: EmulatorServer) -> None:
         self.server = server
         self.session = requests.Session()
-        self.session.headers["Authorization"] = "Token demo"
+        self.session.headers["Authorization"] = f"Token {DEMO_API_KEY}"
 
     def create_rescale_job(self, spec: dict[str, Any]) -> str:
         base = self.server.rescale_url

@@ -11,7 +11,7 @@ Start it with ``python -m hpc_emulator`` (or ``hpc-emulator``), or in a test::
 
 from __future__ import annotations
 
-from hpc_emulator.config import Counters, EmulatorConfig, MuseUser
+from hpc_emulator.config import DEMO_API_KEY, DEMO_PASSWORD, DEMO_USER, Counters, EmulatorConfig, MuseUser
 from hpc_emulator.server import EmulatorServer
 
-__all__ = ["Counters", "EmulatorConfig", "EmulatorServer", "MuseUser"]
+__all__ = ["DEMO_API_KEY", "DEMO_PASSWORD", "DEMO_USER", "Counters", "EmulatorConfig", "EmulatorServer", "MuseUser"]

@@ -17,7 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from hpc_emulator.config import EmulatorConfig, MuseUser
+from hpc_emulator.config import DEMO_API_KEY, DEMO_PASSWORD, DEMO_USER, EmulatorConfig, MuseUser
 from hpc_emulator.faults import FaultRuleError, parse_rules
 from hpc_emulator.server import EmulatorServer
 
@@ -66,9 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--faults", type=load_faults, default=[], help="fault rules: a JSON list or @FILE")
     parser.add_argument(
         "--user", type=parse_user, action="append", metavar="NAME:PASSWORD[:LEVEL]",
-        help="a Muse account (repeatable; default demo:demo)",
+        help=f"a Muse account (repeatable; default {DEMO_USER}:{DEMO_PASSWORD})",
     )
-    parser.add_argument("--api-key", action="append", help="an accepted Rescale API key (repeatable; default demo)")
+    parser.add_argument("--api-key", action="append", help=f"an accepted Rescale API key (repeatable; default {DEMO_API_KEY})")
     parser.add_argument(
         "--software-dir", type=Path, action="append", default=[], help="an extra Muse software catalogue folder"
     )

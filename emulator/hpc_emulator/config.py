@@ -9,6 +9,13 @@ from pathlib import Path
 from typing import Any
 
 
+#: The default Muse account and Rescale API key. Long enough for Airflow's secrets masker, which
+#: leaves alone a secret shorter than ``[logging] min_length_masked_secret`` (5 by default) and warns.
+DEMO_USER = "demo"
+DEMO_PASSWORD = "demo-muse-password"
+DEMO_API_KEY = "demo-rescale-api-key"
+
+
 @dataclass(frozen=True)
 class MuseUser:
     """A Muse account: its password and access level (visitor, user, superuser, admin)."""
@@ -39,9 +46,9 @@ class EmulatorConfig:
     """
 
     data_dir: Path
-    muse_users: dict[str, MuseUser] = field(default_factory=lambda: {"demo": MuseUser("demo", "user")})
+    muse_users: dict[str, MuseUser] = field(default_factory=lambda: {DEMO_USER: MuseUser(DEMO_PASSWORD, "user")})
     token_lifetime: float = 3600.0
-    rescale_api_keys: frozenset[str] = frozenset({"demo"})
+    rescale_api_keys: frozenset[str] = frozenset({DEMO_API_KEY})
     time_scale: float = 1.0
     pending_seconds: float = 0.5
     seed: int | None = None

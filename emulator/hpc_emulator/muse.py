@@ -28,10 +28,11 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from starlette.background import BackgroundTask
 
 from hpc_emulator.muse_engine import MuseEngine
+from hpc_emulator.pages import muse_state_page, wants_html
 from hpc_emulator.muse_files import read_stdout
 from hpc_emulator.muse_forms import read_body
 from hpc_emulator.muse_models import (
@@ -213,8 +214,11 @@ def create_muse_router(engine: MuseEngine) -> APIRouter:
 
     @router.get("/software/muse/state/{name}/{key}/")
     async def muse_state(name: str, key: str, request: Request) -> Response:
-        """Report where the job is."""
-        return JSONResponse(state_answer(muse_base_url(request), engine.job(name, key)))
+        """Report where the job is: JSON, or a small page for a browser (the provider's "Muse job state" link)."""
+        answer = state_answer(muse_base_url(request), engine.job(name, key))
+        if wants_html(request):
+            return HTMLResponse(muse_state_page(name, key, answer))
+        return JSONResponse(answer)
 
     @router.get("/software/muse/run/{name}/{key}/")
     async def muse_result(name: str, key: str, request: Request) -> Response:

@@ -22,10 +22,11 @@ from typing import Any, NoReturn
 from urllib.parse import urlencode
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from hpc_emulator.config import Counters, EmulatorConfig
+from hpc_emulator.pages import rescale_job_page
 from hpc_emulator.rescale_files import CHUNK, describe_file_type, tail_lines
 from hpc_emulator.rescale_models import EngineError, Job, OutputFile, Run
 from hpc_emulator.rescale_runs import RescaleEngine
@@ -42,7 +43,7 @@ def create_rescale_router(
     config: EmulatorConfig, counters: Counters, engine: RescaleEngine | None = None
 ) -> APIRouter:
     """
-    Build the router serving the Rescale API under ``/api/`` and ``/api/v2/``.
+    Build the router serving the Rescale API under ``/api/`` and ``/api/v2/``, and a job's page under ``/jobs/``.
 
     :param config: the emulator settings; ``rescale_api_keys`` and ``rescale_max_upload_bytes``
         are read on every request.
@@ -71,7 +72,21 @@ def create_rescale_router(
     router = APIRouter(lifespan=lifespan)
     router.include_router(api, prefix="/api")
     router.include_router(api, prefix="/api/v2")
+    _add_job_page(router, engine)
     return router
+
+
+def _add_job_page(router: APIRouter, engine: RescaleEngine) -> None:
+    """Serve the job's page that the provider's "Rescale job" link opens (``{platform}/jobs/{job_id}/``)."""
+
+    @router.get("/jobs/{job_id}/", response_class=HTMLResponse)
+    def job_page(job_id: str) -> HTMLResponse:
+        """Show the job's name, status history and runs to a person (no API key: a browser sends none)."""
+        job = _job_or_404(engine, job_id)
+        job_json, statuses, runs = engine.read(
+            lambda: (job.to_json(), [s.to_json() for s in engine.statuses(job)], [r.to_json() for r in job.runs])
+        )
+        return HTMLResponse(rescale_job_page(job_json, statuses, runs))
 
 
 # -- authentication and plumbing ------------------------------------------------------------------

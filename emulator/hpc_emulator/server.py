@@ -22,7 +22,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from hpc_emulator.app import close_engines, create_app
-from hpc_emulator.config import Counters, EmulatorConfig
+from hpc_emulator.config import DEMO_USER, Counters, EmulatorConfig
 from hpc_emulator.tls import TlsFiles, make_tls_files
 
 START_TIMEOUT = 30.0
@@ -132,7 +132,7 @@ class EmulatorServer:
         """The extras both Airflow connections need: the CA to trust when TLS is on."""
         return {"verify": str(self.ca_path)} if self.ca_path else {}
 
-    def muse_connection(self, user: str = "demo") -> dict[str, Any]:
+    def muse_connection(self, user: str = DEMO_USER) -> dict[str, Any]:
         """An Airflow connection (JSON form) for the Muse side with one configured user."""
         return {
             "conn_type": "muse",
@@ -227,4 +227,4 @@ class EmulatorServer:
 def _first_user(config: EmulatorConfig) -> str:
     if not config.muse_users:
         raise ValueError("The emulator has no Muse user to build a connection with")
-    return "demo" if "demo" in config.muse_users else sorted(config.muse_users)[0]
+    return DEMO_USER if DEMO_USER in config.muse_users else sorted(config.muse_users)[0]

@@ -24,8 +24,8 @@ TRIGGER_RAN = "[DAG TEST] running trigger in line"
 
 
 def muse_env(emulator: EmulatorServer, **extra: str) -> dict[str, str]:
-    """The environment pointing ``muse_default`` at the test's emulator."""
-    return {**emulator.airflow_conn_env(), **extra}
+    """The environment pointing ``muse_default`` at the test's emulator, the examples polling fast."""
+    return {**emulator.airflow_conn_env(), "MUSE_EXAMPLE_POLL_SECONDS": "1", **extra}
 
 
 def assert_succeeded(run: Any) -> None:

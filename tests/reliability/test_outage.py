@@ -22,7 +22,7 @@ import pytest
 import requests
 from reliability_support import TcpProxy
 
-from hpc_emulator import EmulatorConfig, EmulatorServer
+from hpc_emulator import DEMO_API_KEY, DEMO_PASSWORD, EmulatorConfig, EmulatorServer
 from airflow_provider_hpc.transport.aio import close_all_sessions
 from airflow_provider_hpc.transport.retry import RetryPolicy
 from airflow_provider_hpc.hooks.muse import MuseHook
@@ -54,16 +54,16 @@ def proxy(slow_emulator: EmulatorServer, monkeypatch: pytest.MonkeyPatch) -> Ite
     forwarder = TcpProxy(slow_emulator.port)
     forwarder.up()
     monkeypatch.setenv("AIRFLOW_CONN_MUSE_OUTAGE", json.dumps(
-        {"conn_type": "muse", "host": f"{forwarder.url}/api/", "login": "demo", "password": "demo"}))
+        {"conn_type": "muse", "host": f"{forwarder.url}/api/", "login": "demo", "password": DEMO_PASSWORD}))
     monkeypatch.setenv("AIRFLOW_CONN_RESCALE_OUTAGE", json.dumps(
-        {"conn_type": "rescale", "host": forwarder.url, "password": "demo"}))
+        {"conn_type": "rescale", "host": forwarder.url, "password": DEMO_API_KEY}))
     yield forwarder
     forwarder.down()
 
 
 def _start_rescale_job(server: EmulatorServer, command: str) -> str:
     session = requests.Session()
-    session.headers["Authorization"] = "Token demo"
+    session.headers["Authorization"] = f"Token {DEMO_API_KEY}"
     body = {"name": "outage", "jobanalyses": [{"command": command}]}
     job_id = session.post(f"{server.rescale_url}/api/v2/jobs/", json=body, timeout=10).json()["id"]
     session.post(f"{server.rescale_url}/api/v2/jobs/{job_id}/submit/", timeout=10).raise_for_status()

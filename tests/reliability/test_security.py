@@ -18,7 +18,7 @@ import requests
 from airflow.sdk import ObjectStoragePath
 from reliability_support import MUSE_TOKEN, NO_WAIT_RETRY, RESCALE_KEY, HostileServer, assert_no_secret
 
-from hpc_emulator import EmulatorConfig, EmulatorServer
+from hpc_emulator import DEMO_API_KEY, DEMO_PASSWORD, EmulatorConfig, EmulatorServer
 from hpc_emulator.config import MuseUser
 from airflow_provider_hpc.exceptions import HpcApiError, MuseApiError, RescaleApiError
 from airflow_provider_hpc.transport.aio import close_all_sessions
@@ -58,9 +58,9 @@ def _tls_conns(monkeypatch: pytest.MonkeyPatch, server: EmulatorServer, extra: d
     # A fresh id per test: Airflow may cache a connection it has read once.
     suffix = uuid.uuid4().hex[:8]
     muse = _set_conn(monkeypatch, f"muse_tls_{suffix}", conn_type="muse", host=server.muse_url, login="demo",
-                     password="demo", extra=extra)
+                     password=DEMO_PASSWORD, extra=extra)
     rescale = _set_conn(monkeypatch, f"rescale_tls_{suffix}", conn_type="rescale", host=server.rescale_url,
-                        password="demo", extra=extra)
+                        password=DEMO_API_KEY, extra=extra)
     return muse, rescale
 
 

@@ -13,7 +13,8 @@ from airflow.sdk import Connection
 
 from airflow_provider_hpc.exceptions import InvalidIdentifierError, RescaleApiError
 from airflow_provider_hpc.hooks.rescale import DirectoryEntry, JobStatus, OutputFile, RescaleHook, RescaleRun
-from airflow_provider_hpc.models.rescale_state import TailFollower, fresh_lines, judge_completed_run, pick_new_snapshot
+from airflow_provider_hpc.models.rescale_state import judge_completed_run, pick_new_snapshot
+from airflow_provider_hpc.models.rescale_tail import TailFollower, fresh_lines
 from airflow_provider_hpc.transport import aio
 from airflow_provider_hpc.triggers.rescale import RescaleRunTrigger, RescaleSnapshotTrigger
 
@@ -107,6 +108,14 @@ def script(monkeypatch: pytest.MonkeyPatch, **items: Iterable[Any]) -> Script:
 
     async def a_stop_run(hook: RescaleHook, job_id: str, run_id: str) -> None:
         return scripted.next("stop")
+
+    async def a_find_output_file(hook: RescaleHook, job_id: str, run_id: str, path: str, **_: Any) -> OutputFile | None:
+        # Unscripted, the completed run has no such output file.
+        return scripted.next("output") if "output" in scripted.items else None
+
+    async def a_read_output_file(hook: RescaleHook, file: OutputFile, *, max_bytes: int) -> bytes | None:
+        body = scripted.next("body")
+        return body if body is None or len(body) <= max_bytes else None
 
     for name, fn in list(locals().items()):
         if name.startswith("a_"):
@@ -244,22 +253,86 @@ async def test_waits_for_the_job_status_that_lags_the_run(connection: Connection
     assert event["status"] == "success" and scripted.calls["statuses"] == 3
 
 
+LOG_FILE = OutputFile(id="f9", name="log.txt", relative_path="log.txt", decrypted_size=15)
+
+
 async def test_tail_logs_each_new_line_once(connection: Connection, monkeypatch: pytest.MonkeyPatch) -> None:
     tails = [["l1", "l2"], ["l1", "l2"], ["l2", "l3", "l4"], ["l4", "l5"]]
     scripted = script(
         monkeypatch,
-        run=[RUNNING, RUNNING, RUNNING, RUNNING, RUNNING, DONE],
+        run=[RUNNING, RUNNING, RUNNING, RUNNING, RUNNING, RUNNING, DONE],
         statuses=[GOOD],
         directory=[[], [DirectoryEntry("other.txt")], [DirectoryEntry("other.txt"), DirectoryEntry("log.txt")]],
         tail=tails,
+        output=[LOG_FILE],
+        body=[b"l1\nl2\nl3\nl4\nl5\n"],
     )
     trigger = make_trigger(tail_path="log.txt", tail_lines=3)
     event = await only_event(trigger)
     assert event["status"] == "success"
     tail_lines = [line for _, line in trigger.log.lines if line.startswith("[log.txt] ")]
     assert tail_lines == [f"[log.txt] l{i}" for i in range(1, 6)]
-    # Once found, the file is no longer looked for.
-    assert scripted.calls["directory"] == 3
+    # Once found, the file is no longer looked for; the output file is read once.
+    assert scripted.calls["directory"] == 3 and scripted.calls["body"] == 1
+
+
+async def test_the_lines_written_after_the_last_tail_come_from_the_output_file(
+    connection: Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The run wrote steps 48-50 and "solver converged" after the last tail, then completed: tail
+    # answers 400 now, the uploaded output file has every line.
+    whole = [f"step {i}" for i in range(1, 51)] + ["solver converged"]
+    gone = RescaleApiError("HTTP 400", status=400, error="This run is not in progress.")
+    scripted = script(
+        monkeypatch,
+        run=[RUNNING, RUNNING, RUNNING, DONE, DONE, DONE],
+        statuses=[statuses(("Executing", None)), GOOD],
+        directory=[[DirectoryEntry("solver.log")]],
+        tail=[whole[20:30], whole[28:38], whole[37:47], gone],
+        output=[OutputFile(id="f9", name="solver.log", relative_path="solver.log", decrypted_size=400)],
+        body=["\n".join(whole).encode() + b"\n"],
+    )
+    trigger = make_trigger(tail_path="solver.log", tail_lines=10, outcome_wait=60)
+    assert (await only_event(trigger))["status"] == "success"
+    shown = [line.removeprefix("[solver.log] ") for _, line in trigger.log.lines if line.startswith("[solver.log] ")]
+    assert shown == whole[20:]  # each line once, in order, the last ones included
+    assert scripted.calls["output"] == 1 and scripted.calls["body"] == 1
+    assert not [line for level, line in trigger.log.lines if level == "warning"]
+
+
+@pytest.mark.parametrize(
+    ("output", "said"),
+    [
+        (None, "[log.txt] is not among the output files of run 1"),
+        (OutputFile(id="f9", name="log.txt", relative_path="log.txt", decrypted_size=10**9), "is larger than the 1000000 bytes"),
+        (OutputFile(id="f9", name="log.txt", relative_path="log.txt"), "is larger than the 1000000 bytes"),
+    ],
+    ids=["absent", "announced-too-large", "found-too-large"],
+)
+async def test_an_absent_or_too_large_output_file_is_said_in_one_line(
+    connection: Connection, monkeypatch: pytest.MonkeyPatch, output: OutputFile | None, said: str
+) -> None:
+    scripted = script(
+        monkeypatch, run=[RUNNING, DONE], statuses=[GOOD], directory=[[DirectoryEntry("log.txt")]], tail=[["l1"]],
+        output=[output], body=[b"x" * 1_000_001],
+    )
+    trigger = make_trigger(tail_path="log.txt")
+    assert (await only_event(trigger))["status"] == "success"
+    about = [line for _, line in trigger.log.lines if said in line]
+    assert len(about) == 1
+    # A file announced larger than the cap is not even asked for.
+    assert scripted.calls.get("body", 0) == (1 if output and output.decrypted_size is None else 0)
+
+
+async def test_a_failed_read_of_the_output_file_never_fails_the_wait(
+    connection: Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    refused = RescaleApiError("HTTP 403", status=403, error="Forbidden")
+    script(monkeypatch, run=[DONE], statuses=[GOOD], output=[refused])
+    trigger = make_trigger(tail_path="log.txt")
+    assert (await only_event(trigger))["status"] == "success"
+    warnings = [line for level, line in trigger.log.lines if level == "warning"]
+    assert len(warnings) == 1 and "Could not read the output file log.txt" in warnings[0]
 
 
 async def test_tail_errors_never_fail_the_wait(connection: Connection, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 
 import requests
 
-from hpc_emulator import EmulatorServer
+from hpc_emulator import DEMO_PASSWORD, EmulatorServer
 from hpc_emulator.software import BUILTIN_CATALOGUE
 
 SOFTWARE = "sw_example"
@@ -62,7 +62,7 @@ class MuseClient:
         """Return a token of the ``demo`` account, obtained once."""
         if self._token is None:
             answer = self.session.post(
-                f"{self.base}jwt/obtain/", data={"username": "demo", "password": "demo"}, timeout=HTTP_TIMEOUT
+                f"{self.base}jwt/obtain/", data={"username": "demo", "password": DEMO_PASSWORD}, timeout=HTTP_TIMEOUT
             )
             assert answer.status_code == 200, answer.text
             self._token = answer.json()["token"]

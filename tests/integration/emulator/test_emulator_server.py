@@ -28,7 +28,7 @@ import pytest
 import requests
 from emulator_client import SOFTWARE, MuseClient, key_of, wait_for
 
-from hpc_emulator import EmulatorConfig, EmulatorServer
+from hpc_emulator import DEMO_API_KEY, DEMO_PASSWORD, EmulatorConfig, EmulatorServer
 from hpc_emulator.__main__ import banner, is_loopback
 from hpc_emulator.__main__ import main as cli_main
 
@@ -36,7 +36,7 @@ STATE_ROUTE = "GET /api/software/muse/state/{name}/{key}/"
 SUBMIT_ROUTE = "POST /api/software/muse/run/{name}/"
 BANNER_END = "Admin:"
 CLI_START_SECONDS = 30.0
-DEMO = {"username": "demo", "password": "demo"}
+DEMO = {"username": "demo", "password": DEMO_PASSWORD}
 
 
 def set_faults(muse: MuseClient, rules: list[dict[str, Any]]) -> None:
@@ -148,7 +148,7 @@ def test_fault_rules_are_checked_and_spare_the_admin_side(muse: MuseClient) -> N
         answer = muse.session.post(f"{muse.admin}faults", json=invalid, timeout=10)
         assert answer.status_code == 400 and "invalid fault rules" in answer.json()["detail"]
     set_faults(muse, [{"route": "*", "action": {"status": 503}}])
-    assert muse.post("jwt/obtain/", data={"username": "demo", "password": "demo"}).status_code == 503
+    assert muse.post("jwt/obtain/", data={"username": "demo", "password": DEMO_PASSWORD}).status_code == 503
     assert muse.session.get(f"{muse.admin}health", timeout=10).json()["status"] == "ok"
     assert muse.counters()["requests"] == {"POST /api/jwt/obtain/": 1}
 
@@ -184,7 +184,7 @@ def test_two_hundred_concurrent_state_polls(muse: MuseClient) -> None:
 
 def test_rescale_through_the_whole_server(emulator: EmulatorServer) -> None:
     session = requests.Session()
-    session.headers["Authorization"] = "Token demo"
+    session.headers["Authorization"] = f"Token {DEMO_API_KEY}"
     api = f"{emulator.rescale_url}/api"
     command = "mkdir -p out; printf 'x=%s\\n' \"$x\" > out/x.txt; head -c 5000 /dev/urandom > out/noise.bin"
     body = {"name": "t", "jobanalyses": [{"command": command}], "runs": [{"variables": {"x": 2.5}}]}
@@ -217,7 +217,7 @@ def test_stop_leaves_no_process_and_no_folder() -> None:
     assert data_dir.is_dir() and server.deletes_data_dir
     muse = MuseClient(server)
     rescale = requests.Session()
-    rescale.headers["Authorization"] = "Token demo"
+    rescale.headers["Authorization"] = f"Token {DEMO_API_KEY}"
     try:
         key = key_of(muse.submit_json(cmd="sleep 60"))
         body = {"name": "t", "jobanalyses": [{"command": "sleep 60"}], "runs": [{}, {}]}
@@ -340,14 +340,14 @@ def test_cli_banner_one_request_and_sigterm(tmp_path: Path, cli_processes: list[
     rescale_url = banner_value(lines, "Rescale")
     assert muse_url.startswith("http://127.0.0.1:") and muse_url.endswith("/api/")
     assert rescale_url == muse_url.removesuffix("/api/")
-    assert "demo/demo" in next(line for line in lines if "Muse" in line)
-    assert "API keys: demo" in next(line for line in lines if "Rescale" in line)
+    assert f"demo/{DEMO_PASSWORD}" in next(line for line in lines if "Muse" in line)
+    assert f"API keys: {DEMO_API_KEY}" in next(line for line in lines if "Rescale" in line)
     connections = exported(lines)
     assert set(connections) == {"AIRFLOW_CONN_MUSE_DEFAULT", "AIRFLOW_CONN_RESCALE_DEFAULT"}
     muse_conn = json.loads(connections["AIRFLOW_CONN_MUSE_DEFAULT"])
-    assert muse_conn == {"conn_type": "muse", "host": muse_url, "login": "demo", "password": "demo", "extra": {}}
+    assert muse_conn == {"conn_type": "muse", "host": muse_url, "login": "demo", "password": DEMO_PASSWORD, "extra": {}}
     rescale_conn = json.loads(connections["AIRFLOW_CONN_RESCALE_DEFAULT"])
-    assert rescale_conn == {"conn_type": "rescale", "host": rescale_url, "password": "demo", "extra": {}}
+    assert rescale_conn == {"conn_type": "rescale", "host": rescale_url, "password": DEMO_API_KEY, "extra": {}}
 
     token = requests.post(f"{muse_url}jwt/obtain/", data=DEMO, timeout=10).json()["token"]
     run_url = f"{muse_url}software/muse/run/{SOFTWARE}/"
@@ -409,3 +409,16 @@ def test_banner_warns_off_loopback_only() -> None:
     assert not any(is_loopback(host) for host in ("0.0.0.0", "::", "192.168.1.10", "example.org"))
     with EmulatorServer() as server:
         assert "WARNING" not in banner(server)
+
+
+def test_the_default_credentials_are_long_enough_for_airflow_s_masker() -> None:
+    from airflow.sdk._shared.secrets_masker.secrets_masker import SecretsMasker
+
+    masker = SecretsMasker()
+    for secret in (DEMO_PASSWORD, DEMO_API_KEY):
+        # Well over [logging] min_length_masked_secret (5 by default): masked, and no warning at start.
+        assert len(secret) >= 16
+        masker.add_mask(secret)
+        assert masker.redact(f"connect with {secret} please") == "connect with *** please"
+    config = EmulatorConfig(data_dir=Path("unused"))
+    assert config.muse_users["demo"].password == DEMO_PASSWORD and config.rescale_api_keys == {DEMO_API_KEY}

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import requests
 
-from hpc_emulator import EmulatorConfig, EmulatorServer, MuseUser
+from hpc_emulator import DEMO_PASSWORD, EmulatorConfig, EmulatorServer, MuseUser
 from hpc_emulator.muse import parse_walltime
 
 from emulator_client import EXAMPLE_DIR, SOFTWARE, MuseClient, key_of, wait_for
@@ -131,10 +131,10 @@ def example_file(name: str) -> tuple[str, bytes]:
 
 
 def test_jwt_obtain_and_verify(muse: MuseClient) -> None:
-    obtained = muse.post("jwt/obtain/", data={"username": "demo", "password": "demo"})
+    obtained = muse.post("jwt/obtain/", data={"username": "demo", "password": DEMO_PASSWORD})
     assert obtained.status_code == 200 and list(obtained.json()) == ["token"]
     token = obtained.json()["token"]
-    as_json = muse.post("jwt/obtain/", json={"username": "demo", "password": "demo"})
+    as_json = muse.post("jwt/obtain/", json={"username": "demo", "password": DEMO_PASSWORD})
     assert as_json.status_code == 200 and as_json.json()["token"]
 
     verified = muse.post("jwt/verify/", data={"jwt": token}).json()
@@ -152,7 +152,7 @@ def test_jwt_obtain_and_verify(muse: MuseClient) -> None:
 
 
 def test_missing_invalid_expired_and_low_level_tokens(emulator_config: EmulatorConfig) -> None:
-    users = {"demo": MuseUser("demo"), "guest": MuseUser("guest", "visitor")}
+    users = {"demo": MuseUser(DEMO_PASSWORD), "guest": MuseUser("guest", "visitor")}
     config = replace(emulator_config, token_lifetime=0.3, muse_users=users)
     with EmulatorServer(config) as server:
         muse = MuseClient(server)

@@ -191,6 +191,23 @@ def test_files_are_uploaded_in_files_order(muse: EmulatorServer, tmp_path: Path)
     assert request["cmd"] == "usrcmd.sh"
 
 
+def test_the_input_files_sent_are_named_in_the_log_before_the_submit(
+    muse: EmulatorServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    case = tmp_path / "inputs" / "case_3"
+    case.mkdir(parents=True)
+    (case / "stdin.txt").write_text("30 40\n")
+
+    drive(operator(cmd="python /add.py", files=[ObjectStoragePath(f"file://{case}/stdin.txt")]), make_context(MemoryStateStore()))
+
+    out = capsys.readouterr().out
+    sending = out.index("Sending 1 input file (6 bytes) to Muse software sw_example:")
+    assert sending < out.index("Submitted sw_example to Muse")
+    # The name sent, its size and where it came from (which case of a sweep); never its contents.
+    assert f"  stdin.txt: 6 bytes, from file://{case}/stdin.txt" in out
+    assert "30 40" not in out
+
+
 def test_an_uploaded_zip_is_unzipped_and_stdin_txt_is_read(muse: EmulatorServer, tmp_path: Path) -> None:
     bundle = tmp_path / "inputs.zip"
     with zipfile.ZipFile(bundle, "w") as zipped:

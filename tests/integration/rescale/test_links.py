@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 import pytest
+import requests
 from airflow.sdk.execution_time.xcom import XCom
 
 from airflow_provider_hpc.exceptions import InvalidIdentifierError
@@ -81,3 +82,13 @@ def test_unsafe_job_id_pushes_no_link(region_conn: Any) -> None:
     with pytest.raises(InvalidIdentifierError):
         RescaleJobLink.persist({"ti": ti}, hook=hook, job_id="../admin")  # type: ignore[arg-type]
     assert ti.xcom == {}
+
+
+def test_the_link_opens_the_emulator_s_page_of_the_job(api: Any) -> None:
+    job_id = api.start_job("true")
+    api.wait_job_completed(job_id)
+
+    page = requests.get(RescaleHook().job_url(job_id), headers={"Accept": "text/html"}, timeout=10)
+
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert f"Rescale job {job_id}" in page.text and "Completed" in page.text

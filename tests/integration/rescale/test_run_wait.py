@@ -29,6 +29,15 @@ from tests.integration.rescale.support import (
 
 #: Writes ``step 1`` ... ``step 12`` to ``solver.log``, one line every 0.15 s.
 STEPS_COMMAND = 'for i in $(seq 1 12); do echo "step $i" >> solver.log; sleep 0.15; done'
+#: Writes steps 1-47 slowly, then, right before the run ends, steps 48-50 and "solver converged" at once:
+#: a poll interval longer than that last moment leaves them to the run's output file.
+LATE_END_COMMAND = (
+    'for i in $(seq 1 47); do echo "step $i" >> solver.log; sleep 0.01; done; sleep 0.6; '
+    'for i in 48 49 50; do echo "step $i" >> solver.log; done; echo "solver converged" >> solver.log'
+)
+LATE_END_LINES = [f"step {i}" for i in range(1, 51)] + ["solver converged"]
+#: A slow poll: every tail lands well before or after the command's last lines.
+SLOW_WAIT = {"poll_interval": 0.5, "max_poll_interval": 0.5}
 FAST_WAIT = {"poll_interval": 0.05, "max_poll_interval": 0.2, "outcome_wait": 5.0, "retry": FAST_RETRY}
 
 
@@ -155,6 +164,45 @@ def test_poke_mode_succeeds_and_tails(api: RescaleApi, context: dict[str, Any], 
     shown = tail_messages(capsys, "solver.log")
     assert len(shown) == len(set(shown)), "a tail line was logged twice"
     assert shown == [f"step {i}" for i in range(1, len(shown) + 1)] and len(shown) >= 6
+
+
+@pytest.mark.parametrize("deferrable", [True, False], ids=["deferred", "poke"])
+def test_the_lines_written_right_before_completion_are_shown_once_in_order(
+    api: RescaleApi, context: dict[str, Any], capsys: pytest.CaptureFixture[str], deferrable: bool
+) -> None:
+    job_id = api.start_job(LATE_END_COMMAND)
+    api.wait_lines(job_id, "1", "solver.log", 2)
+    task = sensor(job_id, tail_path="solver.log", deferrable=deferrable, timeout=30, **SLOW_WAIT)
+
+    result = run_deferrable(task, context)[0] if deferrable else task.execute(context)
+
+    assert result["status"] == "success"
+    # The tail stops at completion; the run's output file gives the rest: every line once, in order.
+    assert tail_messages(capsys, "solver.log") == LATE_END_LINES
+
+
+def test_a_run_completed_before_the_sensor_shows_its_file_once(
+    api: RescaleApi, context: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    job_id = api.start_job('for i in 1 2 3; do echo "step $i" >> solver.log; done')
+    api.wait_job_completed(job_id)
+
+    result = sensor(job_id, tail_path="solver.log", deferrable=True).execute(context)
+
+    assert result["status"] == "success"
+    assert tail_messages(capsys, "solver.log") == ["step 1", "step 2", "step 3"]
+
+
+def test_a_followed_file_the_run_never_wrote_is_said_once(
+    api: RescaleApi, context: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    job_id = api.start_job("sleep 0.3")
+
+    result, _ = run_deferrable(sensor(job_id, tail_path="missing.log", deferrable=True), context)
+
+    assert result["status"] == "success"
+    said = [line for line in capsys.readouterr().out.splitlines() if "is not among the output files" in line]
+    assert len(said) == 1 and "[missing.log]" in said[0]
 
 
 def test_run_already_completed_returns_without_deferring(api: RescaleApi, context: dict[str, Any]) -> None:

@@ -197,6 +197,28 @@ def test_the_running_run_s_file_is_followed_into_the_log(api: RescaleApi, store:
     assert shown and shown == sorted(set(shown)) and shown[0] == "1"
 
 
+@pytest.mark.parametrize("deferrable", [True, False], ids=["deferred", "in-worker"])
+def test_the_last_lines_of_the_followed_file_are_shown_once_the_job_completed(
+    api: RescaleApi, store: Store, capsys: Any, deferrable: bool
+) -> None:
+    # The last lines land right before the run ends, after the last tail (a slow poll): the
+    # run's output file gives them, so the log shows the whole file, each line once, in order.
+    command = (
+        'for i in $(seq 1 47); do echo "step $i" >> solver.log; sleep 0.01; done; sleep 0.6; '
+        'for i in 48 49 50; do echo "step $i" >> solver.log; done; echo "solver converged" >> solver.log'
+    )
+    task = submit(
+        job=body(command), tail_path="solver.log", deferrable=deferrable,
+        poll_interval=0.5, max_poll_interval=0.5,
+    )
+
+    result = run_deferrable(task, context_of(store))[0] if deferrable else task.execute(context_of(store))
+
+    assert result["status"] == "success"
+    shown = re.findall(r"\[solver\.log\] (.*?)\s+\[airflow", capsys.readouterr().out)
+    assert shown == [f"step {i}" for i in range(1, 51)] + ["solver converged"]
+
+
 def test_inputs_from_a_local_path_and_from_object_storage_reach_the_run(api: RescaleApi, store: Store, tmp_path: Any) -> None:
     import fsspec
     from airflow.sdk import ObjectStoragePath
