@@ -14,7 +14,7 @@ from airflow.sdk import BaseHook
 from airflow_provider_hpc.exceptions import HpcApiError
 from airflow_provider_hpc.hooks._forms import connection_form_widgets, ui_field_behaviour
 from airflow_provider_hpc.transport.aio import AsyncTransport
-from airflow_provider_hpc.transport.base import TransportSettings
+from airflow_provider_hpc.transport.base import MAX_KEEPALIVE_TIMEOUT, TransportSettings
 from airflow_provider_hpc.transport.retry import RetryPolicy
 from airflow_provider_hpc.transport.sync import SyncTransport
 
@@ -116,6 +116,10 @@ def settings_from_connection(
         request_timeout=_number(connection_extra(conn, "request_timeout"), float) or defaults.request_timeout,
         min_download_rate=defaults.min_download_rate if min_rate is None else max(0.0, min_rate),
         rate_window=_number(connection_extra(conn, "rate_window"), float) or defaults.rate_window,
+        keepalive_timeout=min(
+            MAX_KEEPALIVE_TIMEOUT,
+            max(1.0, _number(connection_extra(conn, "keepalive_timeout"), float) or defaults.keepalive_timeout),
+        ),
         retry=policy,
     )
 

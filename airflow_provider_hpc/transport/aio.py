@@ -75,7 +75,11 @@ class AsyncTransport(BaseTransport):
         session = pool.sessions.get(key)
         if session is None or session.closed:
             session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=100, ttl_dns_cache=300),
+                # Kept alive past the poll interval: aiohttp's 15 s default made every 30 s poll
+                # open a new connection (a TLS handshake per trigger per round).
+                connector=aiohttp.TCPConnector(
+                    limit=100, ttl_dns_cache=300, keepalive_timeout=self.settings.keepalive_timeout
+                ),
                 headers={"User-Agent": "airflow-provider-hpc"},
             )
             pool.sessions[key] = session

@@ -27,6 +27,10 @@ from airflow_provider_hpc.transport.urls import origin, origin_text
 CHUNK_SIZE = 1024 * 1024
 
 
+#: The longest an idle connection is kept in the pool (a bound on what a connection extra may ask).
+MAX_KEEPALIVE_TIMEOUT = 600.0
+
+
 @dataclass(frozen=True)
 class TransportSettings:
     """
@@ -41,6 +45,10 @@ class TransportSettings:
     :param min_download_rate: bytes per second a file download must keep up, measured over each
         ``rate_window`` seconds; a slower transfer is cut (and tried again, as a dropped one).
     :param rate_window: seconds over which ``min_download_rate`` is measured.
+    :param keepalive_timeout: seconds an idle pooled connection is kept for the next request (the
+        async side). Longer than the poll interval, so a trigger polling every 30 s reuses its
+        connection instead of opening (and handshaking) a new one each round; at most
+        :data:`MAX_KEEPALIVE_TIMEOUT`.
     :param retry: the retry policy.
     """
 
@@ -51,6 +59,7 @@ class TransportSettings:
     request_timeout: float = 120.0
     min_download_rate: float = 10 * 1024
     rate_window: float = 60.0
+    keepalive_timeout: float = 75.0
     retry: RetryPolicy = RetryPolicy()
 
 

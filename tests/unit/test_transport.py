@@ -643,3 +643,46 @@ def test_a_connection_dropped_inside_an_error_answer(rescale: RescaleHook, reque
     with pytest.raises(RescaleApiError, match="connection failed") as info:
         rescale.get_run("QTVia", "1")
     assert info.value.retryable and info.value.attempts == 3
+
+
+async def _count_connections_over_two_polls(keepalive_timeout: float, gap: float) -> int:
+    """Two polls ``gap`` seconds apart through the async transport; return the TCP connections the server saw."""
+    accepted = 0
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal accepted
+        accepted += 1
+        try:
+            while await reader.readuntil(b"\r\n\r\n"):
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    settings = settings_from_connection(
+        Connection(conn_id="c", conn_type="muse", host=f"http://127.0.0.1:{port}/", extra=json.dumps({"keepalive_timeout": keepalive_timeout}))
+    )
+    transport = aio.AsyncTransport(settings, error_class=MuseApiError)
+    try:
+        async with transport.session_lease():
+            await transport.get_json("state")
+            await asyncio.sleep(gap)
+            await transport.get_json("state")
+    finally:
+        server.close()
+        await server.wait_closed()
+    return accepted
+
+
+async def test_a_poll_after_an_idle_gap_reuses_its_connection_while_the_keepalive_lasts() -> None:
+    # Two polls 1.6 s apart: within a 5 s keep-alive the second one reuses the connection; past a
+    # 1 s one (the shortest allowed), it opens another, as aiohttp's 15 s default did at every 30 s poll.
+    assert await _count_connections_over_two_polls(keepalive_timeout=5, gap=1.6) == 1
+    assert await _count_connections_over_two_polls(keepalive_timeout=1, gap=1.6) == 2
+    assert settings_from_connection(Connection(conn_id="c", conn_type="muse", host="http://h/")).keepalive_timeout == 75
+    huge = Connection(conn_id="c", conn_type="muse", host="http://h/", extra='{"keepalive_timeout": 86400}')
+    assert settings_from_connection(huge).keepalive_timeout == 600
