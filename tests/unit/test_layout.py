@@ -19,17 +19,17 @@ PACKAGE = Path(__file__).resolve().parents[2] / "airflow_provider_hpc"
 
 # Each layer and the provider's packages it must not import (what sits above it).
 FORBIDDEN = {
-    "transport": ("hooks", "models", "storage", "storage_sink", "lineage", "triggers", "operators", "sensors", "links", "muse_results", "durable"),
-    "storage": ("hooks", "models", "triggers", "operators", "sensors", "links", "muse_results", "durable"),
-    "storage_sink": ("storage", "hooks", "models", "triggers", "operators", "sensors", "links", "muse_results", "durable", "lineage"),
-    "lineage": ("storage", "storage_sink", "hooks", "models", "triggers", "operators", "sensors", "links", "muse_results", "durable"),
-    "models": ("hooks", "triggers", "operators", "sensors", "links", "muse_results", "durable"),
-    "hooks": ("triggers", "operators", "sensors", "links", "muse_results", "durable"),
-    "triggers": ("operators", "sensors", "links", "muse_results", "durable"),
-    "muse_results": ("triggers", "operators", "sensors"),
-    "durable": ("hooks", "triggers", "operators", "sensors", "links", "muse_results"),
-    "operators": ("sensors",),
-    "sensors": ("operators",),
+    "transport": ("hooks", "models", "storage", "storage_sink", "lineage", "triggers", "operators", "sensors", "links", "muse_results", "durable", "plugins"),
+    "storage": ("hooks", "models", "triggers", "operators", "sensors", "links", "muse_results", "durable", "plugins"),
+    "storage_sink": ("storage", "hooks", "models", "triggers", "operators", "sensors", "links", "muse_results", "durable", "lineage", "plugins"),
+    "lineage": ("storage", "storage_sink", "hooks", "models", "triggers", "operators", "sensors", "links", "muse_results", "durable", "plugins"),
+    "models": ("hooks", "triggers", "operators", "sensors", "links", "muse_results", "durable", "plugins"),
+    "hooks": ("triggers", "operators", "sensors", "links", "muse_results", "durable", "plugins"),
+    "triggers": ("operators", "sensors", "links", "muse_results", "durable", "plugins"),
+    "muse_results": ("triggers", "operators", "sensors", "plugins"),
+    "durable": ("hooks", "triggers", "operators", "sensors", "links", "muse_results", "plugins"),
+    "operators": ("sensors", "plugins"),
+    "sensors": ("operators", "plugins"),
 }
 
 
