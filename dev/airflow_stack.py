@@ -124,14 +124,21 @@ class AirflowStack:
         except requests.RequestException:
             return False
 
-    def spawn(self, name: str, *args: str) -> None:
-        """Start ``airflow ARGS`` in its own process group, its output in ``{name}-{n}.log``."""
+    def spawn(self, name: str, *args: str, env: Mapping[str, str] | None = None, cwd: Path | None = None) -> None:
+        """
+        Start ``airflow ARGS`` in its own process group, its output in ``{name}-{n}.log``.
+
+        :param env: this process's environment instead of the deployment's (a worker with its own
+            AIRFLOW_HOME, as on another machine).
+        :param cwd: its working folder instead of the deployment's home.
+        """
         generation = self.generation.get(name, 0) + 1
         self.generation[name] = generation
-        log = (self.home / f"{name}-{generation}.log").open("wb")
-        self.processes[name] = subprocess.Popen(
-            [str(AIRFLOW), *args], env=self.env, cwd=self.home, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
+        with (self.home / f"{name}-{generation}.log").open("wb") as log:
+            self.processes[name] = subprocess.Popen(
+                [str(AIRFLOW), *args], env=dict(env) if env is not None else self.env, cwd=cwd or self.home,
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         """Send ``sig`` to the whole process group of one service and reap it."""

@@ -1,0 +1,93 @@
+"""
+The system tests' shared deployment: PostgreSQL, Redis, CeleryExecutor with two workers, two
+triggerers, S3 (moto) and the emulator, started once for the whole session (``make test-system``).
+
+These tests need the operating system's PostgreSQL and Redis servers, so plain ``pytest`` (``make
+test``) never collects them: they run when ``HPC_SYSTEM_TESTS=1`` (set by ``make test-system``)
+or when ``tests/system`` is named on the command line. Missing servers fail the session loudly
+with the command that installs them. A failing test shows the end of every service's log.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from hpc_emulator import EmulatorConfig, EmulatorServer
+from hpc_emulator.config import MuseUser
+from system_support import SYSTEM_KEY, SYSTEM_PASSWORD
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+ENABLE_ENV = "HPC_SYSTEM_TESTS"
+
+
+def _enabled(config: pytest.Config) -> bool:
+    if os.environ.get(ENABLE_ENV) == "1":
+        return True
+    # Named explicitly (pytest tests/system, or one of its files): the user asked for them.
+    return any(Path(str(arg).split("::")[0]).resolve().is_relative_to(HERE) for arg in config.args)
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    """Leave the system tests out of a plain ``pytest`` run: they need PostgreSQL and Redis."""
+    if collection_path.name.startswith("test_") and collection_path.is_relative_to(HERE) and not _enabled(config):
+        return True
+    return None
+
+
+@pytest.fixture(scope="session")
+def system_emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmulatorServer]:
+    """The emulator the deployment talks to, with distinctive secrets and room for 200 runs at once."""
+    config = EmulatorConfig(
+        data_dir=tmp_path_factory.mktemp("system-emulator"),
+        muse_users={"alice": MuseUser(SYSTEM_PASSWORD, "user")},
+        rescale_api_keys=frozenset({SYSTEM_KEY}),
+        time_scale=0.2,
+        pending_seconds=0.5,
+        seed=23,
+        muse_max_running=256,
+    )
+    # One line per Muse submission is noise with 200 of them in a scenario; warnings still show.
+    logging.getLogger("hpc_emulator").setLevel(logging.WARNING)
+    with EmulatorServer(config) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def cluster(system_emulator: EmulatorServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    """The running deployment (a :class:`dev.cluster.cluster.LocalCluster`) serving the example DAGs and ``dags/``."""
+    from dev.cluster.cluster import LocalCluster
+    from dev.cluster.prerequisites import MissingPrerequisites
+
+    env = {
+        **system_emulator.airflow_conn_env(),
+        # The example DAGs' waits: the emulator's runs last seconds.
+        "RESCALE_EXAMPLE_POLL_SECONDS": "1",
+        "CHAIN_EXAMPLE_POLL_SECONDS": "1",
+    }
+    bundles = {"hpc_examples": REPO / "example_dags", "hpc_system_tests": HERE / "dags"}
+    try:
+        deployment = LocalCluster(tmp_path_factory.mktemp("cluster-home"), bundles, env)
+    except MissingPrerequisites as missing:
+        pytest.fail(str(missing), pytrace=False)
+    deployment.start()
+    try:
+        yield deployment
+    finally:
+        leftovers = deployment.stop()
+    assert not leftovers, f"processes outlived the deployment's stop: {leftovers}"
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:
+    """Add the end of every service's log to a failing system test's report."""
+    report = yield
+    deployment = getattr(item, "funcargs", {}).get("cluster")
+    if report.failed and deployment is not None and deployment.airflow is not None:
+        report.sections.append(("cluster service logs", deployment.airflow.service_log_tails()))
+    return report
