@@ -36,13 +36,20 @@ def _rows(user: Any, auth_manager: Any, dag_id: str | None, state: str | None, l
         return watched_runs(session, _readable_dag_ids(user, auth_manager), dag_id=dag_id or None, task_state=state or None, limit=limit)
 
 
-def _user_dependencies() -> tuple[Any, Any]:
-    from airflow.api_fastapi.core_api.security import auth_manager_from_app, get_user
+def auth_manager() -> Any:
+    """The API server's auth manager (the mounted app has no ``app.state`` of its own to find it in)."""
+    from airflow.api_fastapi.app import get_auth_manager
 
-    return Depends(get_user), Depends(auth_manager_from_app)
+    return get_auth_manager()
 
 
-_USER, _AUTH_MANAGER = _user_dependencies()
+def _user_dependency() -> Any:
+    from airflow.api_fastapi.core_api.security import get_user
+
+    return Depends(get_user)
+
+
+_USER, _AUTH_MANAGER = _user_dependency(), Depends(auth_manager)
 DagFilter = Annotated[str | None, Query(max_length=250, description="Only this DAG")]
 StateFilter = Annotated[str | None, Query(max_length=40, description="Only task instances in this state")]
 Limit = Annotated[int, Query(ge=1, le=MAX_ROWS)]

@@ -19,8 +19,8 @@ from hpc_emulator import EmulatorServer
 CALL_VIEW = r"""
 import json, sys
 from fastapi.testclient import TestClient
-from airflow.api_fastapi.core_api.security import auth_manager_from_app, get_user
-from airflow_provider_hpc.plugins.runs_view import app
+from airflow.api_fastapi.core_api.security import get_user
+from airflow_provider_hpc.plugins.runs_view import app, auth_manager
 
 readable = set(json.loads(sys.argv[1]))
 
@@ -30,7 +30,7 @@ class AuthManager:
         return readable
 
 app.dependency_overrides[get_user] = lambda: object()
-app.dependency_overrides[auth_manager_from_app] = lambda: AuthManager()
+app.dependency_overrides[auth_manager] = lambda: AuthManager()
 client = TestClient(app)
 answer = {"json": client.get("/runs.json", params=json.loads(sys.argv[2])).json(), "page": client.get("/runs").text}
 print(json.dumps(answer))
