@@ -16,6 +16,15 @@ from typing import Any
 MUSE_DOC_URL = "http://147.100.179.250/api/"
 RESCALE_PLATFORM_URL = "https://platform.rescale.com"
 
+# The Port field is shown, not hidden, for the connection list's Test button: Airflow 3.3.1-3.3.2
+# sends ``port: Number(stored port)``, i.e. 0 for a connection without one, and its API refuses a
+# test whose port differs from the stored one (``0`` is not ``NULL``) unless the request carries a
+# new password, which the list never does. A connection storing its URL's port (80, 443...) passes
+# that check; the hooks read the port only when the host is a bare name (docs/connections.md).
+MUSE_PORT_LABEL = "Port (the Base URL's)"
+RESCALE_PORT_LABEL = "Port (the Platform URL's)"
+PORT_PLACEHOLDER = "80 for http://..., 443 for https://... (the Test button needs it)"
+
 #: Extras both connection types read (transport settings), in the order the form shows them.
 TRANSPORT_FIELDS: dict[str, dict[str, Any]] = {
     "verify": {
@@ -59,10 +68,11 @@ MUSE_FORM: dict[str, Any] = {
         **TRANSPORT_FIELDS,
     },
     "ui-field-behaviour": {
-        "hidden-fields": ["schema", "port"],
-        "relabeling": {"host": "Base URL", "login": "Username", "password": "Password"},
+        "hidden-fields": ["schema"],
+        "relabeling": {"host": "Base URL", "login": "Username", "password": "Password", "port": MUSE_PORT_LABEL},
         "placeholders": {
             "host": MUSE_DOC_URL,
+            "port": PORT_PLACEHOLDER,
             "login": "your Muse username",
             "password": "your Muse password (or leave empty and give a ready token)",
         },
@@ -82,10 +92,11 @@ RESCALE_FORM: dict[str, Any] = {
         **TRANSPORT_FIELDS,
     },
     "ui-field-behaviour": {
-        "hidden-fields": ["schema", "port", "login"],
-        "relabeling": {"host": "Platform URL", "password": "API key"},
+        "hidden-fields": ["schema", "login"],
+        "relabeling": {"host": "Platform URL", "password": "API key", "port": RESCALE_PORT_LABEL},
         "placeholders": {
             "host": f"{RESCALE_PLATFORM_URL} (or https://eu.rescale.com, https://platform.rescale.jp, ...)",
+            "port": "443",
             "password": "your Rescale API key",
         },
     },

@@ -197,7 +197,9 @@ def test_airflow_connection_form_shows_both_types() -> None:
     assert muse.hook_name == "Muse (INRAE cluster web service)"
     assert (muse.standard_fields.host.title, muse.standard_fields.host.placeholder) == ("Base URL", _forms.MUSE_DOC_URL)
     assert muse.standard_fields.login.title == "Username"
-    assert muse.standard_fields.port.hidden and muse.standard_fields.url_schema.hidden
+    # Port is shown: the connection list's Test button needs the stored port (docs/connections.md, "The Test button").
+    assert not muse.standard_fields.port.hidden and muse.standard_fields.port.title == _forms.MUSE_PORT_LABEL
+    assert muse.standard_fields.url_schema.hidden
     assert muse.extra_fields["token"]["schema"]["format"] == "password"
     assert rescale.standard_fields.password.title == "API key"
     assert rescale.standard_fields.login.hidden
