@@ -46,6 +46,26 @@ def wait_for(probe: Callable[[], Any], timeout: float, what: str, interval: floa
         time.sleep(interval)
 
 
+def kill_by_environment(variable: str) -> list[int]:
+    """SIGKILL every live process (but this one) whose environment holds ``variable`` (``NAME=value``); return their ids."""
+    needle = variable.encode() + b"\0"
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if needle in (entry / "environ").read_bytes() + b"\0":
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    for pid in found:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return found
+
+
 class AirflowStack:
     """
     API server + scheduler + triggerer on a temporary home.
@@ -179,22 +199,7 @@ class AirflowStack:
 
         Call it after :meth:`stop`: anything found then outlived the deployment. Returns their ids.
         """
-        marker = f"AIRFLOW_HOME={self.home}".encode() + b"\0"
-        found = []
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit() or int(entry.name) == os.getpid():
-                continue
-            try:
-                if marker in (entry / "environ").read_bytes() + b"\0":
-                    found.append(int(entry.name))
-            except OSError:
-                continue
-        for pid in found:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        return found
+        return kill_by_environment(f"AIRFLOW_HOME={self.home}")
 
     def log_text(self, name: str) -> str:
         """Return a service's latest log."""

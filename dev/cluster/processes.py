@@ -8,6 +8,8 @@ import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from dev.airflow_stack import kill_by_environment
+
 #: Every process of one deployment carries this variable, so what outlived it can be found.
 MARKER_ENV = "HPC_CLUSTER_ID"
 
@@ -93,19 +95,4 @@ def kill_marked(marker: str) -> list[int]:
     Called after a normal stop: anything found then outlived the deployment (a forked task
     process that left its group, for instance).
     """
-    needle = f"{MARKER_ENV}={marker}".encode() + b"\0"
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            if needle in (entry / "environ").read_bytes() + b"\0":
-                found.append(int(entry.name))
-        except OSError:
-            continue
-    for pid in found:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    return found
+    return kill_by_environment(f"{MARKER_ENV}={marker}")
