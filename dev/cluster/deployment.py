@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cryptography.fernet import Fernet
+
 from dev.airflow_stack import START_TIMEOUT, AirflowStack, wait_for
 from dev.cluster.broker import RedisServer
 from dev.cluster.hostname import HOSTNAME_ENV
@@ -34,6 +36,8 @@ TRIGGERER_HEALTH_CHECK_THRESHOLD = 10
 #: Task slots per worker: enough for the scenarios, few enough for two cores.
 WORKER_CONCURRENCY = 6
 DEFAULT_QUEUE = "default"
+#: Where in the bucket the task and trigger logs go (remote logging).
+REMOTE_LOG_PREFIX = "logs"
 
 
 @dataclass(frozen=True)
@@ -82,6 +86,8 @@ class ClusterDeployment(AirflowStack):
         self.s3 = s3
         self.marker = marker
         self.dag_bundles = dict(dag_bundles)
+        #: Encrypts the connections and trigger kwargs Airflow stores, as production must.
+        self.fernet_key = Fernet.generate_key().decode()
         super().__init__(home, next(iter(self.dag_bundles.values())), {**self._cluster_env(), **(extra_env or {})})
 
     def _cluster_env(self) -> dict[str, str]:
@@ -93,6 +99,7 @@ class ClusterDeployment(AirflowStack):
         return {
             MARKER_ENV: self.marker,
             "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor",
+            "AIRFLOW__CORE__FERNET_KEY": self.fernet_key,
             "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": self.postgres.sqlalchemy_url,
             "AIRFLOW__CELERY__BROKER_URL": self.redis.url,
             "AIRFLOW__CELERY__RESULT_BACKEND": self.postgres.celery_result_backend,
@@ -110,7 +117,7 @@ class ClusterDeployment(AirflowStack):
             **self.s3.airflow_conn_env(),
             "AIRFLOW__HPC__RESULTS_BASE": self.s3.url("results"),
             "AIRFLOW__LOGGING__REMOTE_LOGGING": "True",
-            "AIRFLOW__LOGGING__REMOTE_BASE_LOG_FOLDER": f"s3://{self.s3.bucket}/logs",
+            "AIRFLOW__LOGGING__REMOTE_BASE_LOG_FOLDER": f"s3://{self.s3.bucket}/{REMOTE_LOG_PREFIX}",
             "AIRFLOW__LOGGING__REMOTE_LOG_CONN_ID": S3_CONN_ID,
             "AIRFLOW__LOGGING__DELETE_LOCAL_LOGS": "False",
         }

@@ -134,6 +134,11 @@ class PostgresServer:
     def _env(self) -> dict[str, str]:
         return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C", "LANG": "C", MARKER_ENV: self.marker}
 
+    @property
+    def data_dir(self) -> Path | None:
+        """The server's data folder (tables and WAL), or None for an existing server or before the start."""
+        return None if self.folder is None else self.folder / "data"
+
     def _init_cluster(self) -> None:
         # Directly under /tmp (not a pytest folder of mode 0700) so the postgres user can reach it.
         self.folder = Path(tempfile.mkdtemp(prefix="hpc-cluster-pg-"))

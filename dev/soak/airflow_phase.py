@@ -15,6 +15,7 @@ import time
 import traceback
 import uuid
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -85,34 +86,51 @@ def decode_json(value: Any) -> Any:
 
 
 
-class AirflowPhase:
-    """The deployment, the emulator it talks to, the DAG run, and the checks against both."""
+def local_stack(work: Path, server: EmulatorServer, plan: AirflowPlan, parallelism: int, fernet_key: str) -> AirflowStack:
+    """Return the private SQLite deployment of ``make soak``, its DAG folder holding the soak DAG and its plan."""
+    home = work / "airflow-home"
+    dags = home / "dags"
+    dags.mkdir(parents=True)
+    shutil.copy(SOAK_DAG_FILE, dags / SOAK_DAG_FILE.name)
+    (dags / "soak_plan.json").write_text(json.dumps(plan.dag_plan(), indent=1))
+    return AirflowStack(home, dags, {
+        **server.airflow_conn_env(),
+        "AIRFLOW__CORE__PARALLELISM": str(parallelism),
+        "AIRFLOW__CORE__FERNET_KEY": fernet_key,
+    })
 
-    def __init__(self, args: argparse.Namespace, server: EmulatorServer, work: Path, plan: AirflowPlan,
-                 secrets: dict[str, str], issued_tokens: list[str]) -> None:
+
+class AirflowPhase:
+    """
+    The soak DAG run once on a deployment under faults, and the checks against the emulator and Airflow.
+
+    This class runs ``make soak``'s private SQLite deployment, whose results and logs are on its
+    local disk. A deployment that keeps them elsewhere (PostgreSQL, S3) overrides the methods under
+    "where the deployment keeps things" and drives a deployment already running with :meth:`drive`.
+
+    :param stack: the deployment (started by :meth:`run`, or already running for :meth:`drive`).
+    :param fernet_key: the deployment's ``[core] fernet_key``, to read the trigger kwargs it encrypts.
+    """
+
+    #: Copies every value the secret scan must see into ``soak_audit`` as it is written (SQLite).
+    audit_sql = AUDIT_SQL
+
+    def __init__(self, args: argparse.Namespace, server: EmulatorServer, plan: AirflowPlan,
+                 secrets: dict[str, str], issued_tokens: list[str], stack: AirflowStack, fernet_key: str) -> None:
         self.args = args
         self.server = server
-        self.work = work
         self.plan = plan
         self.secrets = secrets
         self.issued_tokens = issued_tokens
         self.harness = Harness(server)
         self.harness.session.headers["Authorization"] = f"Token {secrets['Rescale API key']}"
-        self.fernet_key = Fernet.generate_key().decode()
+        self.fernet_key = fernet_key
         self.figures: Counter[str] = Counter()
         self.problems: list[str] = []
         self.rescale_runs: list[dict[str, Any]] = []
         self.run_id = ""
-        home = work / "airflow-home"
-        dags = home / "dags"
-        dags.mkdir(parents=True)
-        shutil.copy(SOAK_DAG_FILE, dags / SOAK_DAG_FILE.name)
-        (dags / "soak_plan.json").write_text(json.dumps(plan.dag_plan(), indent=1))
-        self.stack = AirflowStack(home, dags, {
-            **server.airflow_conn_env(),
-            "AIRFLOW__CORE__PARALLELISM": str(args.airflow_parallelism),
-            "AIRFLOW__CORE__FERNET_KEY": self.fernet_key,
-        })
+        self.stack = stack
+        self.counters_before: dict[str, dict[str, int]] = {}
 
     # ----- running ---------------------------------------------------------------------------------
 
@@ -121,21 +139,11 @@ class AirflowPhase:
         started = time.monotonic()
         try:
             self.stack.prepare()
-            self.stack.execute_script(AUDIT_SQL)
+            self.stack.execute_script(self.audit_sql)
             self.stack.start_services()
             self.figures["deployment_start_seconds"] = round(time.monotonic() - started)
             print(f"  deployment up in {self.figures['deployment_start_seconds']}s", flush=True)
-            set_faults(self.server, fault_rules(self.args.fault_scale))
-            conf = {"rescale": self._start_rescale_jobs()}
-            self.run_id = self.stack.trigger(SOAK_DAG_ID, conf)
-            dag_started = time.monotonic()
-            state = self._wait_for_the_run()
-            self.figures["dag_run_seconds"] = round(time.monotonic() - dag_started)
-            self.figures[f"dag_run_{state}"] = 1
-            set_faults(self.server, [])
-            self.check_muse()
-            self.check_rescale()
-            self.check_counters()
+            self.drive()
         finally:
             self.stack.stop()
             left = self.stack.kill_leftovers()
@@ -144,6 +152,64 @@ class AirflowPhase:
                 self.problems.append(f"{len(left)} processes of the deployment were still alive after it stopped: {left}")
         # The services are stopped: every log and the database are final.
         self.scan_for_secrets()
+
+    def drive(self) -> None:
+        """Run the DAG once under faults on the running deployment, then check every run against the emulator."""
+        self.counters_before = self.server.counters.snapshot()
+        set_faults(self.server, fault_rules(self.args.fault_scale))
+        try:
+            conf = {"rescale": self._start_rescale_jobs()}
+            self.run_id = self.stack.trigger(SOAK_DAG_ID, conf)
+            dag_started = time.monotonic()
+            state = self._wait_for_the_run()
+            self.figures["dag_run_seconds"] = round(time.monotonic() - dag_started)
+            self.figures[f"dag_run_{state}"] = 1
+        finally:
+            set_faults(self.server, [])
+        self.check_muse()
+        self.check_rescale()
+        self.check_counters()
+
+    def counts(self) -> dict[str, Any]:
+        """Return the counts, sorted, with every count the verdict names present (0 when nothing happened)."""
+        for name in ("duplicate_submissions", "lost_results", "wrong_results", "lost_files", "files_md5_mismatch",
+                     "muse_lost_submit_answers", "muse_never_submitted", "secrets_found", "files_md5_verified",
+                     "outcomes_not_as_decided"):
+            self.figures.setdefault(name, 0)
+        return dict(sorted(self.figures.items()))
+
+    # ----- where the deployment keeps things ---------------------------------------------------------
+
+    def log_files(self, folder: str) -> Iterator[tuple[str, str]]:
+        """Yield (file name, text) for every log file in one task instance's log folder (``dag_id=.../...``)."""
+        for path in sorted((self.stack.home / "logs" / folder).glob("*.log")):
+            yield path.name, path.read_text(errors="replace")
+
+    def read_result(self, location: str) -> bytes | None:
+        """Return the bytes of a result file or manifest the tasks wrote, or None when there is none."""
+        path = Path(location.removeprefix("file://"))
+        return path.read_bytes() if path.is_file() else None
+
+    def harvested_md5s(self, root: str) -> dict[str, str]:
+        """Return the md5 of every file under a harvest's output folder, by path relative to it."""
+        folder = Path(root.removeprefix("file://"))
+        return {p.relative_to(folder).as_posix(): md5_file(p) for p in folder.rglob("*") if p.is_file()}
+
+    def partial_leftovers(self, root: str) -> list[str]:
+        """Return what a harvest left half-written under its output folder (should be nothing)."""
+        return [p.name for p in Path(root.removeprefix("file://")).rglob(".hpc-partial-*")]
+
+    def stored_blobs(self) -> Iterator[tuple[str, str, bytes]]:
+        """Yield (category, name, bytes) for every file the deployment wrote, for the secret scan."""
+        home = self.stack.home
+        for path in sorted(p for p in home.rglob("*") if p.is_file()):
+            relative = path.relative_to(home).as_posix()
+            if relative.startswith("airflow.db"):
+                continue
+            yield _category(relative), relative, path.read_bytes()
+        # The database, raw (every table, every page), then the values decoded.
+        for path in sorted(home.glob("airflow.db*")):
+            yield "database", path.name, path.read_bytes()
 
     def _start_rescale_jobs(self) -> list[dict[str, str]]:
         runs = []
@@ -191,14 +257,16 @@ class AirflowPhase:
 
     def _task_logs(self, task_id: str, map_index: int) -> dict[int, str]:
         """Return the worker log of each try of a task instance, by try number (trigger logs left out)."""
-        folder = self.stack.home / "logs" / f"dag_id={SOAK_DAG_ID}" / f"run_id={self.run_id}" / f"task_id={task_id}"
+        folder = f"dag_id={SOAK_DAG_ID}/run_id={self.run_id}/task_id={task_id}"
         if map_index >= 0:
-            folder /= f"map_index={map_index}"
-        logs = {}
-        for path in folder.glob("attempt=*.log"):
-            worker_log = re.fullmatch(r"attempt=(\d+)\.log", path.name)
+            folder += f"/map_index={map_index}"
+        logs: dict[int, str] = {}
+        for name, text in self.log_files(folder):
+            worker_log = re.fullmatch(r"attempt=(\d+)\.log", name)
             if worker_log:
-                logs[int(worker_log.group(1))] = path.read_text(errors="replace")
+                # A try resumed after its deferral may have run on another machine: its parts are joined.
+                try_number = int(worker_log.group(1))
+                logs[try_number] = logs.get(try_number, "") + text
         return dict(sorted(logs.items()))
 
     # ----- checks ----------------------------------------------------------------------------------
@@ -273,8 +341,8 @@ class AirflowPhase:
                 continue
             text = value.get("stdout")
             if text is None and value.get("file"):
-                path = Path(str(value["file"]["path"]).removeprefix("file://"))
-                text = path.read_text() if path.is_file() else None
+                stored = self.read_result(str(value["file"]["path"]))
+                text = None if stored is None else stored.decode(errors="replace")
             if (text or "").strip() != planned["expected"]:
                 f["wrong_results"] += 1
                 self.problems.append(f"{name}: result {text!r}, expected {planned['expected']!r}")
@@ -310,26 +378,27 @@ class AirflowPhase:
             if decided != "success":
                 continue
             value = self._xcom(f"rescale_harvest_{index}")
-            manifest_path = Path(str((value or {}).get("manifest_path", "")).removeprefix("file://"))
-            if not manifest_path.is_file():
+            manifest_path = str((value or {}).get("manifest_path", ""))
+            stored = self.read_result(manifest_path) if manifest_path else None
+            if stored is None:
                 f["lost_results"] += 1
                 self.problems.append(f"{name}: no manifest ({value!r})")
                 continue
-            manifest = json.loads(manifest_path.read_text())
-            root = Path(str(manifest.get("output_path", "")).removeprefix("file://"))
+            manifest = json.loads(stored)
+            root = str(manifest.get("output_path", ""))
             truth = self.harness.rescale_work_files(job_id, run_id)
             got = {entry["relative_path"] for entry in manifest.get("files", [])}
             if got != set(truth):
                 f["lost_files"] += len(set(truth) - got)
                 self.problems.append(f"{name}: harvested {sorted(got)}, the run produced {sorted(truth)}")
+            harvested = self.harvested_md5s(root)
             for relative, expected_md5 in truth.items():
-                local = root / relative
-                if local.is_file() and md5_file(local) == expected_md5:
+                if harvested.get(relative) == expected_md5:
                     f["files_md5_verified"] += 1
                 else:
                     f["files_md5_mismatch"] += 1
                     self.problems.append(f"{name}: {relative} missing or with the wrong md5")
-            leftovers = [p.name for p in root.rglob(".hpc-partial-*")]
+            leftovers = self.partial_leftovers(root)
             if leftovers:
                 self.problems.append(f"{name}: partial files left behind: {leftovers}")
 
@@ -342,25 +411,25 @@ class AirflowPhase:
 
     def check_counters(self) -> None:
         """Take the emulator's request and fault counts; no Rescale run may have been stopped."""
-        counters = self.server.counters.snapshot()
-        stops = sum(counters.get("rescale_stops", {}).values())
+        # Counted from the DAG run's start: an emulator shared with other runs has counts of its own.
+        counters, before = self.server.counters.snapshot(), self.counters_before
+
+        def since_start(kind: str) -> dict[str, int]:
+            return {name: count - before.get(kind, {}).get(name, 0) for name, count in counters.get(kind, {}).items()}
+
+        stops = sum(since_start("rescale_stops").values())
         self.figures["rescale_stops"] = stops
         if stops:
             self.problems.append(f"{stops} Rescale runs were stopped")
-        self.figures["requests"] = sum(counters.get("requests", {}).values())
-        for kind, count in counters.get("faults", {}).items():
+        self.figures["requests"] = sum(since_start("requests").values())
+        for kind, count in since_start("faults").items():
             self.figures[f"fault_{kind}"] = count
 
     # ----- secrets ---------------------------------------------------------------------------------
 
     def scan_for_secrets(self) -> None:
         """Look for the password, the API key and every issued JWT in every log, XCom and trigger kwargs."""
-        secrets = dict(self.secrets)
-        for number, token in enumerate(self.issued_tokens, 1):
-            secrets[f"Muse JWT #{number}"] = token
-            # A token cut by a log line still gives itself away by its signature.
-            secrets[f"Muse JWT #{number} signature"] = token.rsplit(".", 1)[-1]
-        needles = {what: value.encode() for what, value in secrets.items()}
+        needles = SecretNeedles(self.secrets, self.issued_tokens)
         found: list[str] = []
         f = self.figures
         f["jwts_issued"] = len(self.issued_tokens)
@@ -368,30 +437,13 @@ class AirflowPhase:
             self.problems.append("the emulator issued no JWT: the scan for tokens would prove nothing")
 
         def scan(where: str, data: bytes) -> None:
-            for what, needle in needles.items():
-                if needle in data:
-                    found.append(f"{what} in {where}")
+            found.extend(f"{what} in {where}" for what in needles.find(data))
 
-        home = self.stack.home
-        for path in sorted(p for p in home.rglob("*") if p.is_file()):
-            relative = path.relative_to(home).as_posix()
-            if relative.startswith("airflow.db"):
-                continue
-            data = path.read_bytes()
-            scan(relative, data)
+        for category, where, data in self.stored_blobs():
+            scan(where, data)
             f["secret_scan_files"] += 1
             f["secret_scan_bytes"] += len(data)
-            if relative.startswith("logs/dag_id="):
-                f["secret_scan_trigger_logs" if ".log.trigger." in relative else "secret_scan_task_logs"] += 1
-            elif "/" not in relative and relative.endswith(".log"):
-                f["secret_scan_service_logs"] += 1
-            elif relative.startswith("hpc-results/"):
-                f["secret_scan_result_files"] += 1
-        # The database, raw (every table, every page), then the values decoded.
-        for path in sorted(home.glob("airflow.db*")):
-            data = path.read_bytes()
-            scan(path.name, data)
-            f["secret_scan_bytes"] += len(data)
+            f[f"secret_scan_{category}"] += 1
         fernet = Fernet(self.fernet_key.encode())
         for source, classpath, value in self.stack.query("SELECT source, classpath, value FROM soak_audit ORDER BY id"):
             data = value if isinstance(value, bytes) else str(value or "").encode()
@@ -415,6 +467,52 @@ class AirflowPhase:
         self.problems += [f"secret found: {where}" for where in found]
 
 
+class SecretNeedles:
+    """
+    The secrets a scan looks for: fixed ones (a password, an API key) and every JWT issued.
+
+    A JWT is found by its signature, which gives a token away even when a log line cut it. With
+    thousands of tokens, one search per token over hundreds of MiB would take minutes: the data is
+    instead cut into its runs of base64url characters (a signature follows a ``.``, so it starts a
+    run) and each run's start looked up among the signatures.
+
+    :param fixed: what each secret is -> its value.
+    :param tokens: the JWTs issued, in order (named ``Muse JWT #n`` in what is found).
+    """
+
+    def __init__(self, fixed: dict[str, str], tokens: list[str]) -> None:
+        self.fixed = {what: value.encode() for what, value in fixed.items()}
+        self.signatures = {token.rsplit(".", 1)[-1].encode(): number for number, token in enumerate(tokens, 1)}
+        self.lengths = sorted({len(signature) for signature in self.signatures})
+        self.runs = re.compile(rb"[A-Za-z0-9_-]{%d,}" % self.lengths[0]) if self.lengths else None
+
+    def __len__(self) -> int:
+        return len(self.fixed) + len(self.signatures)
+
+    def find(self, data: bytes) -> list[str]:
+        """Return what is found in ``data``, one entry per secret and place."""
+        found = [what for what, needle in self.fixed.items() if needle in data]
+        if self.runs is not None:
+            numbers = set()
+            for run in self.runs.finditer(data):
+                text = run.group()
+                numbers.update(self.signatures[text[:n]] for n in self.lengths if text[:n] in self.signatures)
+            found += [f"Muse JWT #{number} (its signature)" for number in sorted(numbers)]
+        return found
+
+
+def _category(relative: str) -> str:
+    """Name what a file of a deployment's folder is, for the secret scan's counts."""
+    name = relative.rsplit("/", 1)[-1]
+    if "dag_id=" in relative:
+        return "trigger_logs" if ".log.trigger." in name else "task_logs"
+    if "hpc-results/" in relative or relative.startswith("results/"):
+        return "result_files"
+    if name.endswith(".log"):
+        return "service_logs"
+    return "other_files"
+
+
 
 def airflow_phase(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
     """Phase 2: the soak DAG on a real deployment under faults; return the counts and the problems."""
@@ -427,18 +525,16 @@ def airflow_phase(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
         rescale_api_keys=frozenset({secrets["Rescale API key"]}),
     )
     plan = airflow_plan(args)
+    fernet_key = Fernet.generate_key().decode()
     with EmulatorServer(config) as server:
-        phase = AirflowPhase(args, server, work, plan, secrets, record_issued_tokens(server))
+        stack = local_stack(work, server, plan, args.airflow_parallelism, fernet_key)
+        phase = AirflowPhase(args, server, plan, secrets, record_issued_tokens(server), stack, fernet_key)
         try:
             phase.run()
         except Exception as exc:  # the deployment or the harness broke: reported, never hidden
             phase.problems.append("".join(traceback.format_exception(exc))[-4000:])
-    for name in ("duplicate_submissions", "lost_results", "wrong_results", "lost_files", "files_md5_mismatch",
-                 "muse_lost_submit_answers", "muse_never_submitted", "secrets_found", "files_md5_verified",
-                 "outcomes_not_as_decided"):
-        phase.figures.setdefault(name, 0)
     phase.figures["seconds"] = round(time.monotonic() - started)
-    figures = dict(sorted(phase.figures.items()))
+    figures = phase.counts()
     if phase.problems:
         print(f"  the deployment's home is kept for inspection: {phase.stack.home}", flush=True)
     else:

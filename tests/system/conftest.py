@@ -59,7 +59,22 @@ def system_emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Emulat
 
 
 @pytest.fixture(scope="session")
-def cluster(system_emulator: EmulatorServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+def issued_muse_tokens(system_emulator: EmulatorServer) -> list[str]:
+    """Every Muse JWT the emulator issues in the session (recorded from before the deployment starts), for secret scans."""
+    from dev.soak.airflow_phase import record_issued_tokens
+
+    return record_issued_tokens(system_emulator)
+
+
+@pytest.fixture(scope="session")
+def soak_plan_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where the soak scenario writes the plan of the soak DAG (``HPC_SOAK_PLAN``); until then that DAG is absent."""
+    return tmp_path_factory.mktemp("soak-plan") / "soak_plan.json"
+
+
+@pytest.fixture(scope="session")
+def cluster(system_emulator: EmulatorServer, issued_muse_tokens: list[str], soak_plan_path: Path,
+            tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     """The running deployment (a :class:`dev.cluster.cluster.LocalCluster`) serving the example DAGs and ``dags/``."""
     from dev.cluster.cluster import LocalCluster
     from dev.cluster.prerequisites import MissingPrerequisites
@@ -69,8 +84,13 @@ def cluster(system_emulator: EmulatorServer, tmp_path_factory: pytest.TempPathFa
         # The example DAGs' waits: the emulator's runs last seconds.
         "RESCALE_EXAMPLE_POLL_SECONDS": "1",
         "CHAIN_EXAMPLE_POLL_SECONDS": "1",
+        "HPC_SOAK_PLAN": str(soak_plan_path),
     }
-    bundles = {"hpc_examples": REPO / "example_dags", "hpc_system_tests": HERE / "dags"}
+    bundles = {
+        "hpc_examples": REPO / "example_dags",
+        "hpc_system_tests": HERE / "dags",
+        "hpc_soak": REPO / "dev" / "soak" / "dags",
+    }
     try:
         deployment = LocalCluster(tmp_path_factory.mktemp("cluster-home"), bundles, env)
     except MissingPrerequisites as missing:

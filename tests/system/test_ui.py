@@ -1,7 +1,8 @@
 """
 What an Airflow user sees in the real UI (Airflow 3's React app in a headless Chromium): the
-connection forms of both types, their Test button, the extra link of a deferred task, and the
-followed Rescale lines in the task log.
+connection forms of both types, their Test button, the extra link of a deferred task, the
+followed Rescale lines in the task log, and the provider's "HPC runs" view while a job is
+watched and after.
 
 Run with ``HPC_SYSTEM_TESTS=1 pytest tests/system/test_ui.py`` (``make test-system`` runs them too);
 they need ``chromium`` and ``chromium-driver`` from the operating system.
@@ -20,7 +21,7 @@ import requests
 from airflow_provider_hpc.hooks import _forms
 from browser import Browser
 from dev.ui_stack import UiDeployment, ui_connection
-from ui_support import browser, rest, screenshot_on_failure, ui_deployment  # noqa: F401 (fixtures)
+from ui_support import browser, doc_screenshot, rest, screenshot_on_failure, ui_deployment  # noqa: F401 (fixtures)
 
 HARVEST_DAG = "example_rescale_harvest"
 #: Long enough (about two minutes) for the watch task to be seen deferred on a loaded machine.
@@ -224,6 +225,7 @@ def test_connection_form_shows_the_providers_fields(browser: Browser, conn_type:
     browser.find("xpath", "//*[@role='dialog']//button[normalize-space()='Extra Fields']").click()
     for label in expected["extra_labels"]:
         browser.wait(lambda d, label=label: label in dialog.text, f"extra field {label!r}")
+    doc_screenshot(browser, f"connection-form-{conn_type}")
 
 
 def test_test_button_passes_on_a_connection_made_in_the_form(browser: Browser, ui_deployment: UiDeployment) -> None:
@@ -245,6 +247,7 @@ def test_test_button_passes_on_the_default_connections(browser: Browser, conn_id
     """The connections ``make ui`` stores pass the list's Test."""
     click_test(browser, conn_id)
     wait_toast(browser, "Test Connection Successful", "Connected to")
+    doc_screenshot(browser, f"test-button-{conn_id}")
 
 
 @pytest.mark.parametrize(("conn_type", "words"), [("muse", ("401", "jwt/obtain")), ("rescale", ("401", "Invalid token"))])
@@ -273,9 +276,62 @@ def test_deferred_task_shows_its_extra_link(browser: Browser, ui_deployment: UiD
     browser.open(f"/dags/{HARVEST_DAG}/runs/{harvest_run}/tasks/watch/details")
     link = browser.find("xpath", "//a[normalize-space()='Rescale job']")
     href = link.get_attribute("href")
+    doc_screenshot(browser, "deferred-task-details")
     assert ui_deployment.emulator is not None
     assert re.fullmatch(rf"{re.escape(ui_deployment.emulator.rescale_url)}/jobs/\w+/", href), href
     assert task_state(ui_deployment, HARVEST_DAG, harvest_run, "watch") == "deferred", "the run ended before the link was seen"
+
+
+def hpc_runs_rows(browser: Browser, dag_id: str) -> list[dict[str, str]]:
+    """Open Browse -> HPC runs filtered on one DAG; return its table's rows, column -> text."""
+    browser.open("/plugin/hpc-runs")
+    frame = browser.find("css selector", "iframe")
+    browser.driver.switch_to.frame(frame)
+    try:
+        browser.find("css selector", "table#hpc-runs")
+        # The filter form, as a user fills it in.
+        dag_field = browser.find("css selector", "input[name=dag_id]")
+        dag_field.clear()
+        dag_field.send_keys(dag_id)
+        browser.find("css selector", "form button, form input[type=submit]").click()
+        browser.wait(lambda d: f"dag_id={dag_id}" in d.current_url, "the filtered page")
+        head = [th.text for th in browser.driver.find_elements("css selector", "table#hpc-runs thead th")]
+        return [dict(zip(head, (td.text for td in tr.find_elements("css selector", "td")), strict=True))
+                for tr in browser.driver.find_elements("css selector", "table#hpc-runs tbody tr.hpc-run")]
+    finally:
+        browser.driver.switch_to.default_content()
+
+
+def harvest_job_id(ui_deployment: UiDeployment, run_id: str) -> str:
+    """The Rescale job the harvest example's ``start`` task made (its XCom ``job_id``)."""
+    path = f"dags/{HARVEST_DAG}/dagRuns/{run_id}/taskInstances/start/xcomEntries/job_id"
+    return str(rest(ui_deployment, "GET", path)["value"])
+
+
+def test_hpc_runs_view_lists_the_watched_job_while_deferred_and_after(
+    browser: Browser, ui_deployment: UiDeployment, harvest_run: str
+) -> None:
+    """Browse -> HPC runs shows the example's Rescale job while ``watch`` waits, then its outcome and result."""
+    wait_state(ui_deployment, HARVEST_DAG, harvest_run, "watch", {"deferred"}, timeout=300)
+    job_id = harvest_job_id(ui_deployment, harvest_run)
+
+    def watch_row() -> dict[str, str]:
+        rows = [r for r in hpc_runs_rows(browser, HARVEST_DAG) if r["key or job id"] == job_id and "/ watch" in r["task instance"]]
+        assert len(rows) == 1, rows
+        return rows[0]
+
+    row = watch_row()
+    assert row["service"] == "rescale", row
+    assert row["state as last seen"] == "waiting (deferred to the triggerer)", row
+    assert "(deferred)" in row["task instance"] and row["remote job"] == "open", row
+    doc_screenshot(browser, "hpc-runs-view")
+    assert task_state(ui_deployment, HARVEST_DAG, harvest_run, "watch") == "deferred", "the run ended before the view was read"
+    wait_state(ui_deployment, HARVEST_DAG, harvest_run, "harvest", {"success"}, timeout=600)
+    row = watch_row()
+    assert "(success)" in row["task instance"], row
+    assert row["state as last seen"] not in ("", "unknown") and not row["state as last seen"].startswith("waiting"), row
+    harvest = [r for r in hpc_runs_rows(browser, HARVEST_DAG) if r["key or job id"] == job_id and "/ harvest" in r["task instance"]]
+    assert harvest and harvest[0]["result"], harvest
 
 
 def test_task_log_shows_every_followed_line(browser: Browser, ui_deployment: UiDeployment, harvest_run: str) -> None:
@@ -288,3 +344,5 @@ def test_task_log_shows_every_followed_line(browser: Browser, ui_deployment: UiD
     missing = sorted(set(range(1, HARVEST_STEPS + 1)) - steps)
     assert not missing, f"{len(missing)} step lines missing from the log view ({len(lines)} lines read): {missing[:20]}"
     assert f"solver converged after {HARVEST_STEPS} steps" in text
+    doc_screenshot(browser, "followed-log-end")
+

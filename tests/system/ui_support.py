@@ -8,6 +8,7 @@ more. A failing test leaves a screenshot and the page's text under ``tests/syste
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +20,8 @@ from browser import Browser, missing_browser
 from dev.ui_stack import UiDeployment
 
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
+#: When set (``HPC_UI_SCREENSHOTS=docs/img``), the tests also save there the pictures docs/ui.md shows.
+DOC_SCREENSHOTS = os.environ.get("HPC_UI_SCREENSHOTS")
 
 
 @pytest.fixture(scope="session")
@@ -62,3 +65,9 @@ def rest(deployment: UiDeployment, method: str, path: str, body: Any = None) -> 
     """Call the deployment's REST API (every user is an admin there)."""
     assert deployment.airflow is not None
     return deployment.airflow.api(method, path, body)
+
+
+def doc_screenshot(browser: Browser, name: str) -> None:
+    """Save what the page shows as ``{name}.png`` for the docs, when ``HPC_UI_SCREENSHOTS`` names a folder."""
+    if DOC_SCREENSHOTS:
+        browser.screenshot(Path(DOC_SCREENSHOTS) / f"{name}.png")

@@ -1,8 +1,10 @@
 """
 The fault soak's DAG, run on a real scheduler and triggerer by ``scripts/soak.py``.
 
-Its plan is read from ``soak_plan.json`` next to this file (the soak writes both into the
-deployment's DAG folder), so the DAG stays the same from one parse to the next:
+Its plan is read from ``soak_plan.json`` next to this file (``make soak`` writes both into its
+deployment's DAG folder), or from the file ``HPC_SOAK_PLAN`` names (the system tests serve this
+folder as a DAG bundle), so the DAG stays the same from one parse to the next; without a plan the
+file defines no DAG:
 
 - ``muse``: the keyword arguments of each mapped ``MuseRunOperator`` (``cmd``, ``returned_type``);
 - ``rescale_runs``: how many Rescale runs to watch; run ``i`` is ``dag_run.conf["rescale"][i]``
@@ -16,6 +18,7 @@ Each Rescale run is watched by a deferrable ``RescaleRunSensor`` and then harves
 from __future__ import annotations
 
 import json
+import os
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -26,7 +29,7 @@ from airflow_provider_hpc.operators.rescale_download import RescaleDownloadOutpu
 from airflow_provider_hpc.sensors.rescale import RescaleRunSensor
 
 DAG_ID = "hpc_soak"
-PLAN_PATH = Path(__file__).with_name("soak_plan.json")
+PLAN_PATH = Path(os.environ.get("HPC_SOAK_PLAN") or Path(__file__).with_name("soak_plan.json"))
 
 
 def _plan() -> dict | None:
