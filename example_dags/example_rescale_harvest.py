@@ -92,7 +92,8 @@ with DAG(
         "step_seconds": Param(0.5, type="number", minimum=0, description="Seconds between two steps"),
         "log_path": Param("logs/solver.log", type="string", description="The file of the run to follow"),
         "midway_lines": Param(3, type="integer", minimum=1, description="Log lines written before the snapshot"),
-        "output_path": Param("", type="string", description="Where to harvest (empty: the task's results folder)"),
+        # May be left empty in the trigger form (null): the harvest then goes to the task's results folder.
+        "output_path": Param(None, type=["null", "string"], description="Where to harvest (empty: the task's results folder)"),
     },
 ):
 
@@ -145,7 +146,7 @@ with DAG(
         task_id="harvest",
         job_id=job_id,
         run_id=run_id,
-        output_path="{{ params.output_path }}",
+        output_path="{{ params.output_path or '' }}",
         concurrency=4,
         **RETRIES,
     )
