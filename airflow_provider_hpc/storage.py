@@ -112,12 +112,9 @@ def open_for_reading(path: ObjectStoragePath) -> IO[bytes]:
 def md5_of(chunks: Iterable[bytes]) -> str:
     """Return the hex md5 of a byte stream (the same hash every download is checked with)."""
     digest = StreamMd5()
-    try:
-        for chunk in chunks:
-            digest.update(chunk)
-        return digest.hexdigest()
-    finally:
-        digest.close()
+    for chunk in chunks:
+        digest.update(chunk)
+    return digest.hexdigest()
 
 
 def file_md5(path: ObjectStoragePath) -> str:

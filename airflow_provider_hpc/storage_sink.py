@@ -23,8 +23,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
-import queue
-import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -49,15 +47,6 @@ MULTIPART_PROTOCOLS = frozenset({"s3", "s3a", "s3n"})
 _FOLDERLESS_PROTOCOLS = MULTIPART_PROTOCOLS | {"gs", "gcs", "az", "abfs", "abfss", "adl"}
 # Errors a caller reads as a name clash (a file where a folder is needed): they keep their type.
 _CLASH_ERRORS = (FileExistsError, NotADirectoryError, IsADirectoryError)
-
-# A large body's md5 is computed in a helper thread once this many bytes have been hashed inline:
-# md5 costs about as much CPU as the TLS decrypt and the file write together, and hashlib releases
-# the GIL on large buffers, so the hash then runs beside the network read instead of after it.
-# Below it (Rescale outputs of a few hundred KiB, thousands of them) no thread is ever started.
-PIPELINE_AFTER_BYTES = 4 * 1024 * 1024
-# Chunks waiting for the helper thread at most (about 1 MiB each from the hooks): memory stays flat.
-PIPELINE_QUEUE_CHUNKS = 4
-
 
 @dataclass(frozen=True)
 class StoredFile:
@@ -114,8 +103,13 @@ class AtomicWrite:
         self.expected_md5 = (expected_md5 or "").strip().lower() or None
         self.max_bytes = max_bytes
 
-    def write(self, chunks: Iterable[bytes]) -> StoredFile:
-        """Stream ``chunks`` to the destination, check size and md5, then make the file visible."""
+    def write(self, chunks: Iterable[bytes | memoryview]) -> StoredFile:
+        """
+        Stream ``chunks`` to the destination, check size and md5, then make the file visible.
+
+        Each chunk is hashed and written before the next is asked for, so the producer may reuse
+        its buffer (the transport reads a plain body into one buffer, see ``body_chunks``).
+        """
         digest = StreamMd5()
         target: _Target | None = None
         try:
@@ -140,8 +134,6 @@ class AtomicWrite:
             if target is not None:
                 target.abort()
             raise
-        finally:
-            digest.close()  # never leave the helper thread behind, whatever happened
         _record_lineage(self.dest)
         return StoredFile(path=str(self.dest), size=size, md5=md5)
 
@@ -172,7 +164,7 @@ class AtomicWrite:
 
 
 def write_atomically(
-    chunks: Iterable[bytes],
+    chunks: Iterable[bytes | memoryview],
     dest: ObjectStoragePath,
     *,
     expected_size: int | None = None,
@@ -195,7 +187,7 @@ def file_sink(
     expected_size: int | None = None,
     expected_md5: str | None = None,
     max_bytes: int | None = None,
-) -> Callable[[Iterable[bytes]], StoredFile]:
+) -> Callable[[Iterable[bytes | memoryview]], StoredFile]:
     """
     Return a sink that writes a body's chunks to ``dest`` with :func:`write_atomically` (what a download streams into).
 
@@ -215,7 +207,7 @@ def file_sink(
 class _Target:
     """Where a file's bytes go until they are checked: ``write``, then ``commit`` or ``abort``."""
 
-    def write(self, chunk: bytes) -> None:
+    def write(self, chunk: bytes | memoryview) -> None:
         raise NotImplementedError
 
     def commit(self) -> None:
@@ -252,7 +244,7 @@ class _LocalFile(_Target):
         self.temp = os.path.join(folder, _temporary_name(dest))
         self.handle = open(self.temp, "xb")  # noqa: SIM115 - closed by commit or abort
 
-    def write(self, chunk: bytes) -> None:
+    def write(self, chunk: bytes | memoryview) -> None:
         self.handle.write(chunk)
 
     def commit(self) -> None:
@@ -283,7 +275,7 @@ class _MultipartUpload(_Target):
     def __init__(self, dest: ObjectStoragePath, part_bytes: int) -> None:
         self.handle = dest.fs.open(dest.path, "wb", block_size=part_bytes)
 
-    def write(self, chunk: bytes) -> None:
+    def write(self, chunk: bytes | memoryview) -> None:
         self.handle.write(chunk)
 
     def commit(self) -> None:
@@ -310,7 +302,7 @@ class _TemporaryObject(_Target):
         self.temp = (dest.parent / _temporary_name(dest)).path
         self.handle = self.fs.open(self.temp, "wb")
 
-    def write(self, chunk: bytes) -> None:
+    def write(self, chunk: bytes | memoryview) -> None:
         self.handle.write(chunk)
 
     def commit(self) -> None:
@@ -347,77 +339,21 @@ def _record_lineage(dest: ObjectStoragePath) -> None:
 
 class StreamMd5:
     """
-    The md5 of a stream, hashed inline at first, then in a helper thread for a large body.
+    The md5 of a stream, hashed in the caller's thread as the chunks go by, never copied.
 
-    The first :data:`PIPELINE_AFTER_BYTES` are hashed in the caller's thread; past them, chunks go
-    through a bounded queue to one helper thread, so hashing overlaps the caller's network read and
-    file write. :meth:`hexdigest` waits for the helper and re-raises any error it met;
-    :meth:`close` stops it without waiting for the rest of the hash (call it on every error path).
+    ``hashlib`` hashes a ``memoryview`` in place, so the transport's reused read buffer is hashed
+    where it lies. A helper thread fed through a queue was tried and measured (docs/benchmarks.md,
+    section 3a): on two cores shared with the server it was no faster and cost more CPU (a copy of
+    every chunk, since the reader reuses its buffer, and a hand-off of the GIL per chunk).
     """
-
-    _STOP = object()
 
     def __init__(self) -> None:
         self._digest = hashlib.md5(usedforsecurity=False)
-        self._inline = 0
-        self._queue: queue.Queue[Any] | None = None
-        self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
-        self._cancelled = False
-        self._may_pipeline = True
 
-    def update(self, chunk: bytes) -> None:
-        """Add ``chunk`` to the hash; raise the helper thread's error, if it met one."""
-        if self._queue is None:
-            self._digest.update(chunk)
-            self._inline += len(chunk)
-            if self._may_pipeline and self._inline >= PIPELINE_AFTER_BYTES:
-                self._start()
-            return
-        if self._error is not None:
-            raise self._error
-        # The chunk is read later by the other thread: a mutable buffer could change under it meanwhile.
-        self._queue.put(chunk if isinstance(chunk, bytes) else bytes(chunk))
+    def update(self, chunk: bytes | bytearray | memoryview) -> None:
+        """Add ``chunk`` to the hash (it may be reused by the caller as soon as this returns)."""
+        self._digest.update(chunk)
 
     def hexdigest(self) -> str:
-        """Wait for every chunk to be hashed; return the hex md5 (or raise the helper thread's error)."""
-        self._stop(cancel=False)
-        if self._error is not None:
-            raise self._error
+        """Return the hex md5 of everything added so far."""
         return self._digest.hexdigest()
-
-    def close(self) -> None:
-        """Stop the helper thread, dropping what it has not hashed yet; harmless if already stopped."""
-        self._stop(cancel=True)
-
-    def _start(self) -> None:
-        self._may_pipeline = False  # one helper per stream, tried once
-        chunks: queue.Queue[Any] = queue.Queue(maxsize=PIPELINE_QUEUE_CHUNKS)
-        thread = threading.Thread(target=self._run, args=(chunks,), name="hpc-md5", daemon=True)
-        try:
-            thread.start()
-        except RuntimeError:
-            return  # no thread to spare (thousands already running): keep hashing inline
-        self._queue, self._thread = chunks, thread
-
-    def _run(self, chunks: queue.Queue[Any]) -> None:
-        # Always drain the queue up to the stop mark, even after an error or a cancel, so the
-        # producer never blocks on a full queue.
-        while (chunk := chunks.get()) is not self._STOP:
-            if self._error is None and not self._cancelled:
-                try:
-                    self._digest.update(chunk)
-                except BaseException as exc:  # surfaced in the caller's thread by update/hexdigest
-                    self._error = exc
-
-    def _stop(self, *, cancel: bool) -> None:
-        thread = self._thread
-        if thread is None:
-            return
-        if cancel:
-            self._cancelled = True
-        assert self._queue is not None
-        self._queue.put(self._STOP)
-        thread.join()
-        self._thread = None
-        self._queue = None

@@ -5,8 +5,11 @@ A Muse job writes SIZE random bytes (incompressible, so ``run.zip`` is about SIZ
 asked for ``run.zip`` with ``todownload=yes``: the download URL then serves that file. The hook
 (:meth:`MuseHook.download`), a bare ``requests`` client with and without md5 (each in its own
 process) and ``curl -o`` fetch the same URL over TLS, taking turns; each figure is the best of the
-repetitions. Peak resident memory is the hook
-process's, sampled every 20 ms during the transfer, beside its value just before.
+repetitions (three by default, for every client and size). Peak resident memory is the hook
+process's, sampled every 20 ms during the transfer, beside its value just before. Where the hook's
+time goes is printed for its best repetition: reading the body (socket and TLS), the md5, the
+file write, the final rename and the rest, counted inside its process (see
+``benchmarks/download_worker.py``), beside the CPU seconds of every client.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import hashlib
 import json
 import os
 import re
+import resource
 import subprocess
 import sys
 import tempfile
@@ -66,14 +70,17 @@ def _wait(process: subprocess.Popen[Any]) -> None:
 
 
 def curl_once(emulator: EmulatorProcess, url: str, dest: Path) -> dict[str, Any]:
-    """Fetch ``url`` with ``curl -o``; return seconds (curl's own ``time_total``) and bytes."""
+    """Fetch ``url`` with ``curl -o``; return seconds (curl's own ``time_total``), CPU seconds and bytes."""
     command = ["curl", "-sS", "--fail", "--cacert", str(emulator.ca_path), "-o", str(dest),
                "-w", "%{time_total} %{size_download}", url]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     output = process.stdout.read() if process.stdout else ""
     _wait(process)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     seconds, size = output.split()
-    return {"seconds": float(seconds), "bytes": int(size), "md5": file_md5(dest)}
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return {"seconds": float(seconds), "cpu_s": cpu, "bytes": int(size), "md5": file_md5(dest)}
 
 
 def worker_once(emulator: EmulatorProcess, mode: str, key: str, url: str, dest: Path, scratch: Path) -> dict[str, Any]:
@@ -91,7 +98,7 @@ def worker_once(emulator: EmulatorProcess, mode: str, key: str, url: str, dest: 
 
 def run(emulator: EmulatorProcess, sizes_mib: list[int], repetitions: int) -> dict[str, Any]:
     """Measure every size; print and return the figures."""
-    rows, results = [], {}
+    rows, phase_rows, results = [], [], {}
     for size_mib in sizes_mib:
         key, url = prepare_download(emulator, size_mib * MIB)
         runs: dict[str, list[dict[str, Any]]] = {"hook": [], "bare": [], "bare-nomd5": [], "curl": []}
@@ -118,6 +125,8 @@ def run(emulator: EmulatorProcess, sizes_mib: list[int], repetitions: int) -> di
             "hook_rss_peak_transfer_mib": max(r["rss_peak"] for r in runs["hook"]) / MIB,
             "bare_rss_peak_transfer_mib": max(r["rss_peak"] for r in runs["bare"]) / MIB,
             "md5_identical": len(md5s) == 1,
+            "hook_phases": best["hook"]["phases"],
+            **{f"{name.replace('-', '_')}_cpu_s": best[name]["cpu_s"] for name in runs},
         }
         result["hook_vs_curl"] = result["hook_mib_s"] / result["curl_mib_s"]
         result["bare_vs_curl"] = result["bare_mib_s"] / result["curl_mib_s"]
@@ -128,6 +137,12 @@ def run(emulator: EmulatorProcess, sizes_mib: list[int], repetitions: int) -> di
             result["curl_mib_s"], result["hook_vs_curl"], result["bare_vs_curl"], result["bare_nomd5_vs_curl"],
             result["hook_rss_base_mib"], result["hook_rss_peak_transfer_mib"], "yes" if result["md5_identical"] else "NO",
         ))
+        phases = result["hook_phases"]
+        phase_rows.append((
+            f"{size_mib} MiB", best["hook"]["seconds"], phases["read_s"], phases["hash_s"], phases["write_s"],
+            phases["commit_s"], phases["other_s"], result["hook_cpu_s"], result["bare_cpu_s"],
+            result["bare_nomd5_cpu_s"], result["curl_cpu_s"],
+        ))
         print(f"   {size_mib} MiB done", flush=True)
     print(
         f"\n-- one run.zip over TLS, best of {repetitions}, each client in its own process, taking turns; "
@@ -137,5 +152,15 @@ def run(emulator: EmulatorProcess, sizes_mib: list[int], repetitions: int) -> di
         ("size", "hook MiB/s", "bare MiB/s", "nomd5 MiB/s", "curl MiB/s", "hook/curl", "bare/curl", "nomd5/curl",
          "hook RSS before MiB", "hook RSS peak MiB", "same bytes"),
         rows,
+    ))
+    print(
+        "\n-- where the hook's time goes, its best repetition (seconds, counted in its process: read = waiting "
+        "for and decrypting the body, hash = md5, write = file writes, commit = the final rename); "
+        "CPU = user + system seconds of each client's best repetition"
+    )
+    print(table(
+        ("size", "hook s", "read s", "hash s", "write s", "commit s", "other s", "hook CPU s", "bare CPU s",
+         "nomd5 CPU s", "curl CPU s"),
+        phase_rows,
     ))
     return results

@@ -94,7 +94,7 @@ def test_nothing_is_visible_under_the_final_name_while_writing(root: ObjectStora
     assert names(root) == ["run.zip"]
 
 
-@pytest.mark.parametrize("hashed_in_a_helper", [False, True], ids=["inline-md5", "helper-md5"])
+@pytest.mark.parametrize("reused_buffer", [False, True], ids=["bytes", "reused-buffer"])
 @pytest.mark.parametrize(
     ("kwargs", "error"),
     [
@@ -106,15 +106,14 @@ def test_nothing_is_visible_under_the_final_name_while_writing(root: ObjectStora
     ids=["wrong-md5", "short", "long", "over-limit"],
 )
 def test_a_failed_check_keeps_nothing_and_leaves_the_old_file(
-    root: ObjectStoragePath, kwargs: dict, error: type, hashed_in_a_helper: bool, request: pytest.FixtureRequest
+    root: ObjectStoragePath, kwargs: dict, error: type, reused_buffer: bool
 ) -> None:
     """A mismatch or an oversized body raises; the previous file under the final name is untouched."""
-    if hashed_in_a_helper:
-        request.getfixturevalue("pipelined")
     dest = root / "U"
     dest.write_bytes(b"previous good copy")
+    body = reused_buffer_chunks(DATA, 16 * 1024) if reused_buffer else chunks(DATA, 16 * 1024)
     with pytest.raises(error):
-        write_atomically(chunks(DATA, 16 * 1024), dest, **kwargs)
+        write_atomically(body, dest, **kwargs)
     assert dest.read_bytes() == b"previous good copy"
     assert names(root) == ["U"]
 
@@ -186,107 +185,76 @@ def test_hook_lineage_names_the_final_file_once(root: ObjectStoragePath, monkeyp
     assert seen == [str(root / "run.zip")]
 
 
-# ----- the md5 of a large body, hashed in a helper thread --------------------------------------------
+# ----- the md5 of a stream, hashed inline on the chunks as they come ------------------------------
 
 
-def md5_threads() -> list[threading.Thread]:
-    """The helper threads hashing a stream that are still alive."""
-    return [t for t in threading.enumerate() if t.name == "hpc-md5" and t.is_alive()]
-
-
-@pytest.fixture
-def pipelined(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Hash in the helper thread after 64 KiB, so a small body goes through it; check no helper is left."""
-    monkeypatch.setattr(storage_sink, "PIPELINE_AFTER_BYTES", 64 * 1024)
-    yield
-    assert md5_threads() == []
+def reused_buffer_chunks(data: bytes, size: int) -> Iterator[memoryview]:
+    """Yield ``data`` through one buffer refilled for every chunk, as the transport reads a plain body."""
+    buffer = memoryview(bytearray(size))
+    for start in range(0, len(data), size):
+        piece = data[start : start + size]
+        buffer[: len(piece)] = piece
+        yield buffer[: len(piece)]
 
 
 def test_a_large_body_has_the_right_md5(tmp_path: Any) -> None:
-    """Past the inline part, chunks of every size (bytes, bytearray, memoryview) are hashed in order."""
+    """Chunks of every kind (bytes, bytearray, memoryview, one reused buffer) are hashed and written in order."""
     data = bytes(range(256)) * (48 * 1024) + b"tail"  # 12 MiB and 4 bytes
     pieces: list[Any] = list(chunks(data, MIB))
     pieces[5], pieces[6], pieces[7] = bytearray(pieces[5]), memoryview(pieces[6]), pieces[7][:1]
     pieces.insert(8, data[7 * MIB + 1 : 8 * MIB])
-    seen: list[int] = []
-
-    def watched() -> Iterator[Any]:
-        for piece in pieces:
-            seen.append(len(md5_threads()))
-            yield piece
-
     dest = ObjectStoragePath(f"file://{tmp_path}/run.zip")
-    stored = write_atomically(watched(), dest, expected_size=len(data), expected_md5=hashlib.md5(data).hexdigest())
+    stored = write_atomically(iter(pieces), dest, expected_size=len(data), expected_md5=hashlib.md5(data).hexdigest())
     assert (stored.size, stored.md5) == (len(data), hashlib.md5(data).hexdigest())
     assert dest.read_bytes() == data
-    assert seen[0] == 0 and max(seen) == 1  # inline at first, then one helper
-    assert md5_threads() == []
+    again = write_atomically(reused_buffer_chunks(data, MIB), dest, expected_md5=hashlib.md5(data).hexdigest())
+    assert again.md5 == stored.md5 and dest.read_bytes() == data
 
 
-def test_a_small_body_never_starts_a_thread(root: ObjectStoragePath) -> None:
-    """A file below the threshold (a Rescale output of a few hundred KiB) is hashed inline."""
+def test_a_reused_buffer_lands_whole_on_every_store(root: ObjectStoragePath) -> None:
+    """A producer refilling one buffer loses nothing on a local disk or an object store (which buffers the bytes)."""
+    stored = write_atomically(reused_buffer_chunks(DATA, 16 * 1024), root / "U", expected_md5=hashlib.md5(DATA).hexdigest())
+    assert stored.size == len(DATA)
+    assert (root / "U").read_bytes() == DATA
+
+
+def test_hashing_starts_no_thread(root: ObjectStoragePath) -> None:
+    """The md5 is computed in the caller's thread: a download adds no thread, whatever its size."""
     seen: list[int] = []
+    before = threading.active_count()
 
     def watched() -> Iterator[bytes]:
-        for piece in chunks(DATA):
-            seen.append(len(md5_threads()))
+        for piece in chunks(DATA, 16 * 1024):
+            seen.append(threading.active_count() - before)
             yield piece
 
     assert write_atomically(watched(), root / "U").md5 == hashlib.md5(DATA).hexdigest()
     assert seen and not any(seen)
 
 
-@pytest.mark.usefixtures("pipelined")
 @pytest.mark.parametrize("failure", [ConnectionResetError("Connection reset by peer"), KeyboardInterrupt()])
-def test_a_stream_broken_while_the_helper_hashes_keeps_nothing(root: ObjectStoragePath, failure: BaseException) -> None:
-    """An error (or Ctrl-C) from the stream after the helper started: no temporary file, no thread left."""
-    alive: list[int] = []
+def test_a_stream_broken_midway_keeps_nothing(root: ObjectStoragePath, failure: BaseException) -> None:
+    """An error (or Ctrl-C) from the stream after some chunks were hashed and written: no temporary file."""
 
     def broken() -> Iterator[bytes]:
         yield from chunks(DATA, 16 * 1024)
-        alive.append(len(md5_threads()))
         raise failure
 
     with pytest.raises(type(failure)):
         write_atomically(broken(), root / "nut")
-    assert alive == [1]
     assert names(root) == []
-
-
-@pytest.mark.usefixtures("pipelined")
-def test_an_abandoned_stream_stops_the_helper(root: ObjectStoragePath) -> None:
-    """A consumer that stops reading (GeneratorExit in the stream) still stops the helper thread."""
-
-    def stream() -> Iterator[bytes]:
-        yield from chunks(DATA, 16 * 1024)
-        raise GeneratorExit
-
-    with pytest.raises(GeneratorExit):
-        write_atomically(stream(), root / "nut")
-    assert names(root) == []
-
-
-@pytest.mark.usefixtures("pipelined")
-def test_no_thread_to_spare_hashes_inline(root: ObjectStoragePath, monkeypatch: pytest.MonkeyPatch) -> None:
-    """When no thread can be started (thousands already running), the body is still hashed, inline."""
-
-    def refuse(self: threading.Thread) -> None:
-        raise RuntimeError("can't start new thread")
-
-    monkeypatch.setattr(threading.Thread, "start", refuse)
-    stored = write_atomically(chunks(DATA, 16 * 1024), root / "U", expected_md5=hashlib.md5(DATA).hexdigest())
-    assert stored.md5 == hashlib.md5(DATA).hexdigest()
-    assert names(root) == ["U"]
 
 
 class FailingMd5:
-    """An md5 whose ``update`` fails once it is called from the helper thread."""
+    """An md5 whose ``update`` fails after a few chunks."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self.digest = hashlib.md5()
+        self.calls = 0
 
     def update(self, data: bytes) -> None:
-        if threading.current_thread().name == "hpc-md5":
+        self.calls += 1
+        if self.calls > 3:
             raise MemoryError("no memory left for the hash")
         self.digest.update(data)
 
@@ -294,16 +262,12 @@ class FailingMd5:
         return self.digest.hexdigest()
 
 
-@pytest.mark.usefixtures("pipelined")
-@pytest.mark.parametrize("count", [40, 4000], ids=["short", "long-stream"])
-def test_a_failure_in_the_helper_surfaces_and_keeps_nothing(
-    root: ObjectStoragePath, monkeypatch: pytest.MonkeyPatch, count: int
-) -> None:
-    """The helper's own error is raised in the caller (never a hang on a full queue); nothing is kept."""
+def test_a_failure_of_the_hash_surfaces_and_keeps_nothing(root: ObjectStoragePath, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The hash's own error is raised to the caller; nothing is kept."""
     monkeypatch.setattr(storage_sink, "hashlib", SimpleNamespace(md5=FailingMd5))
     piece = bytes(16 * 1024)
     with pytest.raises(MemoryError, match="no memory left"):
-        write_atomically((piece for _ in range(count)), root / "big")
+        write_atomically((piece for _ in range(40)), root / "big")
     assert names(root) == []
 
 

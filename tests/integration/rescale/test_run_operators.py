@@ -51,6 +51,9 @@ def test_stop_a_running_run(api: RescaleApi, context: dict[str, Any]) -> None:
 def test_stop_and_wait_in_the_triggerer(api: RescaleApi, context: dict[str, Any]) -> None:
     job_id = api.start_job(LONG_COMMAND)
     api.wait_started(job_id)
+    # The run has produced something before the stop (its process starts a few ms before its
+    # first line): a stop sent at once could otherwise beat the command's first write.
+    api.wait_lines(job_id, "1", "out/progress.log", 1)
 
     result, event = run_deferrable(stop(job_id, wait_for_completion=True, deferrable=True), context, api_key=API_KEY)
 
