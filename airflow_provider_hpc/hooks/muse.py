@@ -282,7 +282,8 @@ class MuseHook(HpcHttpHook):
     async def a_get_state(self, name: str, key: str) -> MuseReport:
         """Return the run's report without blocking the event loop (for triggers)."""
         path = self._state_path(name, key)
-        transport = await self.async_transport()
+        # The transport is built once per hook: no coroutine per poll to fetch it again.
+        transport = self._async or await self.async_transport()
         answer = await transport.get_json(path)
         endpoint = endpoint_of("GET", transport.url(path))
         self._raise_for_error_body(answer, endpoint)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 import weakref
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Mapping
 from contextlib import asynccontextmanager
 from functools import cached_property
 from typing import Any
@@ -22,6 +22,8 @@ from airflow_provider_hpc.transport.urls import endpoint_of, origin
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 #: Same-origin redirects followed at most (as on the sync side).
 MAX_REDIRECTS = 5
+#: Connections one shared session keeps open at most (per event loop and origin).
+CONNECTION_LIMIT = 100
 
 
 class _LoopSessions:
@@ -61,13 +63,12 @@ class AsyncTransport(BaseTransport):
     of them leaves (see :meth:`session_lease`), so a cancelled trigger never leaks a session.
     """
 
-    @property
+    @cached_property
     def _key(self) -> tuple:
         return origin(self.settings.base_url)
 
-    @asynccontextmanager
-    async def session_lease(self) -> AsyncIterator[aiohttp.ClientSession]:
-        """Hold the shared session for the duration of the block (a trigger holds it for its life)."""
+    def _acquire(self) -> tuple[_LoopSessions, aiohttp.ClientSession]:
+        """Take a hold on the running loop's shared session for this origin (made when there is none)."""
         loop = asyncio.get_running_loop()
         # get() first: setdefault() would build a pool and a weak reference at every request.
         pool = _SESSIONS.get(loop) or _SESSIONS.setdefault(loop, _LoopSessions())
@@ -78,19 +79,32 @@ class AsyncTransport(BaseTransport):
                 # Kept alive past the poll interval: aiohttp's 15 s default made every 30 s poll
                 # open a new connection (a TLS handshake per trigger per round).
                 connector=aiohttp.TCPConnector(
-                    limit=100, ttl_dns_cache=300, keepalive_timeout=self.settings.keepalive_timeout
+                    limit=CONNECTION_LIMIT, ttl_dns_cache=300, keepalive_timeout=self.settings.keepalive_timeout
                 ),
                 headers={"User-Agent": "airflow-provider-hpc"},
             )
             pool.sessions[key] = session
         pool.users[key] = pool.users.get(key, 0) + 1
+        return pool, session
+
+    def _release(self, pool: _LoopSessions, session: aiohttp.ClientSession) -> bool:
+        """Give a hold back; return whether it was the last one, so the session must be closed."""
+        key = self._key
+        pool.users[key] -= 1
+        if pool.users[key] <= 0 and pool.sessions.get(key) is session:
+            del pool.sessions[key]
+            del pool.users[key]
+            return True
+        return False
+
+    @asynccontextmanager
+    async def session_lease(self) -> AsyncIterator[aiohttp.ClientSession]:
+        """Hold the shared session for the duration of the block (a trigger holds it for its life)."""
+        pool, session = self._acquire()
         try:
             yield session
         finally:
-            pool.users[key] -= 1
-            if pool.users[key] <= 0 and pool.sessions.get(key) is session:
-                del pool.sessions[key]
-                del pool.users[key]
+            if self._release(pool, session):
                 await asyncio.shield(session.close())
 
     async def request_json(
@@ -116,57 +130,82 @@ class AsyncTransport(BaseTransport):
         url = self.url(path)
         endpoint = endpoint_of(method, url)
         idempotent = method.upper() in ("GET", "HEAD") if idempotent is None else idempotent
-        settings = self.settings
         # A request that creates work is not cut at request_timeout (see the sync side's request_json).
         timeout = self._timeouts[0 if idempotent else 1]
         ssl_setting = self._ssl_setting(url, endpoint)
-
-        async with self.session_lease() as session:
-
-            async def attempt() -> Any:
-                target, query = url, params
-                try:
-                    for _hop in range(MAX_REDIRECTS + 1):
-                        async with session.request(
-                            method, target, params=query, headers=headers, timeout=timeout, ssl=ssl_setting,
-                            allow_redirects=False,
-                        ) as response:
-                            if response.status in REDIRECT_STATUSES:
-                                target = self._same_origin_target(response, target, endpoint)
-                                query = None  # the Location carries its own query
-                                continue
-                            wanted = errors.MAX_JSON_BYTES if body_limit is None else body_limit
-                            limit = errors.ERROR_BODY_BYTES if response.status >= 400 else wanted + 1
-                            body = await _read_capped(response, limit)
-                            if response.status >= 400:
-                                raise self._http_error(
-                                    response.status, body, endpoint, response.headers.get("Retry-After"), idempotent
-                                )
-                            if body_limit is not None:
-                                return body if len(body) <= body_limit else None
-                            return self.parse_json(body, endpoint, response.status)
-                    raise self.error_class(f"More than {MAX_REDIRECTS} redirects; giving up", endpoint=endpoint)
-                except asyncio.TimeoutError as exc:
-                    if isinstance(exc, aiohttp.ServerTimeoutError):  # one read or the connection: retried
-                        raise self._transport_error(exc, endpoint, idempotent) from None
-                    # The whole exchange outlived request_timeout: a server this slow is not asked again at once.
-                    raise self.error_class(
-                        f"The answer took longer than {settings.request_timeout:g} s in all (request_timeout); giving up",
-                        endpoint=endpoint,
-                    ) from None
-                except aiohttp.ClientError as exc:
-                    raise self._transport_error(exc, endpoint, idempotent) from None
-                except errors.TransportError:
-                    # The provider's own errors pass as they are (InvalidIdentifierError and
-                    # UnsafePathError are ValueErrors too, and must not be taken for the next case).
+        # The hold is taken and given back by hand, not with session_lease: a context manager is
+        # two more objects per request (its generator and itself), alive for the whole exchange.
+        pool, session = self._acquire()
+        args = (session, method, url, params, headers, timeout, ssl_setting, endpoint, idempotent, body_limit)
+        try:
+            # Retrier.acall, inlined: the first attempt is awaited here, one coroutine less per
+            # request; the retrier takes over only after a failure it retries.
+            try:
+                return await self._attempt(*args)
+            except errors.TransportError as exc:
+                if not self.retrier.retries(exc):
                     raise
-                except ValueError as exc:  # a header value the client refuses to send
-                    raise self.error_class(
-                        f"The request could not be sent: {type(exc).__name__}: {redact(str(exc), self.secrets)[:200]}",
-                        endpoint=endpoint,
-                    ) from None
+                failure = exc
+            return await self.retrier.aretry(endpoint, failure, self._attempt, *args)
+        finally:
+            if self._release(pool, session):
+                await asyncio.shield(session.close())
 
-            return await self.retrier.acall(endpoint, attempt)
+    async def _attempt(
+        self,
+        session: aiohttp.ClientSession,
+        method: str,
+        url: str,
+        params: Mapping[str, Any] | None,
+        headers: Mapping[str, str] | None,
+        timeout: aiohttp.ClientTimeout,
+        ssl_setting: ssl.SSLContext | bool,
+        endpoint: str,
+        idempotent: bool,
+        body_limit: int | None,
+    ) -> Any:
+        """One attempt of :meth:`request_json`: the exchange, same-origin redirects, the body read and parsed."""
+        target, query = url, params
+        try:
+            for _hop in range(MAX_REDIRECTS + 1):
+                async with session.request(
+                    method, target, params=query, headers=headers, timeout=timeout, ssl=ssl_setting,
+                    allow_redirects=False,
+                ) as response:
+                    if response.status in REDIRECT_STATUSES:
+                        target = self._same_origin_target(response, target, endpoint)
+                        query = None  # the Location carries its own query
+                        continue
+                    wanted = errors.MAX_JSON_BYTES if body_limit is None else body_limit
+                    limit = errors.ERROR_BODY_BYTES if response.status >= 400 else wanted + 1
+                    body = await _read_capped(response, limit)
+                    if response.status >= 400:
+                        raise self._http_error(
+                            response.status, body, endpoint, response.headers.get("Retry-After"), idempotent
+                        )
+                    if body_limit is not None:
+                        return body if len(body) <= body_limit else None
+                    return self.parse_json(body, endpoint, response.status)
+            raise self.error_class(f"More than {MAX_REDIRECTS} redirects; giving up", endpoint=endpoint)
+        except asyncio.TimeoutError as exc:
+            if isinstance(exc, aiohttp.ServerTimeoutError):  # one read or the connection: retried
+                raise self._transport_error(exc, endpoint, idempotent) from None
+            # The whole exchange outlived request_timeout: a server this slow is not asked again at once.
+            raise self.error_class(
+                f"The answer took longer than {self.settings.request_timeout:g} s in all (request_timeout); giving up",
+                endpoint=endpoint,
+            ) from None
+        except aiohttp.ClientError as exc:
+            raise self._transport_error(exc, endpoint, idempotent) from None
+        except errors.TransportError:
+            # The provider's own errors pass as they are (InvalidIdentifierError and
+            # UnsafePathError are ValueErrors too, and must not be taken for the next case).
+            raise
+        except ValueError as exc:  # a header value the client refuses to send
+            raise self.error_class(
+                f"The request could not be sent: {type(exc).__name__}: {redact(str(exc), self.secrets)[:200]}",
+                endpoint=endpoint,
+            ) from None
 
     def _ssl_setting(self, url: str, endpoint: str) -> ssl.SSLContext | bool:
         """Return the TLS context of a request; a CA file that cannot be read is this transport's error."""
@@ -195,9 +234,12 @@ class AsyncTransport(BaseTransport):
             raise self._redirect_error(response.status, location, endpoint)
         return target
 
-    async def get_json(self, path: str, params: Mapping[str, Any] | None = None, headers: Mapping[str, str] | None = None) -> Any:
-        """GET a JSON document."""
-        return await self.request_json("GET", path, params=params, headers=headers)
+    def get_json(
+        self, path: str, params: Mapping[str, Any] | None = None, headers: Mapping[str, str] | None = None
+    ) -> Awaitable[Any]:
+        """GET a JSON document (await the result)."""
+        # A plain function handing back request_json's coroutine: no coroutine of its own per poll.
+        return self.request_json("GET", path, params=params, headers=headers)
 
     async def get_bytes(self, path: str, *, limit: int, headers: Mapping[str, str] | None = None) -> bytes | None:
         """GET a small body whole, or ``None`` when it holds more than ``limit`` decoded bytes (as on the sync side)."""

@@ -137,9 +137,11 @@ class BodyBudget:
             self._window_start, self._window_bytes = now, 0
 
 
-# Joined URLs by (base URL, path): pure values, shared by every transport of the process.
+# Joined URLs by (base URL, path): pure values, shared by every transport of the process. Room
+# for a few URLs per trigger at 10,000 triggers (a Rescale trigger polls two or three), so a
+# triggerer of that size does not empty the cache every round; a few hundred bytes per entry.
 _JOINED_URLS: dict[tuple[str, str], str] = {}
-_JOINED_URLS_MAX = 20_000
+_JOINED_URLS_MAX = 65_536
 
 class BaseTransport:
     """What the sync and async transports share: URLs, errors and secrets."""

@@ -120,7 +120,8 @@ def decode_json(
             endpoint=endpoint,
             status=status,
         )
-    if not body.strip():
+    # isspace() rather than strip(): the same test without copying the body at every poll.
+    if not body or body.isspace():
         raise error_class("The server answered with an empty body where JSON was expected", endpoint=endpoint, status=status)
     try:
         return json.loads(body)

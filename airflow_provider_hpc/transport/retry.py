@@ -8,7 +8,7 @@ import email.utils
 import logging
 import random
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -116,8 +116,20 @@ class Retrier:
 
     def call(self, endpoint: str, attempt: Callable[[], Any]) -> Any:
         """Call ``attempt`` until it succeeds, fails for good, or the attempts run out."""
+        # The first attempt runs bare, as in acall: a harvest makes one request per file, and
+        # tenacity's machinery cost more than the rest of the retry path for a request that
+        # almost always succeeds at once. Its waits, log lines and count stay the same.
         try:
-            return tenacity.Retrying(sleep=lambda seconds: _sleep(seconds), **self._kwargs(endpoint))(attempt)
+            return attempt()
+        except TransportError as exc:
+            if not self.retries(exc):
+                raise
+            first_failure = exc
+        try:
+            wait = self.policy.wait_for(first_failure, 1)
+            self._log_retry(endpoint, first_failure, 1, wait)
+            _sleep(wait)
+            return tenacity.Retrying(sleep=lambda seconds: _sleep(seconds), **self._kwargs(endpoint, done=1))(attempt)
         except TransportError as exc:
             self._gave_up(exc)
             raise
@@ -127,24 +139,48 @@ class Retrier:
             "%s failed (%s); retry %d of %d in %.1fs", endpoint, describe(exc), attempt, self.max_attempts - 1, wait
         )
 
-    async def acall(self, endpoint: str, attempt: Callable[[], Any]) -> Any:
-        """Await ``attempt()`` until it succeeds, fails for good, or the attempts run out."""
+    async def acall(self, endpoint: str, attempt: Callable[..., Awaitable[Any]], *args: Any) -> Any:
+        """
+        Await ``attempt(*args)`` until it succeeds, fails for good, or the attempts run out.
+
+        The arguments are passed rather than captured in a closure: a closure built per request
+        holds a cell per variable, objects that live as long as the request and, with thousands of
+        triggers waiting on a shared pool, reach the collector's oldest generation.
+        """
         # The first attempt runs bare: building tenacity's machinery for every poll took about a
         # fifth of a trigger's time per poll. On a retryable failure tenacity takes over for the
         # attempts left, with the same waits, log lines and count as if it had run the first one.
         try:
-            return await attempt()
+            return await attempt(*args)
         except TransportError as exc:
-            if not exc.retryable or self.max_attempts == 1:
+            if not self.retries(exc):
                 raise
             first_failure = exc
+        return await self.aretry(endpoint, first_failure, attempt, *args)
+
+    def retries(self, exc: TransportError) -> bool:
+        """Whether a first attempt that failed with ``exc`` is tried again."""
+        return exc.retryable and self.max_attempts > 1
+
+    async def aretry(
+        self, endpoint: str, first_failure: TransportError, attempt: Callable[..., Awaitable[Any]], *args: Any
+    ) -> Any:
+        """
+        Go on after a first attempt failed with ``first_failure`` (one :meth:`retries` accepts).
+
+        The waits, the ``retry N of M`` log lines and the count of attempts are those tenacity
+        would have given had it run the first attempt too.
+        """
+        # The failure's traceback holds the frames it went through: it is only waited on and
+        # logged here, never raised again, so it is dropped rather than kept in a cycle.
+        first_failure.__traceback__ = None
         try:
             wait = self.policy.wait_for(first_failure, 1)
             self._log_retry(endpoint, first_failure, 1, wait)
             await _async_sleep(wait)
             return await tenacity.AsyncRetrying(
                 sleep=lambda seconds: _async_sleep(seconds), **self._kwargs(endpoint, done=1)
-            )(attempt)
+            )(attempt, *args)
         except TransportError as exc:
             self._gave_up(exc)
             raise

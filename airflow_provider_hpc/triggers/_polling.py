@@ -243,7 +243,8 @@ class PollingTrigger(BaseTrigger):
         failures = 0
         while True:
             try:
-                payload, changed = await self._poll_within_deadline()
+                # Without a deadline the poll is awaited directly: one coroutine less per poll.
+                payload, changed = await (self._poll() if self.deadline is None else self._poll_within_deadline())
             except asyncio.TimeoutError:
                 # The deadline passed while a poll was still in flight (a slow or dripping server).
                 return self._timeout()

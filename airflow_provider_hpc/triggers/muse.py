@@ -61,6 +61,12 @@ class MuseJobTrigger(PollingTrigger):
 
     async def _poll(self) -> tuple[dict[str, Any] | None, bool]:
         current = await self.hook.a_get_state(self.name, self.key)
+        if current == self._report:
+            # The report held is kept: the new one, equal, is freed at once instead of living a
+            # whole interval and reaching the garbage collector's oldest generation (it and its
+            # request dict and lists, at every poll of every trigger). The report held is not
+            # terminal, or the wait would have ended, and nothing changed.
+            return None, False
         changed = report_signature(current) != report_signature(self._report)
         if changed:
             self._log_change(self._report, current)
