@@ -138,8 +138,9 @@ class AsyncTransport(BaseTransport):
         pool, session = self._acquire()
         args = (session, method, url, params, headers, timeout, ssl_setting, endpoint, idempotent, body_limit)
         try:
-            # Retrier.acall, inlined: the first attempt is awaited here, one coroutine less per
-            # request; the retrier takes over only after a failure it retries.
+            # The first attempt runs bare, with its arguments passed rather than captured in a
+            # closure (a cell per variable, alive as long as the request); the retrier takes over
+            # only after a failure it retries, with the same waits, log lines and count.
             try:
                 return await self._attempt(*args)
             except errors.TransportError as exc:

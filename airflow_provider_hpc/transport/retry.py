@@ -139,25 +139,6 @@ class Retrier:
             "%s failed (%s); retry %d of %d in %.1fs", endpoint, describe(exc), attempt, self.max_attempts - 1, wait
         )
 
-    async def acall(self, endpoint: str, attempt: Callable[..., Awaitable[Any]], *args: Any) -> Any:
-        """
-        Await ``attempt(*args)`` until it succeeds, fails for good, or the attempts run out.
-
-        The arguments are passed rather than captured in a closure: a closure built per request
-        holds a cell per variable, objects that live as long as the request and, with thousands of
-        triggers waiting on a shared pool, reach the collector's oldest generation.
-        """
-        # The first attempt runs bare: building tenacity's machinery for every poll took about a
-        # fifth of a trigger's time per poll. On a retryable failure tenacity takes over for the
-        # attempts left, with the same waits, log lines and count as if it had run the first one.
-        try:
-            return await attempt(*args)
-        except TransportError as exc:
-            if not self.retries(exc):
-                raise
-            first_failure = exc
-        return await self.aretry(endpoint, first_failure, attempt, *args)
-
     def retries(self, exc: TransportError) -> bool:
         """Whether a first attempt that failed with ``exc`` is tried again."""
         return exc.retryable and self.max_attempts > 1

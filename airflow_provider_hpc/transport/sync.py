@@ -231,7 +231,7 @@ class SyncTransport(BaseTransport):
     def download(
         self,
         path: str,
-        sink: Callable[[Iterable[bytes]], T],
+        sink: Callable[[Iterable[bytes | memoryview]], T],
         *,
         params: Mapping[str, Any] | None = None,
         headers: Mapping[str, str] | None = None,
@@ -243,7 +243,9 @@ class SyncTransport(BaseTransport):
         starts the transfer again; the sink must leave nothing behind when it raises (see
         :func:`airflow_provider_hpc.storage.file_sink`).
 
-        :param sink: takes the body's chunks and returns what it stored.
+        :param sink: takes the body's chunks and returns what it stored. A chunk is valid only
+            until the next one is asked for (a plain body is read into one reused buffer): a
+            sink that keeps one copies it (``bytes(chunk)``).
         """
         return self.fetch(
             "GET", path, lambda response: sink(body_chunks(response)), params=params, headers=headers, paced=True

@@ -64,6 +64,10 @@ class S3Server:
         pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
         return [item["Key"] for page in pages for item in page.get("Contents", [])]
 
+    def read(self, key: str) -> bytes:
+        """Return one object's bytes (``NoSuchKey`` from the client when there is none)."""
+        return self.client().get_object(Bucket=self.bucket, Key=key)["Body"].read()
+
     def airflow_connection(self) -> dict[str, Any]:
         """The ``aws`` connection (JSON form) that points Airflow, the S3 hook and s3fs here."""
         return {

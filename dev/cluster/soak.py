@@ -14,14 +14,16 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import time
 from collections.abc import Iterator
 
 from hpc_emulator import EmulatorServer
 
+from airflow_provider_hpc.storage_sink import TEMP_PREFIX
 from dev.cluster.deployment import REMOTE_LOG_PREFIX, ClusterDeployment
 from dev.cluster.object_store import S3Server
 from dev.cluster.postgres import PostgresServer
-from dev.soak.airflow_phase import AirflowPhase
+from dev.soak.airflow_phase import SOAK_DAG_ID, AirflowPhase
 from dev.soak.workload import AirflowPlan
 
 #: What ``dev/soak/airflow_phase.py``'s SQLite triggers copy, in PostgreSQL's dialect (idempotent:
@@ -48,8 +50,10 @@ RETURN NEW; END $$;
 CREATE OR REPLACE TRIGGER soak_audit_rendered AFTER INSERT OR UPDATE OF rendered_fields
 ON rendered_task_instance_fields FOR EACH ROW EXECUTE FUNCTION soak_audit_rendered_row();
 """
-#: A harvest's temporary objects, which a finished harvest must not leave (see storage_sink.py).
-PARTIAL_MARK = ".hpc-partial-"
+#: How long the task logs on S3 must stay unchanged before they are read: a try's log is uploaded
+#: after its task process exits, which can be after its state (and the DAG run's) is final.
+LOGS_QUIET_SECONDS = 10.0
+LOGS_SETTLE_TIMEOUT = 180.0
 
 
 class ClusterSoak(AirflowPhase):
@@ -79,35 +83,40 @@ class ClusterSoak(AirflowPhase):
 
     # ----- where this deployment keeps things ------------------------------------------------------
 
+    def settle(self) -> None:
+        """Wait until the run's logs on S3 stop changing: the last tries' uploads come after the run's end."""
+        prefix = f"{REMOTE_LOG_PREFIX}/dag_id={SOAK_DAG_ID}/run_id={self.run_id}/"
+        deadline = time.monotonic() + LOGS_SETTLE_TIMEOUT
+        seen, quiet_since = None, time.monotonic()
+        while time.monotonic() < deadline:
+            count = len(self.s3.keys(prefix))
+            if count != seen:
+                seen, quiet_since = count, time.monotonic()
+            elif time.monotonic() - quiet_since >= LOGS_QUIET_SECONDS:
+                return
+            time.sleep(1.0)
+        self.problems.append(f"the task logs on S3 kept changing {LOGS_SETTLE_TIMEOUT:.0f} s after the run ended")
+
     def log_files(self, folder: str) -> Iterator[tuple[str, str]]:
         """The task logs as the API server reads them: on S3 (remote logging), whichever worker ran each part."""
         prefix = f"{REMOTE_LOG_PREFIX}/{folder}/"
-        client = self.s3.client()
         for key in self.s3.keys(prefix):
-            body = client.get_object(Bucket=self.s3.bucket, Key=key)["Body"].read()
-            yield key[len(prefix):], body.decode(errors="replace")
+            yield key[len(prefix):], self.s3.read(key).decode(errors="replace")
 
     def read_result(self, location: str) -> bytes | None:
         """Read a result or manifest from S3 (``s3://conn@bucket/key``) or, for anything else, the local disk."""
         if not location.startswith("s3://"):
             return super().read_result(location)
         key = self._key(location)
-        client = self.s3.client()
-        try:
-            return client.get_object(Bucket=self.s3.bucket, Key=key)["Body"].read()
-        except client.exceptions.NoSuchKey:
-            return None
+        return self.s3.read(key) if key in self.s3.keys(key) else None
 
     def harvested_md5s(self, root: str) -> dict[str, str]:
         """Hash every object under a harvest's S3 prefix, as a downstream task on another machine would read it."""
         if not root.startswith("s3://"):
             return super().harvested_md5s(root)
         prefix = self._key(root).rstrip("/") + "/"
-        client = self.s3.client()
         return {
-            key[len(prefix):]: hashlib.md5(
-                client.get_object(Bucket=self.s3.bucket, Key=key)["Body"].read(), usedforsecurity=False
-            ).hexdigest()
+            key[len(prefix):]: hashlib.md5(self.s3.read(key), usedforsecurity=False).hexdigest()
             for key in self.s3.keys(prefix)
         }
 
@@ -117,17 +126,16 @@ class ClusterSoak(AirflowPhase):
             return super().partial_leftovers(root)
         prefix = self._key(root).rstrip("/") + "/"
         uploads = self.s3.client().list_multipart_uploads(Bucket=self.s3.bucket, Prefix=prefix).get("Uploads", [])
-        return [key for key in self.s3.keys(prefix) if PARTIAL_MARK in key] + [
+        return [key for key in self.s3.keys(prefix) if TEMP_PREFIX in key] + [
             f"open upload of {upload['Key']}" for upload in uploads
         ]
 
     def stored_blobs(self) -> Iterator[tuple[str, str, bytes]]:
         """Every machine's files, every object in the bucket, and PostgreSQL's data folder, raw."""
         yield from super().stored_blobs()
-        client = self.s3.client()
         for key in self.s3.keys():
             category = "s3_" + ("log" if key.startswith(f"{REMOTE_LOG_PREFIX}/") else "result" if key.startswith("results/") else "object")
-            yield category, f"s3://{self.s3.bucket}/{key}", client.get_object(Bucket=self.s3.bucket, Key=key)["Body"].read()
+            yield category, f"s3://{self.s3.bucket}/{key}", self.s3.read(key)
         data_dir = self.postgres.data_dir
         if data_dir is None:  # an existing server: its files are not ours to read
             return

@@ -23,6 +23,7 @@ from cryptography.fernet import Fernet, InvalidToken
 from hpc_emulator import EmulatorConfig, EmulatorServer
 from hpc_emulator.config import MuseUser
 
+from airflow_provider_hpc.storage_sink import TEMP_PREFIX
 from dev.airflow_stack import AirflowStack
 from dev.soak.faults import fault_rules, set_faults
 from dev.soak.harness import Harness, count_outcome, md5_file
@@ -166,6 +167,7 @@ class AirflowPhase:
             self.figures[f"dag_run_{state}"] = 1
         finally:
             set_faults(self.server, [])
+        self.settle()
         self.check_muse()
         self.check_rescale()
         self.check_counters()
@@ -179,6 +181,9 @@ class AirflowPhase:
         return dict(sorted(self.figures.items()))
 
     # ----- where the deployment keeps things ---------------------------------------------------------
+
+    def settle(self) -> None:
+        """Wait, once the DAG run ended, until what its tasks write after their end is in place (here: nothing)."""
 
     def log_files(self, folder: str) -> Iterator[tuple[str, str]]:
         """Yield (file name, text) for every log file in one task instance's log folder (``dag_id=.../...``)."""
@@ -197,7 +202,7 @@ class AirflowPhase:
 
     def partial_leftovers(self, root: str) -> list[str]:
         """Return what a harvest left half-written under its output folder (should be nothing)."""
-        return [p.name for p in Path(root.removeprefix("file://")).rglob(".hpc-partial-*")]
+        return [p.name for p in Path(root.removeprefix("file://")).rglob(f"{TEMP_PREFIX}*")]
 
     def stored_blobs(self) -> Iterator[tuple[str, str, bytes]]:
         """Yield (category, name, bytes) for every file the deployment wrote, for the secret scan."""
@@ -264,9 +269,7 @@ class AirflowPhase:
         for name, text in self.log_files(folder):
             worker_log = re.fullmatch(r"attempt=(\d+)\.log", name)
             if worker_log:
-                # A try resumed after its deferral may have run on another machine: its parts are joined.
-                try_number = int(worker_log.group(1))
-                logs[try_number] = logs.get(try_number, "") + text
+                logs[int(worker_log.group(1))] = text
         return dict(sorted(logs.items()))
 
     # ----- checks ----------------------------------------------------------------------------------
@@ -474,7 +477,8 @@ class SecretNeedles:
     A JWT is found by its signature, which gives a token away even when a log line cut it. With
     thousands of tokens, one search per token over hundreds of MiB would take minutes: the data is
     instead cut into its runs of base64url characters (a signature follows a ``.``, so it starts a
-    run) and each run's start looked up among the signatures.
+    run) and each run's start looked up among the signatures. A signature glued to other
+    base64url characters (not after a ``.``) would be missed: no token is ever written so.
 
     :param fixed: what each secret is -> its value.
     :param tokens: the JWTs issued, in order (named ``Muse JWT #n`` in what is found).

@@ -69,9 +69,17 @@ def test_the_soak_volume_under_faults_ends_as_the_emulator_decided_with_no_secre
     assert not soak.problems, "\n".join(soak.problems[:50])
     assert figures["muse_tasks"] == MUSE_RUNS and figures["rescale_runs"] == RESCALE_JOBS * 2, figures
     assert figures["outcomes_as_decided"] == MUSE_RUNS + RESCALE_JOBS * 2 - figures["muse_never_submitted"], figures
+    # A task whose every submit was refused by a gateway error never had a run: rare under these
+    # faults (1 in 300 in the runs measured), never the rule.
+    assert figures["muse_never_submitted"] <= max(1, MUSE_RUNS // 100), figures
+    planned_successes = sum(1 for muse in plan.muse if muse["expected"] is not None)
+    assert figures["muse_results_verified"] >= planned_successes - figures["muse_never_submitted"], figures
     # The faults did happen, and the scan did read the places it names.
     assert figures.get("fault_drop", 0) and figures.get("fault_status:429", 0), figures
-    for place in ("s3_log", "s3_result", "postgres_files", "task_logs", "trigger_logs"):
+    places = ["s3_log", "s3_result", "task_logs", "trigger_logs"]
+    if cluster.postgres.data_dir is not None:  # not an existing server's, which is not ours to read
+        places.append("postgres_files")
+    for place in places:
         assert figures.get(f"secret_scan_{place}", 0) > 0, (place, figures)
 
 

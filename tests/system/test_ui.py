@@ -371,9 +371,12 @@ def trigger_from_dag_page(browser: Browser, ui_deployment: UiDeployment, dag_id:
     browser.open(f"/dags/{dag_id}")
     browser.find("css selector", "button[aria-label='Trigger Dag']").click()
     button = browser.find("xpath", "//*[@role='dialog']//button[normalize-space()='Trigger']")
-    # A parameter the form marks required with an empty default disables the button.
-    assert button.is_enabled(), f"the trigger form of {dag_id} refuses its own defaults:\n" + "\n".join(
-        dialog.text for dialog in browser.driver.find_elements("css selector", "[role=dialog]"))
+    # A parameter the form marks required with an empty default keeps the button disabled.
+    try:
+        browser.wait(lambda d: button.is_enabled(), f"the Trigger button of {dag_id}'s form", timeout=20)
+    except TimeoutException:
+        dialogs = "\n".join(d.text for d in browser.driver.find_elements("css selector", "[role=dialog]"))
+        pytest.fail(f"the trigger form of {dag_id} refuses its own defaults:\n{dialogs}")
     button.click()
     return browser.wait(lambda d: next(iter(run_ids() - before), None), f"the new run of {dag_id}")
 
