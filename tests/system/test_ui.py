@@ -145,8 +145,8 @@ def wait_state(deployment: UiDeployment, dag_id: str, run_id: str, task_id: str,
 
 
 #: Reads the lines the log view renders now: it renders only those near the viewport, each with
-#: an anchor to its number. With a number as argument, first scrolls that line to the top; with
-#: ``'top'``, to the first line (the view opens at the end of the log).
+#: an anchor to its number. The argument scrolls first: ``'top'`` or ``'bottom'`` to an end,
+#: ``'down'`` or ``'up'`` by most of a screen (so that two screens overlap), ``null`` not at all.
 COLLECT_LINES_JS = """
 const numbered = () => [...document.querySelectorAll('a[href*="try_number="]')].filter(a => /^\\d+$/.test(a.textContent.trim()));
 const scroller = (a) => {
@@ -154,12 +154,14 @@ const scroller = (a) => {
   while (box && !(box.scrollHeight > box.clientHeight + 2 && /(auto|scroll)/.test(getComputedStyle(box).overflowY))) box = box.parentElement;
   return box;
 };
-if (arguments[0] === 'top') {
-  const first = numbered()[0];
-  if (first && scroller(first)) scroller(first).scrollTop = 0;
-} else if (arguments[0] !== null) {
-  const target = numbered().find(a => a.textContent.trim() === String(arguments[0]));
-  if (target) target.scrollIntoView({block: 'start'});
+const first = numbered()[0];
+const box = first ? scroller(first) : null;
+if (box) {
+  const step = Math.max(1, Math.floor(box.clientHeight * 0.7));
+  if (arguments[0] === 'top') box.scrollTop = 0;
+  else if (arguments[0] === 'bottom') box.scrollTop = box.scrollHeight;
+  else if (arguments[0] === 'down') box.scrollTop = box.scrollTop + step;
+  else if (arguments[0] === 'up') box.scrollTop = Math.max(0, box.scrollTop - step);
 }
 const lines = {};
 for (const a of numbered()) {
@@ -167,56 +169,48 @@ for (const a of numbered()) {
   while (row && row.parentElement && row.innerText.trim() === a.textContent.trim()) row = row.parentElement;
   lines[a.textContent.trim()] = row ? row.innerText : '';
 }
-const anchors = numbered();
-const box = anchors.length ? scroller(anchors[0]) : null;
 const atBottom = !box || box.scrollTop + box.clientHeight >= box.scrollHeight - 2;
 const atTop = !box || box.scrollTop === 0;
 return [lines, atBottom, atTop];
 """
 
 
-def read_log_view(browser: Browser, passes: int = 5) -> list[str]:
+def read_log_view(browser: Browser) -> list[str]:
     """
-    Return every line of the task log view in order, scrolling through it from the top.
+    Return every line of the task log view in order, read a screen at a time down from the top, then up from the end.
 
-    Each step scrolls the last line read to the top and waits until the lines after it are
+    Each step scrolls by most of a screen and waits until lines not seen on the screen before are
     rendered, so no line is skipped however slowly the page renders. The view scrolls itself to
-    the end once its log has loaded, which can cut a pass short: passes are repeated until one
-    reads nothing new.
+    the end once its log has loaded, which can cut the way down short: the way up from the end
+    reads what it missed.
     """
     collected: dict[int, str] = {}
 
-    def at_top(driver: Any) -> bool:
-        # The first lines may sit in a folded group ("Log message source details"): no line 1.
-        lines, _, top = driver.execute_script(COLLECT_LINES_JS, "top")
-        return bool(lines) and top
+    def read(driver: Any, move: str | None) -> tuple[set[int], bool, bool]:
+        lines, at_bottom, at_top = driver.execute_script(COLLECT_LINES_JS, move)
+        collected.update({int(number): text for number, text in lines.items()})
+        return {int(number) for number in lines}, at_bottom, at_top
 
-    for _ in range(passes):
-        known = len(collected)
-        browser.wait(at_top, "the log view scrolled to its first lines")
-        newest = 0
+    # The first lines may sit in a folded group ("Log message source details"): no line 1.
+    browser.wait(lambda d: read(d, "top")[0] and read(d, None)[2], "the log view scrolled to its first lines")
+    for move, end_index in (("down", 1), ("up", 2)):
+        if move == "up":
+            browser.wait(lambda d: read(d, "bottom")[1], "the log view scrolled to its last lines")
+        shown, *ends = read(browser.driver, None)
         for _ in range(5000):
-            lines, at_bottom, _ = browser.driver.execute_script(COLLECT_LINES_JS, None)
-            seen = [int(number) for number in lines]
-            collected.update({int(number): text for number, text in lines.items()})
-            if at_bottom or not seen:
+            if ends[end_index - 1]:
                 break
-            newest = max(seen)
+            before = shown
+            read(browser.driver, move)  # one step, then wait for what it brings into view
 
-            def rendered_past(driver: Any, newest: int = newest) -> bool:
-                lines, at_bottom, _ = driver.execute_script(COLLECT_LINES_JS, newest)
-                collected.update({int(number): text for number, text in lines.items()})
-                return at_bottom or any(int(number) > newest for number in lines)
+            def moved(driver: Any, before: set[int] = before) -> tuple | None:
+                now, *now_ends = read(driver, None)
+                return (now, now_ends) if (now - before) or now_ends[end_index - 1] else None
 
             try:
-                browser.wait(rendered_past, f"the log lines after line {newest}", timeout=15)
+                shown, ends = browser.wait(moved, f"the log view to scroll {move}", timeout=15)
             except TimeoutException:
-                # Nothing rendered past it though the box is not at its very end (a last line
-                # taller than the margin, a fold): this pass ends here; the next one, or the
-                # check of every step line afterwards, tells whether a line is missing.
-                break
-        if len(collected) == known:
-            break
+                break  # it would not move further: the other direction reads the rest
     return [collected[number] for number in sorted(collected)]
 
 
