@@ -48,7 +48,9 @@ Prints the counts; exits 1 when any check fails.
     python scripts/soak.py --phase airflow --airflow-muse-runs 12 --airflow-rescale-jobs 2     # phase 2, short
 
 Its modules: ``faults.py`` (the fault plan), ``driving.py`` (operators and sensors driven as
-Airflow drives them), ``harness.py`` (the emulator's truth, the counting), ``workload.py`` (the
-runs of both phases), ``in_process.py`` and ``airflow_phase.py`` (the two phases), ``cli.py``
-(the command line, run by ``scripts/soak.py``).
+Airflow drives them), ``harness.py`` (the emulator's truth, the counting), ``secret_scan.py``
+(what the secret scan looks for), ``workload.py`` (the runs of both phases), ``in_process.py``
+and ``airflow_phase.py`` (the two phases), ``cli.py`` (the command line, run by
+``scripts/soak.py``). ``dev/cluster/soak.py`` runs phase 2's DAG and checks on the
+production-shaped deployment (scenario 5 of ``make test-system``).
 """

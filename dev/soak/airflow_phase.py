@@ -27,6 +27,7 @@ from airflow_provider_hpc.storage_sink import TEMP_PREFIX
 from dev.airflow_stack import AirflowStack
 from dev.soak.faults import fault_rules, set_faults
 from dev.soak.harness import Harness, count_outcome, md5_file
+from dev.soak.secret_scan import SecretNeedles, record_issued_tokens
 from dev.soak.workload import AirflowPlan, airflow_plan, airflow_rescale_spec
 
 SOAK_DAG_FILE = Path(__file__).with_name("dags") / "hpc_soak_dag.py"
@@ -56,22 +57,6 @@ BEGIN INSERT INTO soak_audit (source, value) VALUES ('rendered fields', NEW.rend
 CREATE TRIGGER soak_audit_rendered_update AFTER UPDATE OF rendered_fields ON rendered_task_instance_fields
 BEGIN INSERT INTO soak_audit (source, value) VALUES ('rendered fields', NEW.rendered_fields); END;
 """
-
-
-def record_issued_tokens(server: EmulatorServer) -> list[str]:
-    """Return a list the emulator fills with every Muse JWT it issues from now on (for the secret scan)."""
-    tokens = server._app.state.muse.tokens  # noqa: SLF001 - the emulator runs in this process
-    issued: list[str] = []
-    obtain = tokens.obtain
-
-    def recording_obtain(username: str, password: str) -> str:
-        token = obtain(username, password)
-        issued.append(token)
-        return token
-
-    tokens.obtain = recording_obtain
-    return issued
-
 
 
 def decode_json(value: Any) -> Any:
@@ -468,41 +453,6 @@ class AirflowPhase:
         f["secrets_looked_for"] = len(needles)
         f["secrets_found"] = len(found)
         self.problems += [f"secret found: {where}" for where in found]
-
-
-class SecretNeedles:
-    """
-    The secrets a scan looks for: fixed ones (a password, an API key) and every JWT issued.
-
-    A JWT is found by its signature, which gives a token away even when a log line cut it. With
-    thousands of tokens, one search per token over hundreds of MiB would take minutes: the data is
-    instead cut into its runs of base64url characters (a signature follows a ``.``, so it starts a
-    run) and each run's start looked up among the signatures. A signature glued to other
-    base64url characters (not after a ``.``) would be missed: no token is ever written so.
-
-    :param fixed: what each secret is -> its value.
-    :param tokens: the JWTs issued, in order (named ``Muse JWT #n`` in what is found).
-    """
-
-    def __init__(self, fixed: dict[str, str], tokens: list[str]) -> None:
-        self.fixed = {what: value.encode() for what, value in fixed.items()}
-        self.signatures = {token.rsplit(".", 1)[-1].encode(): number for number, token in enumerate(tokens, 1)}
-        self.lengths = sorted({len(signature) for signature in self.signatures})
-        self.runs = re.compile(rb"[A-Za-z0-9_-]{%d,}" % self.lengths[0]) if self.lengths else None
-
-    def __len__(self) -> int:
-        return len(self.fixed) + len(self.signatures)
-
-    def find(self, data: bytes) -> list[str]:
-        """Return what is found in ``data``, one entry per secret and place."""
-        found = [what for what, needle in self.fixed.items() if needle in data]
-        if self.runs is not None:
-            numbers = set()
-            for run in self.runs.finditer(data):
-                text = run.group()
-                numbers.update(self.signatures[text[:n]] for n in self.lengths if text[:n] in self.signatures)
-            found += [f"Muse JWT #{number} (its signature)" for number in sorted(numbers)]
-        return found
 
 
 def _category(relative: str) -> str:

@@ -61,7 +61,7 @@ def system_emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Emulat
 @pytest.fixture(scope="session")
 def issued_muse_tokens(system_emulator: EmulatorServer) -> list[str]:
     """Every Muse JWT the emulator issues in the session (recorded from before the deployment starts), for secret scans."""
-    from dev.soak.airflow_phase import record_issued_tokens
+    from dev.soak.secret_scan import record_issued_tokens
 
     return record_issued_tokens(system_emulator)
 
