@@ -270,9 +270,9 @@ class PollingTrigger(BaseTrigger):
         Poll once; a poll still in flight :data:`LAST_POLL_GRACE` seconds past the deadline is cut.
 
         The grace lets a look taken at the deadline finish, so the timeout names the last state.
+        Called only with a deadline: without one, the loop awaits :meth:`_poll` itself.
         """
-        if self.deadline is None:
-            return await self._poll()
+        assert self.deadline is not None
         limit = max(self.deadline - time.time(), 0.0) + LAST_POLL_GRACE
         if _timeout is not None:  # Python 3.11+: no task built per poll, as wait_for builds one
             async with _timeout(limit):
