@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import replace
 from functools import cached_property
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from urllib.parse import urlsplit
@@ -67,7 +68,7 @@ def clean_secret(value: Any, what: str, conn_id: str) -> str | None:
 
 
 def settings_from_connection(
-    conn: Connection, *, default_url: str | None = None, default_path: str = ""
+    conn: Connection, *, default_url: str | None = None, default_path: str = "", extra: Mapping[str, Any] | None = None
 ) -> TransportSettings:
     """
     Read the transport settings of an Airflow connection.
@@ -78,7 +79,13 @@ def settings_from_connection(
     :param conn: the Airflow connection.
     :param default_url: the base URL when the connection gives no host (Rescale's platform).
     :param default_path: the path after a bare host name (``api`` for Muse).
+    :param extra: the connection's extras already parsed (default: parsed here).
     """
+    extras = conn.extra_dejson if extra is None else extra
+
+    def field(name: str, default: Any = None) -> Any:
+        return extra_value(extras, conn.conn_type, name, default)
+
     host = (conn.host or "").strip()
     if not host:
         if not default_url:
@@ -87,7 +94,7 @@ def settings_from_connection(
     elif "://" in host:
         base = host
     else:
-        scheme = str(connection_extra(conn, "scheme") or "https").strip().lower()
+        scheme = str(field("scheme") or "https").strip().lower()
         port = f":{conn.port}" if conn.port else ""
         path = (conn.schema or default_path).strip("/")
         base = f"{scheme}://{host}{port}/{path}"
@@ -105,26 +112,26 @@ def settings_from_connection(
         )
     if not base.endswith("/"):
         base += "/"
-    policy = RetryPolicy.from_dict({"max_attempts": _number(connection_extra(conn, "max_attempts"), int)})
+    policy = RetryPolicy.from_dict({"max_attempts": _number(field("max_attempts"), int)})
     defaults = TransportSettings(base_url=base)
-    min_rate = _number(connection_extra(conn, "min_download_rate"), float)
+    min_rate = _number(field("min_download_rate"), float)
     return TransportSettings(
         base_url=base,
-        verify=_verify_setting(conn),
-        connect_timeout=_number(connection_extra(conn, "connect_timeout"), float) or defaults.connect_timeout,
-        read_timeout=_number(connection_extra(conn, "read_timeout"), float) or defaults.read_timeout,
-        request_timeout=_number(connection_extra(conn, "request_timeout"), float) or defaults.request_timeout,
+        verify=_verify_setting(conn, extras),
+        connect_timeout=_number(field("connect_timeout"), float) or defaults.connect_timeout,
+        read_timeout=_number(field("read_timeout"), float) or defaults.read_timeout,
+        request_timeout=_number(field("request_timeout"), float) or defaults.request_timeout,
         min_download_rate=defaults.min_download_rate if min_rate is None else max(0.0, min_rate),
-        rate_window=_number(connection_extra(conn, "rate_window"), float) or defaults.rate_window,
+        rate_window=_number(field("rate_window"), float) or defaults.rate_window,
         keepalive_timeout=min(
             MAX_KEEPALIVE_TIMEOUT,
-            max(1.0, _number(connection_extra(conn, "keepalive_timeout"), float) or defaults.keepalive_timeout),
+            max(1.0, _number(field("keepalive_timeout"), float) or defaults.keepalive_timeout),
         ),
         retry=policy,
     )
 
 
-def _verify_setting(conn: Connection) -> bool | str:
+def _verify_setting(conn: Connection, extra: Mapping[str, Any]) -> bool | str:
     """
     Return what TLS verification uses, by one rule for the sync and async transports.
 
@@ -133,8 +140,8 @@ def _verify_setting(conn: Connection) -> bool | str:
     store and certifi's. Turning verification off while naming a CA file is a contradiction,
     refused; a CA file that is not there is refused before any request.
     """
-    verify = _as_verify(connection_extra(conn, "verify", True))
-    ca_bundle = str(connection_extra(conn, "ca_bundle") or "").strip()
+    verify = _as_verify(extra_value(extra, conn.conn_type, "verify", True))
+    ca_bundle = str(extra_value(extra, conn.conn_type, "ca_bundle") or "").strip()
     if ca_bundle and verify is False:
         raise HpcApiError(
             f"Connection {conn.conn_id!r} sets verify false and a ca_bundle: drop one "
@@ -147,14 +154,13 @@ def _verify_setting(conn: Connection) -> bool | str:
     return verify
 
 
-def connection_extra(conn: Connection, name: str, default: Any = None) -> Any:
+def extra_value(extra: Mapping[str, Any], conn_type: str, name: str, default: Any = None) -> Any:
     """
-    Return the extra ``name`` of a connection, or ``default`` when it is missing or empty.
+    Return the extra ``name`` of a connection's parsed extras, or ``default`` when it is missing or empty.
 
     Older connection forms stored their fields as ``extra__{conn_type}__{name}``: both spellings are read.
     """
-    extra = conn.extra_dejson or {}
-    for key in (name, f"extra__{conn.conn_type}__{name}"):
+    for key in (name, f"extra__{conn_type}__{name}"):
         value = extra.get(key)
         if value is not None and value != "":
             return value
@@ -201,6 +207,7 @@ class HpcHttpHook(BaseHook):
         self.conn_id = conn_id
         self.retry_policy = retry
         self._async: AsyncTransport | None = None
+        self._parsed_extras: tuple[Connection, dict[str, Any]] | None = None
         self._warned = False
 
     @classmethod
@@ -220,8 +227,25 @@ class HpcHttpHook(BaseHook):
         self._register_secrets(conn)
         return conn
 
+    def _extras(self, conn: Connection) -> dict[str, Any]:
+        """
+        The connection's extras, parsed once per connection object.
+
+        Each ``extra_dejson`` also registers the sensitive extras with Airflow's masker, which in a
+        triggerer is a round trip to its supervisor: a dozen per trigger start, thousands of triggers.
+        """
+        if self._parsed_extras is None or self._parsed_extras[0] is not conn:
+            self._parsed_extras = (conn, conn.extra_dejson or {})
+        return self._parsed_extras[1]
+
+    def extra(self, conn: Connection, name: str, default: Any = None) -> Any:
+        """Return the extra ``name`` of ``conn`` (either spelling), or ``default`` when missing or empty."""
+        return extra_value(self._extras(conn), conn.conn_type, name, default)
+
     def _settings(self, conn: Connection) -> TransportSettings:
-        settings = settings_from_connection(conn, default_url=self.default_url, default_path=self.default_path)
+        settings = settings_from_connection(
+            conn, default_url=self.default_url, default_path=self.default_path, extra=self._extras(conn)
+        )
         if self.retry_policy is not None:
             settings = replace(settings, retry=self.retry_policy)
         self._warn_once(conn, settings)
@@ -251,8 +275,8 @@ class HpcHttpHook(BaseHook):
         """Return the connection's secrets (password, token extras), stripped; subclasses may add more."""
         candidates = {
             "password": conn.password,
-            "token": connection_extra(conn, "token"),
-            "API key": connection_extra(conn, "api_key"),
+            "token": self.extra(conn, "token"),
+            "API key": self.extra(conn, "api_key"),
         }
         cleaned = (clean_secret(value, what, conn.conn_id) for what, value in candidates.items())
         return [secret for secret in cleaned if secret]
@@ -269,6 +293,8 @@ class HpcHttpHook(BaseHook):
         """The non-blocking transport used in triggers; reads the connection with ``aget_connection``."""
         if self._async is None:
             conn = await self.aget_connection(self.conn_id)
+            # Parsed without the blocking masker call; the sync code below then reads this parse.
+            self._parsed_extras = (conn, await conn.aextra_dejson() or {})
             secrets = self._secrets_of(conn)
             for secret in secrets:
                 await amask(secret)

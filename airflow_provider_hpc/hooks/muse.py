@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import requests
 
 from airflow_provider_hpc.exceptions import MuseApiError
-from airflow_provider_hpc.hooks._base import HpcHttpHook, clean_secret, connection_extra, mask
+from airflow_provider_hpc.hooks._base import HpcHttpHook, clean_secret, mask
 from airflow_provider_hpc.models.muse import (
     DOWNLOAD_KEY_IN_URL,
     KEY_IN_URL,
@@ -78,7 +78,7 @@ class MuseHook(HpcHttpHook):
                 return self._token
             conn = self.connection
             password = clean_secret(conn.password, "password", conn.conn_id)
-            token = clean_secret(connection_extra(conn, "token"), "token", conn.conn_id)
+            token = clean_secret(self.extra(conn, "token"), "token", conn.conn_id)
             login = (conn.login or "").strip()
             ready = token or (None if login else password)
             if ready:

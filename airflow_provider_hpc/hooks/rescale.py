@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlsplit
 
 from airflow_provider_hpc.exceptions import RescaleApiError, TransferIntegrityError
-from airflow_provider_hpc.hooks._base import HpcHttpHook, clean_secret, connection_extra
+from airflow_provider_hpc.hooks._base import HpcHttpHook, clean_secret
 from airflow_provider_hpc.hooks._forms import RESCALE_PLATFORM_URL
 from airflow_provider_hpc.models.rescale import (
     DirectoryEntry,
@@ -85,18 +85,16 @@ class RescaleHook(HpcHttpHook):
         parts = urlsplit(settings.base_url)
         return replace(settings, base_url=f"{parts.scheme}://{parts.netloc}/")
 
-    @staticmethod
-    def _api_key(conn: Connection) -> str:
+    def _api_key(self, conn: Connection) -> str:
         key = clean_secret(conn.password, "API key", conn.conn_id) or clean_secret(
-            connection_extra(conn, "api_key"), "API key", conn.conn_id
+            self.extra(conn, "api_key"), "API key", conn.conn_id
         )
         if not key:
             raise RescaleApiError(f"Connection {conn.conn_id!r} has no API key (put it in the password field)")
         return key
 
-    @staticmethod
-    def _prefix(conn: Connection) -> str:
-        version = str(connection_extra(conn, "api_version", "v1")).strip().lower()
+    def _prefix(self, conn: Connection) -> str:
+        version = str(self.extra(conn, "api_version", "v1")).strip().lower()
         if version not in ("v1", "v2"):
             raise RescaleApiError(f"api_version {version!r} is not v1 or v2")
         return "api/" if version == "v1" else "api/v2/"

@@ -7,6 +7,7 @@ secrets masker, which guards the task logs beyond the provider's own redaction.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
@@ -210,3 +211,36 @@ def test_a_ready_token_in_the_extra_is_masked(set_conn: Callable[..., str], cred
     assert hook.get_token() == creds.new_jwt
     assert creds.new_jwt in hook.transport.secrets
     assert creds.new_jwt not in airflow_redact(f"token {creds.new_jwt}")
+
+
+def test_a_hook_parses_the_connection_s_extras_once(set_conn: Callable[..., str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """
+    Each ``extra_dejson`` registers the sensitive extras with Airflow's masker, which in a triggerer is a
+    round trip to its supervisor: a trigger's start parses them once, without the blocking call.
+    """
+    from airflow.sdk import Connection
+
+    conn_id = set_conn(
+        "rescale_extras", conn_type="rescale", host="https://platform.rescale.com", password="k" * 24,
+        extra={"api_version": "v2", "read_timeout": 40, "keepalive_timeout": 90, "verify": True},
+    )
+    calls = {"sync": 0, "async": 0}
+    parse = Connection.aextra_dejson
+
+    async def counted(self: Connection) -> dict[str, Any]:
+        calls["async"] += 1
+        return await parse(self)
+
+    def refused(self: Connection) -> dict[str, Any]:
+        calls["sync"] += 1
+        raise AssertionError("extra_dejson called on the event loop")
+
+    monkeypatch.setattr(Connection, "aextra_dejson", counted)
+    monkeypatch.setattr(Connection, "extra_dejson", property(refused))
+    asyncio.run(RescaleHook.aget_connection(conn_id))
+    airflows_own = calls["async"]  # reading a connection parses its extras too (for its URI)
+    hook = RescaleHook(conn_id)
+    transport = asyncio.run(hook.async_transport())
+    assert calls == {"sync": 0, "async": 2 * airflows_own + 1}
+    assert (transport.settings.read_timeout, transport.settings.keepalive_timeout) == (40.0, 90.0)
+    assert hook._async_prefix == "api/v2/"
