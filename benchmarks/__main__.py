@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-SECTIONS = ("load", "mix", "worker", "transfer", "harvest", "economy")
+SECTIONS = ("load", "mix", "triggerer", "worker", "transfer", "harvest", "economy")
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,7 @@ class Profile:
     name: str
     load_cases: tuple[Any, ...]
     mix_case: Any
+    triggerer_case: Any
     transfer_sizes_mib: tuple[int, ...]
     transfer_repetitions: int
     harvest_files: int
@@ -49,6 +50,7 @@ class Profile:
 
 def profiles() -> dict[str, Profile]:
     """The quick and the full mode."""
+    from benchmarks.airflow_triggerer import TriggererCase
     from benchmarks.triggerer_load import LoadCase
 
     quick_load = (
@@ -59,9 +61,12 @@ def profiles() -> dict[str, Profile]:
         LoadCase("100 triggers at 20s", 100, 0, 20.0, (25.0, 35.0), ("ours", "floor")),
     )
     quick_mix = LoadCase("mix", 80, 20, 5.0, (12.0, 24.0), ("ours", "floor"))
+    # The real triggerer at the capacity Airflow defaults to, polls 10 s apart so that it stays a few minutes.
+    quick_triggerer = TriggererCase("1000 waits in airflow triggerer", 1000, 1000, 10.0, (30.0, 50.0))
     return {
         "quick": Profile(
-            name="quick", load_cases=quick_load, mix_case=quick_mix, transfer_sizes_mib=(64, 256),
+            name="quick", load_cases=quick_load, mix_case=quick_mix, triggerer_case=quick_triggerer,
+            transfer_sizes_mib=(64, 256),
             transfer_repetitions=3, harvest_files=200, economy_scale=1 / 90,
         ),
         "full": Profile(
@@ -74,6 +79,7 @@ def profiles() -> dict[str, Profile]:
                 LoadCase("10000 triggers", 10000, 0, 30.0, (120.0, 240.0), ("ours", "floor")),
             ),
             mix_case=LoadCase("mix", 400, 100, 5.0, (20.0, 40.0), ("ours", "floor")),
+            triggerer_case=TriggererCase("10000 waits in airflow triggerer", 10000, 1000, 30.0, (120.0, 240.0)),
             transfer_sizes_mib=(64, 256, 1024), transfer_repetitions=3, harvest_files=1000,
             economy_scale=1 / 20, economy_jobs_per_length=8,
             worker_jobs=6, worker_length=150.0,
@@ -90,7 +96,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="the default: a few minutes on two cores")
     mode.add_argument("--full", action="store_true",
-                      help="also 5,000 and 10,000 triggers, 1 GiB, 1,000 files, 150 s jobs for the worker cost (much longer)")
+                      help="also 5,000 and 10,000 triggers (10,000 in a real triggerer), 1 GiB, 1,000 files, 150 s jobs for the worker cost (much longer)")
     parser.add_argument("--only", nargs="+", choices=SECTIONS, help="run only these sections")
     parser.add_argument("--json", type=Path, help="also write every figure to this JSON file")
     parser.add_argument("--profile", type=Path, help="write a pyinstrument profile of each load variant here")
@@ -116,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace, scratch: Path) -> int:
-    from benchmarks import economy, harvest, transfer, triggerer_load, worker_cost
+    from benchmarks import airflow_triggerer, economy, harvest, transfer, triggerer_load, worker_cost
     from benchmarks.emulator import EmulatorProcess
     from benchmarks.report import Report, machine, print_machine
     from benchmarks.targets import evaluate
@@ -148,6 +154,9 @@ def _run(args: argparse.Namespace, scratch: Path) -> int:
     if section("mix", "1b. Triggerer load, Muse and Rescale triggers in one loop"):
         with EmulatorProcess(muse_max_running=100_000) as emulator:
             report.sections["mix"] = triggerer_load.run_case(emulator, profile.mix_case, args.seed, args.profile)
+    if section("triggerer", "1c. Waits in one real `airflow triggerer` process: MuseJobTrigger vs HttpSensorTrigger, beside the floor"):
+        with EmulatorProcess(muse_max_running=100_000) as emulator:
+            report.sections["triggerer"] = airflow_triggerer.run(emulator, profile.triggerer_case, args.seed)
     if section("worker", "2. Worker cost per watched job: MuseJobSensor deferrable vs reschedule vs poke, real Airflow"):
         with EmulatorProcess() as emulator:
             report.sections["worker"] = worker_cost.run(

@@ -19,6 +19,10 @@ CPU_VS_ANCHOR = 6.0
 BIG_LOAD = 5000
 BIG_LOAD_CPU_PCT = 25.0
 BIG_LOAD_RSS_MIB = 1024.0
+#: Waits in one real ``airflow triggerer``: the size judged, CPU % of one core in the steady window, resident memory.
+TRIGGERER_WAITS = 10000
+TRIGGERER_CPU_PCT = 25.0
+TRIGGERER_RSS_MIB = 1536.0
 TRANSFER_VS_CURL = 0.9
 #: "Flat": the hook process's peak RSS during a transfer stays within this of its RSS just before.
 TRANSFER_RSS_GROWTH_MIB = 16.0
@@ -41,6 +45,7 @@ def _fmt(value: float | None, unit: str = "x") -> str:
 def evaluate(report: Report, profile: Any) -> list[Target]:
     """Return every target, met, missed or not measured in this run."""
     return [
+        _real_triggerer(report),
         _cpu_vs_floor(report),
         _cpu_vs_anchor(report),
         _big_load(report),
@@ -50,6 +55,44 @@ def evaluate(report: Report, profile: Any) -> list[Target]:
         _transfer_memory(report),
         _harvest(report),
     ]
+
+
+def _real_triggerer(report: Report) -> Target:
+    name = (
+        f"{TRIGGERER_WAITS} waits in one real airflow triggerer: under {TRIGGERER_CPU_PCT:g}% of one core steady, "
+        f"under {TRIGGERER_RSS_MIB / 1024:g} GiB, every event within one interval of its run's end, "
+        "no 'event loop blocked' warning, no error"
+    )
+    section = report.sections.get("triggerer")
+    if not section:
+        return Target(name, "-", None, "triggerer section not run")
+    case, variants = section["case"], section["variants"]
+    ours, anchor, floor = variants["ours"], variants.get("anchor"), variants.get("floor")
+    interval = case["interval"]
+    checks = {
+        f"CPU {_fmt(ours['cpu_pct_steady'], '%')} steady": ours["cpu_pct_steady"] is not None
+        and ours["cpu_pct_steady"] < TRIGGERER_CPU_PCT,
+        f"peak RSS {ours['rss_peak_mib']:.0f} MiB": ours["rss_peak_mib"] < TRIGGERER_RSS_MIB,
+        f"{ours['events']}/{ours['jobs']} events, delay p50/p99/max {_fmt(ours['delay_p50_s'], '')}/"
+        f"{_fmt(ours['delay_p99_s'], '')}/{_fmt(ours['delay_max_s'], ' s')} (interval {interval:g} s)":
+            ours["events"] == ours["jobs"] and ours["delay_max_s"] is not None and ours["delay_max_s"] <= interval + 1,
+        f"{ours['blocked_warnings']} blocked warnings": ours["blocked_warnings"] == 0,
+        f"{ours['error_count']} errors": ours["error_count"] == 0,
+    }
+    beside = []
+    if anchor:
+        beside.append(f"{anchor['jobs']} HttpSensorTrigger (baseline): {_fmt(anchor['cpu_per_poll_steady_ms'], ' ms')} per poll")
+    if floor:
+        beside.append(f"bare floor at {floor['jobs']}: {_fmt(floor['cpu_per_poll_steady_ms'], ' ms')} per poll")
+    measured = f"{case['name']}: " + ", ".join(checks) + f"; ours {_fmt(ours['cpu_per_poll_steady_ms'], ' ms')} per poll; " + "; ".join(beside)
+    missed = [label for label, ok in checks.items() if not ok]
+    if ours["jobs"] < TRIGGERER_WAITS:
+        return Target(name, measured, None, f"judged at {TRIGGERER_WAITS} waits (--full); this run had {ours['jobs']}"
+                      + (f"; short here: {', '.join(missed)}" if missed else ""))
+    note = "the triggerer's whole process tree (supervisor, trigger runner, log server)"
+    if missed:
+        note = f"missed: {', '.join(missed)}; see docs/benchmarks.md, section 1c"
+    return Target(name, measured, not missed, note)
 
 
 def _cpu_vs_floor(report: Report) -> Target:

@@ -255,6 +255,7 @@ def summarize(case: LoadCase, figures: dict[str, Any]) -> dict[str, Any]:
         "requests_per_job": polls / n if n else None,
         "delay_p50_s": median(delays),
         "delay_p95_s": percentile(delays, 0.95),
+        "delay_p99_s": percentile(delays, 0.99),
         "delay_max_s": max(delays) if delays else None,
         "events": len(figures["events"]),
         "errors": figures["errors"][:5],

@@ -1,0 +1,58 @@
+"""The accounting of the real-triggerer benchmark (``benchmarks/airflow_triggerer.py``), on synthetic figures."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from benchmarks.airflow_triggerer import TriggererCase, summarize
+
+CASE = TriggererCase("3 waits", 3, 0, 10.0, (30.0, 40.0))
+RELEASED = 1000.0
+BLOCKED_LINE = (
+    "2026-12-02T12:14:03.053589Z [info     ] Triggerer's async thread was blocked for 0.65 seconds, exceeding "
+    "the configured warning threshold of 0.20 seconds. [airflow.jobs.triggerer_job_runner]"
+)
+
+
+def _summary(instances: list[dict], log_text: str = "") -> dict:
+    # From 20 s before the release on: 0.1 CPU second and 5 polls a second, so 10 % of one core, 20 ms per poll.
+    sampler = SimpleNamespace(
+        samples=[(RELEASED - 20 + t, 5.0 + max(0.0, t - 20) / 10, 100 * 2**20) for t in range(0, 80)],
+        peak_rss=300 * 2**20, peak_runner_rss=200 * 2**20,
+    )
+    polls = SimpleNamespace(samples=[(RELEASED - 20 + t, 5 * max(0, t - 20)) for t in range(0, 80)])
+    ends = {"a": RELEASED + 30.0, "b": RELEASED + 35.0, "c": RELEASED + 40.0}
+    return summarize(CASE, "ours", 3, instances, sampler, polls, RELEASED, RELEASED + 55.0, 12.0, ends, log_text)
+
+
+def _resumed(key: str, at: float, status: str = "ok") -> dict:
+    return {"key": key, "state": "scheduled", "updated_at": RELEASED + at, "event": {"status": status}}
+
+
+def test_each_event_s_delay_counts_from_its_run_s_end_to_its_resume() -> None:
+    summary = _summary([_resumed("a", 32.0), _resumed("b", 41.0), _resumed("c", 50.0)])
+    assert (summary["events"], summary["error_count"], summary["blocked_warnings"]) == (3, 0, 0)
+    assert (summary["delay_p50_s"], summary["delay_max_s"]) == (6.0, 10.0)
+    assert round(summary["cpu_pct_steady"], 3) == 10.0
+    assert round(summary["cpu_per_poll_steady_ms"], 3) == 20.0
+    assert summary["rss_peak_mib"] == 300
+
+
+def test_a_wait_still_deferred_or_ended_badly_is_an_error() -> None:
+    deferred = {"key": "c", "state": "deferred", "updated_at": RELEASED, "event": None}
+    summary = _summary([_resumed("a", 32.0), _resumed("b", 41.0, status="error"), deferred])
+    assert summary["events"] == 2
+    assert summary["error_count"] == 2
+    assert any(error.startswith("c: deferred") for error in summary["errors"])
+
+
+def test_blocked_warnings_and_error_lines_of_the_triggerer_are_counted() -> None:
+    log = "\n".join([
+        BLOCKED_LINE,
+        "2026-12-02T12:15:00Z [error    ] Trigger failed [airflow.jobs.triggerer_job_runner]",
+        '{"level": "info", "event": "trigger completed"}',
+        '{"level": "error", "event": "Trigger runner failed"}',
+    ])
+    summary = _summary([_resumed(k, 40.0) for k in "abc"], log)
+    assert (summary["blocked_warnings"], summary["blocked_max_s"]) == (1, 0.65)
+    assert summary["error_count"] == 2
