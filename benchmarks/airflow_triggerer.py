@@ -6,7 +6,7 @@ runs nothing but ``airflow triggerer --capacity N``. Each variant:
 
 1. submits its Muse runs to the emulator (over TLS), each held at a gate so that every run's
    length counts from the same moment;
-2. creates the DAG run (``airflow dags trigger``) and writes one mapped task instance per run,
+2. creates the DAG run (as ``airflow dags trigger`` does) and writes one mapped task instance per run,
    deferred on its trigger row, as the execution API does when a task defers
    (``trigger_rows.py``);
 3. starts the triggerer and waits until every trigger has polled once (the emulator counts the
@@ -204,7 +204,6 @@ def _run_in_triggerer(
         plan["keys"] = [job.ident for job in submitted]
         plan_path = home / f"{variant}.plan.json"
         plan_path.write_text(json.dumps(plan))
-        stack.run_cli("dags", "trigger", DAG_ID, "--run-id", run_id, "--conf", json.dumps({"keys": plan["keys"]}))
         _rows(stack, "create", plan_path)
         polls.start()
         spawned_at = time.time()

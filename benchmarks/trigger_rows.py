@@ -1,9 +1,10 @@
 """
 The metadata rows of the real-triggerer benchmark, written and read inside its Airflow deployment.
 
-``python -m benchmarks.trigger_rows create PLAN``: for each Muse key of the plan, one mapped task
-instance of ``bench_triggerer`` (task ``watch`` or ``anchor``) in the run the plan names, deferred
-on its own trigger row. The rows are those the execution API writes when a task defers
+``python -m benchmarks.trigger_rows create PLAN``: the DAG run the plan names, triggered as
+``airflow dags trigger`` does with the keys as its conf (10,000 keys do not fit on a command
+line), then for each Muse key one mapped task instance of ``bench_triggerer`` (task ``watch`` or
+``anchor``), deferred on its own trigger row. The rows are those the execution API writes when a task defers
 (``ti_update_state``): a ``trigger`` row holding the trigger's encrypted kwargs, then the task
 instance set to ``deferred`` with ``trigger_id``, ``next_method`` and ``trigger_timeout``. The
 triggers are built with the arguments the deferring sensors give them (``MuseJobSensor.execute``,
@@ -49,6 +50,7 @@ def create(plan: dict[str, Any]) -> None:
     """Write one deferred task instance and its trigger row per key of the plan."""
     from sqlalchemy import delete
 
+    from airflow.api.common.trigger_dag import trigger_dag
     from airflow.models.dag_version import DagVersion
     from airflow.models.serialized_dag import SerializedDagModel
     from airflow.models.taskinstance import TaskInstance
@@ -56,8 +58,13 @@ def create(plan: dict[str, Any]) -> None:
     from airflow.utils import timezone
     from airflow.utils.session import create_session
     from airflow.utils.state import TaskInstanceState
+    from airflow.utils.types import DagRunTriggeredByType
 
     with create_session() as session:
+        trigger_dag(
+            plan["dag_id"], triggered_by=DagRunTriggeredByType.CLI, run_id=plan["run_id"],
+            conf={"keys": plan["keys"]}, session=session,
+        )
         dag = SerializedDagModel.get_dag(plan["dag_id"], session=session)
         version = DagVersion.get_latest_version(plan["dag_id"], session=session)
         if dag is None or version is None:
