@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import replace
 from functools import cached_property
-from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from urllib.parse import urlsplit
