@@ -31,9 +31,7 @@ triggerer logged, and every error.
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -46,6 +44,7 @@ from typing import Any
 
 import psutil
 
+from benchmarks.deployment import bench_deployment
 from benchmarks.emulator import EmulatorProcess
 from benchmarks.jobs import MUSE_SOFTWARE, Gate, submit_jobs, wait_all_running
 from benchmarks.report import median, percentile, ratio, table
@@ -143,14 +142,7 @@ class TreeSampler:
 
 def run(emulator: EmulatorProcess, case: TriggererCase, seed: int) -> dict[str, Any]:
     """Run the anchor, ours and the floor, one after the other; print and return the figures."""
-    from dev.airflow_stack import AirflowStack
-
-    scratch = Path(os.path.realpath(os.environ.get("HPC_BENCH_TMP") or tempfile.gettempdir()))
-    home = scratch / "triggerer-airflow"
-    dags = home / "dags"
-    dags.mkdir(parents=True)
-    shutil.copy(DAG_FILE, dags / DAG_FILE.name)
-    stack = AirflowStack(home, dags, {
+    env = {
         **emulator.conn_env,
         f"AIRFLOW_CONN_{ANCHOR_CONN_ID.upper()}": json.dumps({"conn_type": "http", "host": emulator.base_url}),
         # HttpSensorTrigger verifies TLS with aiohttp's default context: it must trust the emulator's CA.
@@ -158,23 +150,16 @@ def run(emulator: EmulatorProcess, case: TriggererCase, seed: int) -> dict[str, 
         # Airflow's defaults, not the quick heartbeats of the reliability deployments.
         "AIRFLOW__TRIGGERER__JOB_HEARTBEAT_SEC": "5",
         "AIRFLOW__TRIGGERER__TRIGGERER_HEALTH_CHECK_THRESHOLD": "30",
-    })
+    }
     results: dict[str, Any] = {}
-    left: list[int] = []
-    try:
+    with bench_deployment("triggerer-airflow", DAG_FILE, env) as stack:
         started = time.monotonic()
         stack.prepare()
         print(f"   deployment prepared in {time.monotonic() - started:.0f}s", flush=True)
         for variant, jobs in (("anchor", case.anchor_jobs), ("ours", case.jobs)):
             started = time.monotonic()
-            results[variant] = _run_in_triggerer(stack, emulator, case, variant, jobs, seed, home)
+            results[variant] = _run_in_triggerer(stack, emulator, case, variant, jobs, seed, stack.home)
             print(f"   {case.name}: {variant} ({jobs} waits) done in {time.monotonic() - started:.0f}s", flush=True)
-    finally:
-        stack.stop()
-        left = stack.kill_leftovers()
-        shutil.rmtree(home, ignore_errors=True)
-    if left:
-        raise RuntimeError(f"{len(left)} processes of the deployment outlived it (killed): {left}")
     with tempfile.TemporaryDirectory(prefix="hpc-bench-triggerer-") as workdir:
         started = time.monotonic()
         results["floor"] = run_variant(emulator, case.load_case(case.jobs), "floor", seed, Path(workdir))

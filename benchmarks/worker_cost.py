@@ -36,8 +36,6 @@ idle cost is not negligible; the workers' is about zero.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import threading
 import time
 from collections import defaultdict
@@ -48,6 +46,7 @@ from typing import Any
 
 import psutil
 
+from benchmarks.deployment import bench_deployment
 from benchmarks.emulator import EmulatorProcess
 from benchmarks.jobs import submit_jobs
 from benchmarks.report import ratio, table
@@ -361,22 +360,14 @@ def summarise(raw: Mapping[str, Mapping[str, Any]], idle: Mapping[str, float], j
 
 def run(emulator: EmulatorProcess, jobs: int, length: float, poke_interval: float) -> dict[str, Any]:
     """Run every mode on one deployment, one after the other; print and return the figures."""
-    from dev.airflow_stack import AirflowStack
-
-    scratch = Path(os.environ.get("HPC_BENCH_TMP") or "/tmp")
-    home = Path(os.path.realpath(scratch)) / "worker-cost-airflow"
-    dags = home / "dags"
-    dags.mkdir(parents=True)
-    shutil.copy(DAG_FILE, dags / DAG_FILE.name)
-    plan = {"jobs": jobs, "poke_interval": poke_interval, "timeout": length * 4 + 300}
-    (dags / PLAN_NAME).write_text(json.dumps(plan))
-    # One slot per sensor: in poke mode every sensor holds its slot for the whole job.
-    stack = AirflowStack(home, dags, {**emulator.conn_env, "AIRFLOW__CORE__PARALLELISM": str(jobs)})
     raw: dict[str, Any] = {}
     warmup: dict[str, Any] = {}
     startup = time.monotonic()
-    left: list[int] = []
-    try:
+    # One slot per sensor: in poke mode every sensor holds its slot for the whole job.
+    env = {**emulator.conn_env, "AIRFLOW__CORE__PARALLELISM": str(jobs)}
+    with bench_deployment("worker-cost-airflow", DAG_FILE, env) as stack:
+        plan = {"jobs": jobs, "poke_interval": poke_interval, "timeout": length * 4 + 300}
+        (stack.dags_folder / PLAN_NAME).write_text(json.dumps(plan))
         stack.start()
         deployment = Deployment(
             stack.processes["scheduler"].pid, stack.processes["triggerer"].pid, stack.processes["api-server"].pid
@@ -396,12 +387,6 @@ def run(emulator: EmulatorProcess, jobs: int, length: float, poke_interval: floa
             raw[mode] = _run_mode(stack, deployment, emulator, mode, jobs, length)
             print(f"   {mode}: DAG run {raw[mode]['dag_run_s']:.0f}s, {raw[mode]['task_starts']} task processes", flush=True)
         idle = _idle_rates(deployment)
-    finally:
-        stack.stop()
-        left = stack.kill_leftovers()
-        shutil.rmtree(home, ignore_errors=True)
-    if left:
-        raise RuntimeError(f"{len(left)} processes of the deployment outlived it (killed): {left}")
     summary = summarise(raw, idle, jobs)
     _print(summary, idle, jobs, length, poke_interval)
     return {"jobs": jobs, "length_s": length, "poke_interval_s": poke_interval, "startup_s": startup,
