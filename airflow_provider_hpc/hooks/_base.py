@@ -7,13 +7,13 @@ from collections.abc import Mapping
 from dataclasses import replace
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
-
 from urllib.parse import urlsplit
 
 from airflow.sdk import BaseHook
 
 from airflow_provider_hpc.exceptions import HpcApiError
 from airflow_provider_hpc.hooks._forms import connection_form_widgets, ui_field_behaviour
+from airflow_provider_hpc.hooks._shared_connection import read_shared
 from airflow_provider_hpc.transport.aio import AsyncTransport
 from airflow_provider_hpc.transport.base import MAX_KEEPALIVE_TIMEOUT, TransportSettings
 from airflow_provider_hpc.transport.retry import RetryPolicy
@@ -292,12 +292,13 @@ class HpcHttpHook(BaseHook):
     async def async_transport(self) -> AsyncTransport:
         """The non-blocking transport used in triggers; reads the connection with ``aget_connection``."""
         if self._async is None:
-            conn = await self.aget_connection(self.conn_id)
+            # One read per event loop and connection id: a triggerer's thousands of hooks share it.
+            shared = await read_shared(self.conn_id, self.aget_connection)
+            conn = shared.conn
             # Parsed without the blocking masker call; the sync code below then reads this parse.
-            self._parsed_extras = (conn, await conn.aextra_dejson() or {})
+            self._parsed_extras = (conn, shared.extras)
             secrets = self._secrets_of(conn)
-            for secret in secrets:
-                await amask(secret)
+            await shared.mask(secrets, amask)
             self._async = AsyncTransport(self._settings(conn), error_class=self.error_class, log=self.log, secrets=secrets)
             self._on_async_connection(conn)
         return self._async

@@ -85,7 +85,9 @@ def test_deferred_wait_succeeds_and_shows_each_tail_line_once(
 def test_trigger_tail_with_short_reads_shows_each_line_once(api: RescaleApi, capsys: pytest.CaptureFixture[str]) -> None:
     job_id = api.start_job(STEPS_COMMAND)
 
-    event = asyncio.run(first_event(trigger(job_id, tail_path="solver.log", tail_lines=2)))
+    # Five of twelve lines per read: each tail is shorter than the file, yet a poll may come up
+    # to 0.75 s late (a loaded machine) before a line falls out of reach.
+    event = asyncio.run(first_event(trigger(job_id, tail_path="solver.log", tail_lines=5)))
 
     assert event["status"] == "success"
     assert tail_messages(capsys, "solver.log") == [f"step {i}" for i in range(1, 13)]
