@@ -194,7 +194,7 @@ def _run_in_triggerer(
         spawned_at = time.time()
         stack.spawn("triggerer", "triggerer", "--capacity", str(jobs))
         sampler = TreeSampler(stack.processes["triggerer"].pid).start()
-        ready_s = _wait_first_round(stack, emulator, jobs, timeout=300 + jobs / 10) - spawned_at
+        ready_s = _wait_first_round(stack, emulator, home, jobs, timeout=300 + jobs / 10) - spawned_at
         released_at = gate.open(jobs)
         time.sleep(1.0)
         gate.close()
@@ -236,29 +236,40 @@ def _state_polls(emulator: EmulatorProcess) -> int:
     return sum(n for route, n in emulator.requests_by_route().items() if route.startswith(STATE_ROUTE_PREFIX))
 
 
-def _wait_first_round(stack: Any, emulator: EmulatorProcess, jobs: int, timeout: float) -> float:
-    """Wait until every trigger has polled once; return when (epoch seconds)."""
+def _wait_first_round(stack: Any, emulator: EmulatorProcess, home: Path, jobs: int, timeout: float) -> float:
+    """
+    Wait until every trigger has started and polled once; return when (epoch seconds).
+
+    A started trigger has its own log file (the triggerer opens one per trigger) and polls at once;
+    the state requests alone would count the early triggers' second polls for the late ones' first.
+    """
     first = _state_polls(emulator)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         process = stack.processes["triggerer"]
         if process.poll() is not None:
             raise RuntimeError(f"airflow triggerer exited with {process.returncode}:\n{stack.log_tail('triggerer')}")
-        if _state_polls(emulator) - first >= jobs:
+        if _state_polls(emulator) - first >= jobs and _trigger_logs(home) >= jobs:
             return time.time()
-        time.sleep(0.5)
+        time.sleep(2.0)
     raise TimeoutError(f"the triggerer did not start its {jobs} triggers within {timeout:.0f}s:\n{stack.log_tail('triggerer')}")
 
 
-def _wait_resumed(stack: Any, run_id: str, timeout: float) -> None:
-    """Wait until no task instance of the run is deferred any more."""
+def _trigger_logs(home: Path) -> int:
+    return sum(1 for _ in (home / "logs").rglob("*.trigger.*.log"))
+
+
+def _wait_resumed(stack: Any, run_id: str, timeout: float) -> bool:
+    """Wait until no task instance of the run is deferred any more; return whether that came in time."""
     deadline = time.monotonic() + timeout
     sql = "SELECT COUNT(*) FROM task_instance WHERE dag_id = ? AND run_id = ? AND state = 'deferred'"
     while time.monotonic() < deadline:
         if stack.query(sql, DAG_ID, run_id)[0][0] == 0:
-            return
+            return True
         time.sleep(1.0)
-    raise TimeoutError(f"task instances of {run_id} still deferred after {timeout:.0f}s")
+    # The task instances still deferred count as errors in the figures: the run goes on to the floor.
+    print(f"   task instances of {run_id} still deferred after {timeout:.0f}s", flush=True)
+    return False
 
 
 def _retire(stack: Any, run_id: str) -> None:

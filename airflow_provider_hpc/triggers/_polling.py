@@ -30,7 +30,7 @@ _timeout = getattr(asyncio, "timeout", None)
 #: trigger's clearer ``timeout`` event normally arrives first. It covers a poll still in flight at
 #: the deadline, retries included (up to five attempts with backoffs of up to 30 s each).
 DEFERRAL_TIMEOUT_MARGIN = timedelta(minutes=5)
-#: Seconds a poll may still take past the deadline before it is cut (see ``_poll_within_deadline``).
+#: Seconds a poll may still take past the deadline before it is cut (see ``_poll_loop_within_deadline``).
 LAST_POLL_GRACE = 5.0
 
 
@@ -232,7 +232,27 @@ class PollingTrigger(BaseTrigger):
             return self._error(f"Cannot read connection {self.conn_id!r}: {exc}")
         # One lease for the trigger's whole life: every poll reuses the same pooled session.
         async with transport.session_lease():
-            return await self._poll_loop()
+            if self.deadline is None:
+                return await self._poll_loop()
+            return await self._poll_loop_within_deadline()
+
+    async def _poll_loop_within_deadline(self) -> dict[str, Any]:
+        """
+        Run the poll loop under one timer, :data:`LAST_POLL_GRACE` seconds past the deadline.
+
+        The loop's sleeps never pass the deadline, so the timer only cuts a poll still in flight
+        then, and the timeout names the last state seen. One timer for the trigger's whole wait,
+        not one per poll: thousands of triggers would each arm and cancel one every poll.
+        """
+        assert self.deadline is not None
+        limit = max(self.deadline - time.time(), 0.0) + LAST_POLL_GRACE
+        try:
+            if _timeout is not None:  # Python 3.11+: no task built, as wait_for builds one
+                async with _timeout(limit):
+                    return await self._poll_loop()
+            return await asyncio.wait_for(self._poll_loop(), timeout=limit)
+        except asyncio.TimeoutError:
+            return self._timeout()
 
     async def _poll_loop(self) -> dict[str, Any]:
         schedule = PollSchedule(self.poll_interval, self.max_poll_interval, deadline=self.deadline)
@@ -243,11 +263,7 @@ class PollingTrigger(BaseTrigger):
         failures = 0
         while True:
             try:
-                # Without a deadline the poll is awaited directly: one coroutine less per poll.
-                payload, changed = await (self._poll() if self.deadline is None else self._poll_within_deadline())
-            except asyncio.TimeoutError:
-                # The deadline passed while a poll was still in flight (a slow or dripping server).
-                return self._timeout()
+                payload, changed = await self._poll()
             except HpcApiError as exc:
                 failures += 1
                 if not is_transient(exc) or failures >= self.max_poll_failures:
@@ -264,20 +280,6 @@ class PollingTrigger(BaseTrigger):
             if schedule.expired:
                 return self._timeout()
             await asyncio.sleep(schedule.next_wait(changed))
-
-    async def _poll_within_deadline(self) -> tuple[dict[str, Any] | None, bool]:
-        """
-        Poll once; a poll still in flight :data:`LAST_POLL_GRACE` seconds past the deadline is cut.
-
-        The grace lets a look taken at the deadline finish, so the timeout names the last state.
-        Called only with a deadline: without one, the loop awaits :meth:`_poll` itself.
-        """
-        assert self.deadline is not None
-        limit = max(self.deadline - time.time(), 0.0) + LAST_POLL_GRACE
-        if _timeout is not None:  # Python 3.11+: no task built per poll, as wait_for builds one
-            async with _timeout(limit):
-                return await self._poll()
-        return await asyncio.wait_for(self._poll(), timeout=limit)
 
     def _failure_message(self, exc: HpcApiError, failures: int) -> str:
         if is_transient(exc):
