@@ -43,40 +43,44 @@ class SharedConnection:
                 await amask(secret)
 
 
-#: The reads of each event loop by connection id: a task, done or under way, that gives the read.
-_READS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, asyncio.Task[SharedConnection]]] = (
-    weakref.WeakKeyDictionary()
-)
+class _LoopReads:
+    """The reads of one event loop by connection id (tasks, done or under way), and the turn the waiters take."""
+
+    def __init__(self) -> None:
+        self.reads: dict[str, asyncio.Task[SharedConnection]] = {}
+        #: Held by one waiter at a time for one loop iteration (see :func:`read_shared`).
+        self.turn = asyncio.Lock()
+
+
+_LOOPS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopReads] = weakref.WeakKeyDictionary()
 
 
 async def read_shared(conn_id: str, aget_connection: Callable[[str], Awaitable[Connection]]) -> SharedConnection:
     """
     Return the running loop's read of ``conn_id``, reading it with ``aget_connection`` when none is fresh.
 
-    Hooks asking while a read is under way wait for that read. A hook cancelled while waiting
-    does not cancel the read the others wait for.
+    Hooks asking while a read is under way wait for that read, then go on one per loop iteration:
+    hundreds of triggers started while the first read was under way would otherwise all build
+    their transports and send their first polls in one iteration, blocking the loop for seconds. A
+    hook cancelled while waiting does not cancel the read the others wait for.
 
     :param conn_id: the Airflow connection id.
     :param aget_connection: reads the connection (a hook's ``aget_connection``).
     """
     loop = asyncio.get_running_loop()
-    reads = _READS.get(loop)
-    if reads is None:
-        reads = _READS.setdefault(loop, {})
-    read = reads.get(conn_id)
+    state = _LOOPS.get(loop)
+    if state is None:
+        state = _LOOPS.setdefault(loop, _LoopReads())
+    read = state.reads.get(conn_id)
+    if read is not None and read.done() and not _stale(read):
+        return read.result()
     if read is None or _stale(read):
-        read = reads[conn_id] = loop.create_task(_read(conn_id, aget_connection))
-        read.add_done_callback(lambda done: _forget_failed(reads, conn_id, done))
-    return await asyncio.shield(read)
-
-
-def forget_shared(conn_id: str | None = None) -> None:
-    """Drop the running loop's reads (of ``conn_id`` only when given), so the next hook reads afresh."""
-    reads = _READS.get(asyncio.get_running_loop(), {})
-    if conn_id is None:
-        reads.clear()
-    else:
-        reads.pop(conn_id, None)
+        read = state.reads[conn_id] = loop.create_task(_read(conn_id, aget_connection))
+        read.add_done_callback(lambda done: _forget_failed(state.reads, conn_id, done))
+    shared = await asyncio.shield(read)
+    async with state.turn:
+        await asyncio.sleep(0)
+    return shared
 
 
 async def _read(conn_id: str, aget_connection: Callable[[str], Awaitable[Connection]]) -> SharedConnection:

@@ -66,6 +66,34 @@ def test_hooks_starting_together_on_one_loop_read_the_connection_once(reads: Rea
     assert all(API_KEY in t.secrets for t in transports)
 
 
+def test_hooks_that_waited_for_the_read_go_on_one_per_loop_iteration(reads: Reads, conn_id: str) -> None:
+    """Hundreds of triggers woken in one loop iteration would block the loop while they all set up."""
+
+    async def scenario() -> list[int]:
+        iteration = 0
+
+        async def count_iterations() -> None:
+            nonlocal iteration
+            while True:
+                iteration += 1
+                await asyncio.sleep(0)
+
+        async def start() -> int:
+            await RescaleHook(conn_id).async_transport()
+            return iteration
+
+        ticker = asyncio.create_task(count_iterations())
+        try:
+            return await asyncio.gather(*(start() for _ in range(50)))
+        finally:
+            ticker.cancel()
+
+    went_on_at = asyncio.run(scenario())
+
+    assert reads.reads == [conn_id]
+    assert len(set(went_on_at)) == len(went_on_at)
+
+
 def test_each_event_loop_reads_the_connection_itself(reads: Reads, conn_id: str) -> None:
     asyncio.run(_start(3, conn_id))
     asyncio.run(_start(3, conn_id))
