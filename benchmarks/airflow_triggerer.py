@@ -39,6 +39,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,7 @@ SAMPLE_SECONDS = 1.0
 BLOCKED = re.compile(r"Triggerer's async thread was blocked for ([0-9.]+) seconds")
 #: Log lines at error level (structlog's JSON and console renderings) and tracebacks.
 ERROR_LINE = re.compile(r'"level": ?"(error|critical)"|\[(error|critical)\s*\]|Traceback \(most recent', re.IGNORECASE)
+LOG_TIME = re.compile(r'(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?)Z')
 STATE_ROUTE_PREFIX = MUSE_STATE_GLOB.rstrip("*")
 
 
@@ -309,6 +311,8 @@ def summarize(
         ]
     blocked_lines = [line.strip()[:400] for line in log_text.splitlines() if BLOCKED.search(line)]
     blocked = [float(BLOCKED.search(line).group(1)) for line in blocked_lines]  # type: ignore[union-attr]
+    # When each came, in seconds from the gate's opening: at the start (negative), or among the events.
+    blocked_at = [round(at - released_at, 1) for line in blocked_lines if (at := _log_time(line)) is not None]
     start_cpu = samples[0][1] if samples else 0.0
     cpu_at_release = next((cpu for at, cpu, _ in samples if at >= released_at), start_cpu)
     return {
@@ -332,9 +336,18 @@ def summarize(
         "blocked_warnings": len(blocked),
         "blocked_max_s": max(blocked) if blocked else None,
         "blocked_lines": blocked_lines[:5],
+        "blocked_at_s": blocked_at,
         "errors": errors[:5],
         "error_count": len(errors),
     }
+
+
+def _log_time(line: str) -> float | None:
+    """The epoch seconds of a log line's leading ISO timestamp (both of the triggerer's renderings), if any."""
+    found = LOG_TIME.search(line)
+    if found is None:
+        return None
+    return datetime.fromisoformat(found.group(1)).replace(tzinfo=timezone.utc).timestamp()
 
 
 def _ratios(results: dict[str, Any]) -> dict[str, Any]:

@@ -55,4 +55,5 @@ def test_blocked_warnings_and_error_lines_of_the_triggerer_are_counted() -> None
     ])
     summary = _summary([_resumed(k, 40.0) for k in "abc"], log)
     assert (summary["blocked_warnings"], summary["blocked_max_s"]) == (1, 0.65)
+    assert summary["blocked_at_s"] == [round(1796213643.053589 - RELEASED, 1)]  # 12:14:03.05 UTC
     assert summary["error_count"] == 2
