@@ -30,10 +30,11 @@ SHARED_FOR_S = 60.0
 class SharedConnection:
     """A connection as read once for an event loop: the connection, its parsed extras, the secrets masked so far."""
 
-    conn: Connection
-    extras: dict[str, Any]
+    # Never in a repr: the connection and its extras hold the secrets.
+    conn: Connection = field(repr=False)
+    extras: dict[str, Any] = field(repr=False)
     read_at: float
-    masked: set[str] = field(default_factory=set)
+    masked: set[str] = field(default_factory=set, repr=False)
 
     async def mask(self, secrets: Iterable[str], amask: Callable[[str], Awaitable[None]]) -> None:
         """Register with the masker, through ``amask``, each of ``secrets`` not registered from this read yet."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -151,3 +152,10 @@ def test_a_hook_cancelled_while_waiting_leaves_the_read_to_the_others(reads: Rea
 
     assert reads.reads == [conn_id]
     assert API_KEY in transport.secrets
+
+
+def test_a_shared_read_shows_no_secret_in_its_repr() -> None:
+    shared = _shared_connection.SharedConnection(
+        conn=SimpleNamespace(password=API_KEY), extras={"token": API_KEY}, read_at=1.0, masked={API_KEY},
+    )
+    assert API_KEY not in repr(shared)
