@@ -261,17 +261,16 @@ def _trigger_logs(home: Path) -> int:
     return sum(1 for _ in (home / "logs").rglob("*.trigger.*.log"))
 
 
-def _wait_resumed(stack: Any, run_id: str, timeout: float) -> bool:
-    """Wait until no task instance of the run is deferred any more; return whether that came in time."""
+def _wait_resumed(stack: Any, run_id: str, timeout: float) -> None:
+    """Wait until no task instance of the run is deferred any more, or say that it did not in time."""
     deadline = time.monotonic() + timeout
     sql = "SELECT COUNT(*) FROM task_instance WHERE dag_id = ? AND run_id = ? AND state = 'deferred'"
     while time.monotonic() < deadline:
         if stack.query(sql, DAG_ID, run_id)[0][0] == 0:
-            return True
+            return
         time.sleep(1.0)
     # The task instances still deferred count as errors in the figures: the run goes on to the floor.
     print(f"   task instances of {run_id} still deferred after {timeout:.0f}s", flush=True)
-    return False
 
 
 def _retire(stack: Any, run_id: str) -> None:

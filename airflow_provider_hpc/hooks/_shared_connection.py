@@ -40,17 +40,49 @@ class SharedConnection:
         """Register with the masker, through ``amask``, each of ``secrets`` not registered from this read yet."""
         for secret in secrets:
             if secret not in self.masked:
+                # Marked before the await: the hooks going on meanwhile do not register it again.
+                # Airflow's ``amask_secret`` registers it in this process before its own await; only
+                # the supervisor's copy is a round trip later.
                 self.masked.add(secret)
                 await amask(secret)
 
 
 class _LoopReads:
-    """The reads of one event loop by connection id (tasks, done or under way), and the turn the waiters take."""
+    """
+    The reads of one event loop by connection id, and the turn the hooks that waited take.
+
+    A read under way is its task; a finished one, its result. Nothing kept here once the loop is
+    idle refers to the loop (a task or a lock would), so a loop that ends is freed with its reads:
+    a worker runs one loop per wait.
+    """
 
     def __init__(self) -> None:
-        self.reads: dict[str, asyncio.Task[SharedConnection]] = {}
-        #: Held by one waiter at a time for one loop iteration (see :func:`read_shared`).
-        self.turn = asyncio.Lock()
+        self.reads: dict[str, SharedConnection | asyncio.Task[SharedConnection]] = {}
+        self._turn: asyncio.Lock | None = None
+        self._waiting = 0
+
+    async def take_turn(self) -> None:
+        """Return after one loop iteration holding the turn: the hooks that waited go on one by one."""
+        if self._turn is None:
+            self._turn = asyncio.Lock()
+        turn = self._turn
+        self._waiting += 1
+        try:
+            async with turn:
+                await asyncio.sleep(0)
+        finally:
+            self._waiting -= 1
+            if not self._waiting:
+                self._turn = None
+
+    def settle(self, conn_id: str, done: asyncio.Task[SharedConnection]) -> None:
+        """Keep a finished read's result in place of its task; drop a failed one, so the next hook reads again."""
+        if self.reads.get(conn_id) is not done:
+            return
+        if done.cancelled() or done.exception() is not None:
+            del self.reads[conn_id]
+        else:
+            self.reads[conn_id] = done.result()
 
 
 _LOOPS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopReads] = weakref.WeakKeyDictionary()
@@ -60,10 +92,10 @@ async def read_shared(conn_id: str, aget_connection: Callable[[str], Awaitable[C
     """
     Return the running loop's read of ``conn_id``, reading it with ``aget_connection`` when none is fresh.
 
-    Hooks asking while a read is under way wait for that read, then go on one per loop iteration:
-    hundreds of triggers started while the first read was under way would otherwise all build
-    their transports and send their first polls in one iteration, blocking the loop for seconds. A
-    hook cancelled while waiting does not cancel the read the others wait for.
+    Hooks asking while a read is under way wait for that read, then go on one at a time, a loop
+    iteration or two apart: hundreds of triggers started while the first read was under way would
+    otherwise all build their transports and send their first polls in one iteration, blocking the
+    loop for seconds. A hook cancelled while waiting does not cancel the read the others wait for.
 
     :param conn_id: the Airflow connection id.
     :param aget_connection: reads the connection (a hook's ``aget_connection``).
@@ -72,15 +104,14 @@ async def read_shared(conn_id: str, aget_connection: Callable[[str], Awaitable[C
     state = _LOOPS.get(loop)
     if state is None:
         state = _LOOPS.setdefault(loop, _LoopReads())
-    read = state.reads.get(conn_id)
-    if read is not None and read.done() and not _stale(read):
-        return read.result()
-    if read is None or _stale(read):
-        read = state.reads[conn_id] = loop.create_task(_read(conn_id, aget_connection))
-        read.add_done_callback(lambda done: _forget_failed(state.reads, conn_id, done))
-    shared = await asyncio.shield(read)
-    async with state.turn:
-        await asyncio.sleep(0)
+    entry = state.reads.get(conn_id)
+    if isinstance(entry, SharedConnection) and time.monotonic() - entry.read_at <= SHARED_FOR_S:
+        return entry
+    if not isinstance(entry, asyncio.Task):  # none yet, or too old
+        entry = state.reads[conn_id] = loop.create_task(_read(conn_id, aget_connection))
+        entry.add_done_callback(lambda done: state.settle(conn_id, done))
+    shared = await asyncio.shield(entry)
+    await state.take_turn()
     return shared
 
 
@@ -88,15 +119,3 @@ async def _read(conn_id: str, aget_connection: Callable[[str], Awaitable[Connect
     conn = await aget_connection(conn_id)
     extras = await conn.aextra_dejson() or {}
     return SharedConnection(conn=conn, extras=extras, read_at=time.monotonic())
-
-
-def _stale(read: asyncio.Task[SharedConnection]) -> bool:
-    if not read.done():
-        return False
-    return read.cancelled() or read.exception() is not None or time.monotonic() - read.result().read_at > SHARED_FOR_S
-
-
-def _forget_failed(reads: dict[str, asyncio.Task[SharedConnection]], conn_id: str, done: asyncio.Task[Any]) -> None:
-    """Drop a failed read at once; its waiters have its error, the next hook reads again."""
-    if (done.cancelled() or done.exception() is not None) and reads.get(conn_id) is done:
-        del reads[conn_id]

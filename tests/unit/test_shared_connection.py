@@ -7,6 +7,8 @@ round trips to the triggerer's supervisor per trigger.
 from __future__ import annotations
 
 import asyncio
+import gc
+import weakref
 from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
@@ -121,6 +123,7 @@ def test_a_read_older_than_its_time_is_read_again(
     assert reads.reads == [conn_id, conn_id]
     assert API_KEY in within.secrets and rotated not in within.secrets
     assert rotated in after.secrets and first.settings.read_timeout == 40.0
+    assert after.settings.read_timeout != 40.0  # the new read's extras, not the old ones
     assert reads.masked == [API_KEY, rotated]
 
 
@@ -159,3 +162,19 @@ def test_a_shared_read_shows_no_secret_in_its_repr() -> None:
         conn=SimpleNamespace(password=API_KEY), extras={"token": API_KEY}, read_at=1.0, masked={API_KEY},
     )
     assert API_KEY not in repr(shared)
+
+
+def test_a_loop_that_ended_is_freed_with_its_reads(reads: Reads, conn_id: str) -> None:
+    """A worker runs one event loop per wait: each must go, with the connection it read."""
+
+    async def scenario() -> weakref.ref[asyncio.AbstractEventLoop]:
+        await _start(3, conn_id)
+        return weakref.ref(asyncio.get_running_loop())
+
+    # Airflow's SDK keeps the last loop it ran a thread call for (asgiref's thread-local): the
+    # loops before it must be gone.
+    ended = [asyncio.run(scenario()) for _ in range(4)]
+    gc.collect()
+
+    # Their reads went with them: the reads are kept by loop, weakly.
+    assert [loop() is None for loop in ended[:-1]] == [True, True, True]
