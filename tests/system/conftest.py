@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,6 +32,18 @@ def _enabled(config: pytest.Config) -> bool:
         return True
     # Named explicitly (pytest tests/system, or one of its files): the user asked for them.
     return any(Path(str(arg).split("::")[0]).resolve().is_relative_to(HERE) for arg in config.args)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Let a terminated run (SIGTERM: a CI time limit, ``timeout``) stop its deployment, as Ctrl-C does."""
+    if _enabled(config):
+        signal.signal(signal.SIGTERM, _interrupt)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    # pytest tears its fixtures down on KeyboardInterrupt, not on SIGTERM: without this, the
+    # deployment's servers and Airflow processes outlive the run and load the machine.
+    raise KeyboardInterrupt
 
 
 def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
