@@ -37,13 +37,9 @@ def _enabled(config: pytest.Config) -> bool:
 def pytest_configure(config: pytest.Config) -> None:
     """Let a terminated run (SIGTERM: a CI time limit, ``timeout``) stop its deployment, as Ctrl-C does."""
     if _enabled(config):
-        signal.signal(signal.SIGTERM, _interrupt)
-
-
-def _interrupt(signum: int, frame: object) -> None:
-    # pytest tears its fixtures down on KeyboardInterrupt, not on SIGTERM: without this, the
-    # deployment's servers and Airflow processes outlive the run and load the machine.
-    raise KeyboardInterrupt
+        # pytest tears its fixtures down on KeyboardInterrupt, not on SIGTERM: without this, the
+        # deployment's servers and Airflow processes outlive the run and load the machine.
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
 
 
 def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:

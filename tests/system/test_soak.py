@@ -39,7 +39,7 @@ SCALE = float(os.environ.get("HPC_SYSTEM_SOAK_SCALE", "1"))
 MUSE_RUNS = max(7, round(300 * SCALE))
 RESCALE_JOBS = max(2, round(25 * SCALE))  # two runs each: 50 Rescale runs
 #: A bound on the DAG run, to catch a run that never ends, not a speed target: the run took
-#: 584-810 s on an idle 2-core machine and 1,340 s on a busier one, where a 1,200 s bound failed it.
+#: 584-810 s on idle 2-core machines, and 1,340 s in one CI run, where a 1,200 s bound failed it.
 MAX_SECONDS = 1800.0
 #: The DAG processor re-reads its bundles every 30 s; the DAG appears once its plan exists.
 DAG_PARSE_TIMEOUT = 180.0
