@@ -23,9 +23,10 @@ Figures, from the triggerer's whole process tree (the ``airflow triggerer`` supe
 trigger runner it starts, the log server), sampled once a second: CPU % of one core in the steady
 window (every trigger alive, past the first poll round) and from the gate's opening to the last
 event, CPU per poll (over the emulator's count of state requests), peak resident memory (the sum
-over the tree); each event's delay, from the run's end (emulator side) to the moment the triggerer
-resumed its task instance (``task_instance.updated_at``); every "event loop blocked" warning the
-triggerer logged, and every error.
+over the tree); two delays from each run's end (emulator side): to its trigger's event (the time
+of the trigger log's "Trigger fired event" line), and to the moment the triggerer's supervisor
+resumed its task instance with it (``task_instance.updated_at``); every "event loop blocked"
+warning the triggerer logged, and every error.
 """
 
 from __future__ import annotations
@@ -62,6 +63,9 @@ BLOCKED = re.compile(r"Triggerer's async thread was blocked for ([0-9.]+) second
 #: Log lines at error level (structlog's JSON and console renderings) and tracebacks.
 ERROR_LINE = re.compile(r'"level": ?"(error|critical)"|\[(error|critical)\s*\]|Traceback \(most recent', re.IGNORECASE)
 LOG_TIME = re.compile(r'(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?)Z')
+#: The line for a trigger's event (Airflow's ``run_trigger``; JSON in a trigger's log file, console
+#: rendering in the triggerer's own output), and the Muse key in its payload.
+FIRED_KEY = re.compile(r"Trigger fired event.*?'key': '([0-9A-Za-z-]+)'")
 STATE_ROUTE_PREFIX = MUSE_STATE_GLOB.rstrip("*")
 
 
@@ -301,7 +305,11 @@ def summarize(
     steady = steady_figures(samples, polls.samples, window)
     run_window = steady_figures(samples, polls.samples, (released_at, ended_at))
     resumed = {i["key"]: i for i in instances if i["state"] != "deferred" and i["event"] is not None}
-    delays = [resumed[key]["updated_at"] - end for key, end in ends.items() if end is not None and key in resumed]
+    # Two delays from a run's end: to its trigger's event (the trigger's part, what the floor measures
+    # too), and to its task instance resumed (the event written by the triggerer's supervisor).
+    fired = _fired_at(log_text)
+    delays = [fired[key] - end for key, end in ends.items() if end is not None and key in fired]
+    resume_delays = [resumed[key]["updated_at"] - end for key, end in ends.items() if end is not None and key in resumed]
     errors = [line.strip()[:300] for line in log_text.splitlines() if ERROR_LINE.search(line)]
     if variant == "ours":
         errors += [
@@ -332,6 +340,9 @@ def summarize(
         "delay_p50_s": median(delays),
         "delay_p99_s": percentile(delays, 0.99),
         "delay_max_s": max(delays) if delays else None,
+        "resume_delay_p50_s": median(resume_delays),
+        "resume_delay_p99_s": percentile(resume_delays, 0.99),
+        "resume_delay_max_s": max(resume_delays) if resume_delays else None,
         "blocked_warnings": len(blocked),
         "blocked_max_s": max(blocked) if blocked else None,
         "blocked_lines": blocked_lines[:5],
@@ -339,6 +350,15 @@ def summarize(
         "errors": errors[:5],
         "error_count": len(errors),
     }
+
+
+def _fired_at(log_text: str) -> dict[str, float]:
+    """The epoch seconds of each Muse key's first trigger event, from the trigger logs."""
+    fired: dict[str, float] = {}
+    for line in log_text.splitlines():
+        if (found := FIRED_KEY.search(line)) is not None and (at := _log_time(line)) is not None:
+            fired.setdefault(found.group(1), at)
+    return fired
 
 
 def _log_time(line: str) -> float | None:
@@ -366,18 +386,21 @@ def print_case(case: TriggererCase, figures: dict[str, Any]) -> None:
     )
     headers = (
         "variant", "waits", "start s", "CPU % steady", "steady ms/poll", "CPU % run", "peak RSS MiB",
-        "delay p50 s", "delay p99 s", "delay max s", "events", "blocked", "errors",
+        "event p50 s", "event p99 s", "event max s", "resumed p50 s", "resumed p99 s", "resumed max s",
+        "events", "blocked", "errors",
     )
     rows = []
     for name, r in figures["variants"].items():
         real = name != "floor"
         rows.append((
             name, r["jobs"], r["ready_s"] if real else None, r["cpu_pct_steady"], r["cpu_per_poll_steady_ms"],
-            r["cpu_pct_run"], r["rss_peak_mib"], r["delay_p50_s"], r["delay_p99_s"],
-            r["delay_max_s"], r["events"], r["blocked_warnings"] if real else None, r["error_count"],
+            r["cpu_pct_run"], r["rss_peak_mib"], r["delay_p50_s"], r["delay_p99_s"], r["delay_max_s"],
+            r.get("resume_delay_p50_s"), r.get("resume_delay_p99_s"), r.get("resume_delay_max_s"),
+            r["events"], r["blocked_warnings"] if real else None, r["error_count"],
         ))
     print(table(headers, rows))
-    print("   start s: from the triggerer's start to every trigger's first poll")
+    print("   start s: from the triggerer's start to every trigger's first poll; event and resumed: from a run's end")
+    print("   to its trigger's event, and to its task instance resumed by the triggerer's supervisor")
     for name, value in figures["ratios"].items():
         print(f"   {name}: CPU per poll (steady) {'-' if value is None else f'{value:.2f}x'}")
     for name, r in figures["variants"].items():

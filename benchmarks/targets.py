@@ -73,13 +73,18 @@ def _real_triggerer(report: Report) -> Target:
         f"CPU {_fmt(ours['cpu_pct_steady'], '%')} steady": ours["cpu_pct_steady"] is not None
         and ours["cpu_pct_steady"] < TRIGGERER_CPU_PCT,
         f"peak RSS {ours['rss_peak_mib']:.0f} MiB": ours["rss_peak_mib"] < TRIGGERER_RSS_MIB,
-        f"{ours['events']}/{ours['jobs']} events, delay p50/p99/max {_fmt(ours['delay_p50_s'], '')}/"
-        f"{_fmt(ours['delay_p99_s'], '')}/{_fmt(ours['delay_max_s'], ' s')} (interval {interval:g} s)":
+        f"{ours['events']}/{ours['jobs']} events, delay to the trigger's event p50/p99/max "
+        f"{_fmt(ours['delay_p50_s'], '')}/{_fmt(ours['delay_p99_s'], '')}/{_fmt(ours['delay_max_s'], ' s')} "
+        f"(interval {interval:g} s)":
             ours["events"] == ours["jobs"] and ours["delay_max_s"] is not None and ours["delay_max_s"] <= interval + 1,
         f"{ours['blocked_warnings']} blocked warnings": ours["blocked_warnings"] == 0,
         f"{ours['error_count']} errors": ours["error_count"] == 0,
     }
-    beside = []
+    # The resume is the supervisor's write of the event, after the trigger's part: shown, not judged.
+    beside = [
+        f"task instances resumed p50/p99/max {_fmt(ours.get('resume_delay_p50_s'), '')}/"
+        f"{_fmt(ours.get('resume_delay_p99_s'), '')}/{_fmt(ours.get('resume_delay_max_s'), ' s')} after the runs' ends"
+    ]
     if anchor:
         beside.append(f"{anchor['jobs']} HttpSensorTrigger (baseline): {_fmt(anchor['cpu_per_poll_steady_ms'], ' ms')} per poll")
     if floor:

@@ -261,7 +261,12 @@ class PollingTrigger(BaseTrigger):
             start = self.first_poll_at if self.deadline is None else min(self.first_poll_at, self.deadline)
             await asyncio.sleep(max(0.0, start - time.time()))
         failures = 0
+        clock = asyncio.get_running_loop().time
         while True:
+            # Polls start one wait apart, however long each took: with thousands of triggers a poll
+            # may queue for a pooled connection, and waiting the whole interval after it ended would
+            # push every later poll back by that much (and a run's end past one interval).
+            started = clock()
             try:
                 payload, changed = await self._poll()
             except HpcApiError as exc:
@@ -279,7 +284,7 @@ class PollingTrigger(BaseTrigger):
                 return payload
             if schedule.expired:
                 return self._timeout()
-            await asyncio.sleep(schedule.next_wait(changed))
+            await asyncio.sleep(max(0.0, schedule.next_wait(changed) - (clock() - started)))
 
     def _failure_message(self, exc: HpcApiError, failures: int) -> str:
         if is_transient(exc):

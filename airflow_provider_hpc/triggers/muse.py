@@ -74,8 +74,14 @@ class MuseJobTrigger(PollingTrigger):
         return (self._terminal_event(current) if current.is_terminal else None), changed
 
     def _log_change(self, before: MuseReport | None, after: MuseReport) -> None:
+        # A triggerer's supervisor reads its runner's log lines a few KiB per pass, and a pass walks
+        # every trigger it holds: at thousands of waits, lines per wait set how fast the triggers
+        # start (docs/benchmarks.md, section 1c). So a steady wait logs nothing of its own: the
+        # task logged the state it deferred on, the end is in the event, which the triggerer logs.
+        if after.is_terminal:
+            return
         if before is None:
-            self.log.info("%s is %s (cr %s, SLURM job %s)", self.subject, after.state, after.cr.value, after.job_id)
+            self.log.debug("%s is %s (cr %s, SLURM job %s)", self.subject, after.state, after.cr.value, after.job_id)
         else:
             self.log.info(
                 "%s: %s -> %s (cr %s, SLURM job %s)",

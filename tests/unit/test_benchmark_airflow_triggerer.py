@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from datetime import datetime, timezone
 from types import SimpleNamespace
 
 from benchmarks.airflow_triggerer import TriggererCase, summarize
 
 CASE = TriggererCase("3 waits", 3, 0, 10.0, (30.0, 40.0))
-RELEASED = 1000.0
+# 2026-12-02T12:13:23Z: the runs end 30, 35 and 40 s after it.
+RELEASED = 1796213603.0
 BLOCKED_LINE = (
     "2026-12-02T12:14:03.053589Z [info     ] Triggerer's async thread was blocked for 0.65 seconds, exceeding "
     "the configured warning threshold of 0.20 seconds. [airflow.jobs.triggerer_job_runner]"
@@ -29,10 +31,28 @@ def _resumed(key: str, at: float, status: str = "ok") -> dict:
     return {"key": key, "state": "scheduled", "updated_at": RELEASED + at, "event": {"status": status}}
 
 
-def test_each_event_s_delay_counts_from_its_run_s_end_to_its_resume() -> None:
-    summary = _summary([_resumed("a", 32.0), _resumed("b", 41.0), _resumed("c", 50.0)])
+def _fired(key: str, at: float) -> str:
+    """A trigger log's event line, as Airflow's run_trigger writes it (JSON, the payload's repr in it)."""
+    stamp = datetime.fromtimestamp(RELEASED + at, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return (
+        f'{{"timestamp":"{stamp}","level":"info","event":"Trigger fired event","name":"bench/run/watch/0/1 (ID 1)",'
+        f'"result":"TriggerEvent<{{\'status\': \'ok\', \'name\': \'sw_example\', \'key\': \'{key}\'}}>"}}'
+    )
+
+
+def test_each_run_s_delays_count_from_its_end_to_its_trigger_s_event_and_to_its_resume() -> None:
+    # The triggerer's own output renders some lines for the console: they count too.
+    console_b = (
+        "2026-12-02T12:14:01.000000Z [info     ] Trigger fired event   [airflow.jobs.triggerer_job_runner] "
+        "result=\"TriggerEvent<{'status': 'ok', 'name': 'sw_example', 'key': 'b'}>\""
+    )
+    log = "\n".join([_fired("a", 31.0), console_b, _fired("c", 45.0), _fired("a", 90.0)])
+    summary = _summary([_resumed("a", 32.0), _resumed("b", 41.0), _resumed("c", 50.0)], log)
     assert (summary["events"], summary["error_count"], summary["blocked_warnings"]) == (3, 0, 0)
-    assert (summary["delay_p50_s"], summary["delay_max_s"]) == (6.0, 10.0)
+    # The trigger's event: 1, 3 and 5 s after the runs' ends (a key's first event counts).
+    assert (summary["delay_p50_s"], summary["delay_max_s"]) == (3.0, 5.0)
+    # The task instances resumed by the supervisor: 2, 6 and 10 s after.
+    assert (summary["resume_delay_p50_s"], summary["resume_delay_max_s"]) == (6.0, 10.0)
     assert round(summary["cpu_pct_steady"], 3) == 10.0
     assert round(summary["cpu_per_poll_steady_ms"], 3) == 20.0
     assert summary["rss_peak_mib"] == 300
