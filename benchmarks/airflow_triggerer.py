@@ -23,10 +23,11 @@ Figures, from the triggerer's whole process tree (the ``airflow triggerer`` supe
 trigger runner it starts, the log server), sampled once a second: CPU % of one core in the steady
 window (every trigger alive, past the first poll round) and from the gate's opening to the last
 event, CPU per poll (over the emulator's count of state requests), peak resident memory (the sum
-over the tree); two delays from each run's end (emulator side): to its trigger's event (the time
-of the trigger log's "Trigger fired event" line), and to the moment the triggerer's supervisor
-resumed its task instance with it (``task_instance.updated_at``); every "event loop blocked"
-warning the triggerer logged, and every error.
+over the tree); two delays from each run's end (emulator side): to its trigger's event, as the
+time of the "Trigger fired event" line (Airflow's runner writes that line when the trigger yields,
+and hands the event on to its supervisor once the line is written), and to the moment the
+supervisor resumed its task instance with it (``task_instance.updated_at``); every "event loop
+blocked" warning the triggerer logged, and every error.
 """
 
 from __future__ import annotations
@@ -305,8 +306,8 @@ def summarize(
     steady = steady_figures(samples, polls.samples, window)
     run_window = steady_figures(samples, polls.samples, (released_at, ended_at))
     resumed = {i["key"]: i for i in instances if i["state"] != "deferred" and i["event"] is not None}
-    # Two delays from a run's end: to its trigger's event (the trigger's part, what the floor measures
-    # too), and to its task instance resumed (the event written by the triggerer's supervisor).
+    # Two delays from a run's end: to its trigger's event (the runner's line for it, what the floor
+    # measures too), and to its task instance resumed (the event written by the supervisor).
     fired = _fired_at(log_text)
     delays = [fired[key] - end for key, end in ends.items() if end is not None and key in fired]
     resume_delays = [resumed[key]["updated_at"] - end for key, end in ends.items() if end is not None and key in resumed]
