@@ -3,8 +3,9 @@
 
 The quick mode (the default, what ``make bench`` runs) keeps to a few minutes on two cores; ``--full``
 adds the large sizes (5,000 and 10,000 triggers, a 1 GiB transfer, 1,000 output files, 150 s jobs for the
-worker cost) and the mix of Muse and Rescale triggers in one loop, and takes much longer. Everything binds 127.0.0.1 and stops by itself; the emulator is
-started and stopped here, and so is the private Airflow deployment of the ``worker`` section.
+worker cost) and the mix of Muse and Rescale triggers in one loop, and takes much longer. Everything
+binds 127.0.0.1 and stops by itself; the emulator is started and stopped here, and so is the private
+Airflow deployment of the ``worker`` section.
 """
 
 from __future__ import annotations

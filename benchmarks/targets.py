@@ -80,7 +80,7 @@ def _real_triggerer(report: Report) -> Target:
         f"{ours['blocked_warnings']} blocked warnings": ours["blocked_warnings"] == 0,
         f"{ours['error_count']} errors": ours["error_count"] == 0,
     }
-    # The resume is the supervisor's write of the event, after the trigger's part: shown, not judged.
+    # The resume is the supervisor's write of the event, after the runner's line for it: shown, not judged.
     beside = [
         f"task instances resumed p50/p99/max {_fmt(ours.get('resume_delay_p50_s'), '')}/"
         f"{_fmt(ours.get('resume_delay_p99_s'), '')}/{_fmt(ours.get('resume_delay_max_s'), ' s')} after the runs' ends"
