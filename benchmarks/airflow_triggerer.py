@@ -24,10 +24,11 @@ trigger runner it starts, the log server), sampled once a second: CPU % of one c
 window (every trigger alive, past the first poll round) and from the gate's opening to the last
 event, CPU per poll (over the emulator's count of state requests), peak resident memory (the sum
 over the tree); two delays from each run's end (emulator side): to its trigger's event, as the
-time of the "Trigger fired event" line (Airflow's runner writes that line when the trigger yields,
-and hands the event on to its supervisor once the line is written), and to the moment the
-supervisor resumed its task instance with it (``task_instance.updated_at``); every "event loop
-blocked" warning the triggerer logged, and every error.
+time of the "Trigger fired event" line (Airflow's runner logs it after the trigger yields, stamped
+when its log thread formats it, and hands the event on to its supervisor once the line is
+written), and to the moment the supervisor resumed its task instance with it
+(``task_instance.updated_at``); every "event loop blocked" warning the triggerer logged, and every
+error.
 """
 
 from __future__ import annotations
@@ -338,6 +339,7 @@ def summarize(
         "rss_peak_mib": sampler.peak_rss / 2**20,
         "runner_rss_peak_mib": sampler.peak_runner_rss / 2**20,
         "events": len(resumed),
+        "fired": len(delays),  # the runs whose event line was found: the event delays cover these
         "delay_p50_s": median(delays),
         "delay_p99_s": percentile(delays, 0.99),
         "delay_max_s": max(delays) if delays else None,

@@ -40,9 +40,10 @@ class PollSchedule:
     When to poll next: start at ``interval``, grow by ``factor`` after each unchanged poll, up to
     ``max_interval``; back to ``interval`` when the remote state changes (things are moving).
 
-    Long HPC runs thus cost few requests, and a run's end is seen within ``max_interval``.
+    Long HPC runs thus cost few requests, and a run's end is seen within ``max_interval``. A wait
+    counts from the start of the poll before it (see :meth:`next_wait`).
 
-    :param interval: seconds before the first repeat poll.
+    :param interval: seconds between the first poll's start and the next one's.
     :param max_interval: the longest wait between two polls.
     :param factor: growth of the wait after each poll that saw no change.
     :param deadline: epoch seconds after which the wait gives up (``None``: never).
@@ -58,10 +59,17 @@ class PollSchedule:
         self.max_interval = max(self.interval, float(self.max_interval))
         self._current = self.interval
 
-    def next_wait(self, changed: bool) -> float:
-        """Return the seconds to sleep before the next poll, never past the deadline."""
+    def next_wait(self, changed: bool, elapsed: float = 0.0) -> float:
+        """
+        Return the seconds to sleep before the next poll, never past the deadline.
+
+        :param changed: whether the poll just made saw the remote state change.
+        :param elapsed: seconds the poll just made took: the sleep is that much shorter, so polls
+            start one wait apart. Never less than half the wait: a poll slowed by the server
+            (retries, ``Retry-After``) is still followed by a pause.
+        """
         self._current = self.interval if changed else min(self._current * self.factor, self.max_interval)
-        wait = self._current
+        wait = max(self._current - elapsed, self._current / 2)
         if self.deadline is not None:
             wait = max(0.0, min(wait, self.deadline - time.time()))
         return wait
@@ -210,7 +218,8 @@ class PollingTrigger(BaseTrigger):
             yield TriggerEvent(payload)
             return
         # The task ends here: no worker starts again only to turn this payload into the XCom value.
-        self.log.info("%s: the task ends from the triggerer, without resuming on a worker", self.subject)
+        # The triggerer logs a success event without its payload, so this line says how the run ended.
+        self.log.info("%s; the task ends from the triggerer, without resuming on a worker", payload.get("message") or self.subject)
         yield TaskSuccessEvent(xcoms={"return_value": result})
 
     def task_result(self, payload: dict[str, Any]) -> dict[str, Any] | None:
@@ -263,12 +272,13 @@ class PollingTrigger(BaseTrigger):
         failures = 0
         clock = asyncio.get_running_loop().time
         while True:
-            # Polls start one wait apart, however long each took: with thousands of triggers a poll
-            # may queue for a pooled connection, and waiting the whole interval after it ended would
-            # push every later poll back by that much (and a run's end past one interval).
+            # Polls start one wait apart: with thousands of triggers a poll may queue for a pooled
+            # connection, and the whole wait after its end would push every later poll back by as
+            # much (and a run's end past one interval). A failed poll is followed by a whole wait.
             started = clock()
             try:
                 payload, changed = await self._poll()
+                elapsed = clock() - started
             except HpcApiError as exc:
                 failures += 1
                 if not is_transient(exc) or failures >= self.max_poll_failures:
@@ -277,14 +287,14 @@ class PollingTrigger(BaseTrigger):
                     "Could not poll %s (%d of %d tolerated failures): %s",
                     self.subject, failures, self.max_poll_failures - 1, exc,
                 )
-                payload, changed = None, False
+                payload, changed, elapsed = None, False, 0.0
             else:
                 failures = 0
             if payload is not None:
                 return payload
             if schedule.expired:
                 return self._timeout()
-            await asyncio.sleep(max(0.0, schedule.next_wait(changed) - (clock() - started)))
+            await asyncio.sleep(schedule.next_wait(changed, elapsed))
 
     def _failure_message(self, exc: HpcApiError, failures: int) -> str:
         if is_transient(exc):

@@ -76,8 +76,9 @@ class MuseJobTrigger(PollingTrigger):
     def _log_change(self, before: MuseReport | None, after: MuseReport) -> None:
         # A triggerer's supervisor reads its runner's log lines a few KiB per pass, and a pass walks
         # every trigger it holds: at thousands of waits, lines per wait set how fast the triggers
-        # start (docs/benchmarks.md, section 1c). So a steady wait logs nothing of its own: the
-        # task logged the state it deferred on, the end is in the event, which the triggerer logs.
+        # start (docs/benchmarks.md, section 1c). So a wait with no change on the way logs nothing
+        # of its own: the sensor logged the state it deferred on (the operator its submission), and
+        # the end is in the event, which the triggerer logs (PollingTrigger.run logs it otherwise).
         if after.is_terminal:
             return
         if before is None:

@@ -48,7 +48,7 @@ def test_each_run_s_delays_count_from_its_end_to_its_trigger_s_event_and_to_its_
     )
     log = "\n".join([_fired("a", 31.0), console_b, _fired("c", 45.0), _fired("a", 90.0)])
     summary = _summary([_resumed("a", 32.0), _resumed("b", 41.0), _resumed("c", 50.0)], log)
-    assert (summary["events"], summary["error_count"], summary["blocked_warnings"]) == (3, 0, 0)
+    assert (summary["events"], summary["fired"], summary["error_count"], summary["blocked_warnings"]) == (3, 3, 0, 0)
     # The trigger's event: 1, 3 and 5 s after the runs' ends (a key's first event counts).
     assert (summary["delay_p50_s"], summary["delay_max_s"]) == (3.0, 5.0)
     # The task instances resumed by the supervisor: 2, 6 and 10 s after.

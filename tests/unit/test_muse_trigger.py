@@ -14,6 +14,7 @@ from airflow.sdk import Connection
 from airflow_provider_hpc.exceptions import InvalidIdentifierError, MuseApiError
 from airflow_provider_hpc.transport import aio
 from airflow_provider_hpc.hooks.muse import MuseCr, MuseHook, MuseReport
+from airflow_provider_hpc.triggers._polling import PollSchedule
 from airflow_provider_hpc.triggers.muse import MuseJobTrigger
 
 SECRET = "s3cret-muse-password"
@@ -101,8 +102,8 @@ async def test_ok_event_after_state_changes(
     assert MuseReport.from_dict(event["report"]).is_successful
     assert scripted.calls == 3
     logged = capsys.readouterr().out  # Airflow's structlog writes task and trigger logs to stdout
-    # Only a change on the way is the trigger's own line (at INFO): the first state is what the task
-    # logged when it deferred, and the end is in the event, which the triggerer logs.
+    # Only a change on the way is the trigger's own line (at INFO): the first state is what the
+    # sensor logged when it deferred, and the end is in the event, which the triggerer logs.
     assert "PENDING -> RUNNING" in logged
     assert "is PENDING" not in logged and "-> COMPLETED" not in logged
 
@@ -276,13 +277,42 @@ async def test_polls_start_one_interval_apart_however_long_each_takes(
 
     async def slow_state(hook: MuseHook, name: str, key: str) -> MuseReport:
         starts.append(time.monotonic())
-        await asyncio.sleep(0.15)
+        await asyncio.sleep(0.2)
         return items[len(starts) - 1]
 
     monkeypatch.setattr(MuseHook, "a_get_state", slow_state)
-    (event,) = await all_events(make_trigger(poll_interval=0.25, max_poll_interval=0.25))
+    (event,) = await all_events(make_trigger(poll_interval=0.6, max_poll_interval=0.6))
     assert event["status"] == "ok"
     gaps = [later - earlier for earlier, later in zip(starts, starts[1:])]
     assert len(gaps) == 3
-    # 0.25 s apart; waiting the interval after each poll's end would make them 0.40 s apart.
-    assert all(0.24 <= gap < 0.35 for gap in gaps), gaps
+    # 0.6 s apart; waiting the interval after each poll's end would make them 0.8 s apart.
+    assert all(0.59 <= gap < 0.75 for gap in gaps), gaps
+
+
+async def test_a_failed_poll_is_followed_by_a_whole_interval(connection: Connection, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A poll that failed after the transport's retries says the service is struggling: no quicker
+    # poll after it.
+    starts: list[float] = []
+    items: list[MuseReport | Exception] = [MuseApiError("Bad gateway", status=502), report("OK", "COMPLETED")]
+
+    async def failing_state(hook: MuseHook, name: str, key: str) -> MuseReport:
+        starts.append(time.monotonic())
+        await asyncio.sleep(0.2)
+        item = items[len(starts) - 1]
+        if isinstance(item, Exception):
+            raise item
+        return item
+
+    monkeypatch.setattr(MuseHook, "a_get_state", failing_state)
+    (event,) = await all_events(make_trigger(poll_interval=0.4, max_poll_interval=0.4))
+    assert event["status"] == "ok"
+    assert starts[1] - starts[0] >= 0.59  # the 0.2 s poll, then the whole 0.4 s
+
+
+def test_a_wait_counts_from_the_poll_s_start_never_below_half_nor_past_the_deadline() -> None:
+    assert PollSchedule(10.0, 10.0).next_wait(False, elapsed=3.0) == 7.0
+    # A poll that took most of the wait (retries, Retry-After) is still followed by half of it.
+    assert PollSchedule(10.0, 10.0).next_wait(False, elapsed=8.0) == 5.0
+    # The deadline caps the shortened wait, not the whole one: no poll before the deadline's.
+    near = PollSchedule(10.0, 10.0, deadline=time.time() + 4.0).next_wait(False, elapsed=1.0)
+    assert 3.9 < near <= 4.0

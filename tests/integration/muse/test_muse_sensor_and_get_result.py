@@ -116,7 +116,9 @@ def _deferral(task: MuseJobSensor, context: dict[str, Any]) -> TaskDeferred:
     return deferred.value
 
 
-def test_end_from_trigger_ends_a_run_that_ended_well_with_the_sensors_own_value(muse: EmulatorServer) -> None:
+def test_end_from_trigger_ends_a_run_that_ended_well_with_the_sensors_own_value(
+    muse: EmulatorServer, capsys: pytest.CaptureFixture[str]
+) -> None:
     key = submit(LONG_CMD)
     context = make_context()
     deferral = _deferral(sensor(key, end_from_trigger=True), context)
@@ -124,6 +126,9 @@ def test_end_from_trigger_ends_a_run_that_ended_well_with_the_sensors_own_value(
     event = asyncio.run(_raw_event(rebuild(deferral.trigger)))
 
     assert isinstance(event, TaskSuccessEvent)
+    # The triggerer logs a success event without its payload: the trigger's own line says how the run ended.
+    logged = capsys.readouterr().out
+    assert f"Muse run sw_example/{key} ended well" in logged and "the task ends from the triggerer" in logged
     assert deferral.trigger.serialize()[1]["end_from_trigger"] is True
     # Exactly what a sensor that does not end in the triggerer returns for the same run.
     on_a_worker = drive(sensor(key), make_context()).value
