@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import itertools
 import json
 import os
 import socket
@@ -265,13 +266,28 @@ def test_an_empty_page_short_of_the_announced_count_is_an_error_on_both_paths(se
 # ----- 4. echoed fields ------------------------------------------------------------------------------
 
 
+def in_turn(*handlers: Handler) -> Handler:
+    """A handler answering each connection with the next of ``handlers``, the last one from then on."""
+    served = itertools.count()
+
+    def handle(client: socket.socket, head: bytes) -> None:
+        handlers[min(next(served), len(handlers) - 1)](client, head)
+
+    return handle
+
+
 def test_huge_echoed_fields_stay_out_of_events_and_log_lines(serve: Callable[..., RawServer], capsys: Any) -> None:
-    report = {
-        "cr": "OK", "name": "sw_example",
-        "request": {"cmd": "python /add.py 4 5", "returned_type": "stdout", "pad": "p" * (30 * MIB)},
-        "process": {"latest_cr": "ENDED_OK", "latest_state": "S" * 100_000, "job_id": 12, "jobname": "j" * 100_000},
-    }
-    serve(answer(200, json.dumps({"info": {"report": report}}).encode()))
+    def report(cr: str, latest_cr: str) -> bytes:
+        echoed = {
+            "cr": cr, "name": "sw_example",
+            "request": {"cmd": "python /add.py 4 5", "returned_type": "stdout", "pad": "p" * (30 * MIB)},
+            "process": {"latest_cr": latest_cr, "latest_state": "S" * 100_000, "job_id": 12, "jobname": "j" * 100_000},
+        }
+        return json.dumps({"info": {"report": echoed}}).encode()
+
+    # Pending, then running with a huge state (a change on the way: a log line), then ended well.
+    pending = json.dumps({"info": {"report": {"cr": "WAIT", "name": "sw_example", "process": {"latest_state": "PENDING"}}}})
+    serve(in_turn(answer(200, pending.encode()), answer(200, report("WAIT", "IN_PROGRESS")), answer(200, report("OK", "ENDED_OK"))))
     trigger = MuseJobTrigger(muse_conn_id="muse_raw", name="sw_example", key=KEY, poll_interval=0.01)
 
     async def first_event() -> dict[str, Any]:
