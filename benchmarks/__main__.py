@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 SECTIONS = ("load", "mix", "triggerer", "worker", "transfer", "harvest", "economy")
+MIX_TITLE = "1b. Triggerer load, Muse and Rescale triggers in one loop"
 
 
 @dataclass(frozen=True)
@@ -155,8 +156,8 @@ def _run(args: argparse.Namespace, scratch: Path) -> int:
                 triggerer_load.run_case(emulator, case, args.seed, args.profile) for case in profile.load_cases
             ]
     if profile.mix_case is None and "mix" in sections and args.only:
-        print("\n== 1b. Triggerer load, Muse and Rescale triggers in one loop: in --full only")
-    if profile.mix_case is not None and section("mix", "1b. Triggerer load, Muse and Rescale triggers in one loop"):
+        print(f"\n== {MIX_TITLE}: in --full only")
+    if profile.mix_case is not None and section("mix", MIX_TITLE):
         with EmulatorProcess(muse_max_running=100_000) as emulator:
             report.sections["mix"] = triggerer_load.run_case(emulator, profile.mix_case, args.seed, args.profile)
     if section("triggerer", "1c. Waits in one real `airflow triggerer` process: MuseJobTrigger vs HttpSensorTrigger, beside the floor"):

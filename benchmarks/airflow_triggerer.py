@@ -309,16 +309,17 @@ def summarize(
     resumed = {i["key"]: i for i in instances if i["state"] != "deferred" and i["event"] is not None}
     # Two delays from a run's end: to its trigger's event (the runner's line for it, what the floor
     # measures too), and to its task instance resumed (the event written by the supervisor).
-    fired = _fired_at(log_text)
+    lines = log_text.splitlines()
+    fired = _fired_at(lines)
     delays = [fired[key] - end for key, end in ends.items() if end is not None and key in fired]
     resume_delays = [resumed[key]["updated_at"] - end for key, end in ends.items() if end is not None and key in resumed]
-    errors = [line.strip()[:300] for line in log_text.splitlines() if ERROR_LINE.search(line)]
+    errors = [line.strip()[:300] for line in lines if ERROR_LINE.search(line)]
     if variant == "ours":
         errors += [
             f"{i['key']}: {i['state']}, event {i['event']}"[:300] for i in instances
             if not (isinstance(i["event"], dict) and i["event"].get("status") == "ok")
         ]
-    blocked_lines = [line.strip()[:400] for line in log_text.splitlines() if BLOCKED.search(line)]
+    blocked_lines = [line.strip()[:400] for line in lines if BLOCKED.search(line)]
     blocked = [float(BLOCKED.search(line).group(1)) for line in blocked_lines]  # type: ignore[union-attr]
     # When each came, in seconds from the gate's opening: at the start (negative), or among the events.
     blocked_at = [round(at - released_at, 1) for line in blocked_lines if (at := _log_time(line)) is not None]
@@ -355,10 +356,10 @@ def summarize(
     }
 
 
-def _fired_at(log_text: str) -> dict[str, float]:
-    """The epoch seconds of each Muse key's first trigger event, from the trigger logs."""
+def _fired_at(lines: list[str]) -> dict[str, float]:
+    """The epoch seconds of each Muse key's first trigger event, from the lines of the trigger logs."""
     fired: dict[str, float] = {}
-    for line in log_text.splitlines():
+    for line in lines:
         if (found := FIRED_KEY.search(line)) is not None and (at := _log_time(line)) is not None:
             fired.setdefault(found.group(1), at)
     return fired

@@ -76,15 +76,15 @@ def _real_triggerer(report: Report) -> Target:
         f"{ours['events']}/{ours['jobs']} events, delay to the event's line p50/p99/max "
         f"{_fmt(ours['delay_p50_s'], '')}/{_fmt(ours['delay_p99_s'], '')}/{_fmt(ours['delay_max_s'], ' s')} "
         f"(interval {interval:g} s)":
-            ours["events"] == ours["jobs"] == ours.get("fired")
+            ours["events"] == ours["jobs"] == ours["fired"]
             and ours["delay_max_s"] is not None and ours["delay_max_s"] <= interval + 1,
         f"{ours['blocked_warnings']} blocked warnings": ours["blocked_warnings"] == 0,
         f"{ours['error_count']} errors": ours["error_count"] == 0,
     }
     # The resume is the supervisor's write of the event, after the runner's line for it: shown, not judged.
     beside = [
-        f"task instances resumed p50/p99/max {_fmt(ours.get('resume_delay_p50_s'), '')}/"
-        f"{_fmt(ours.get('resume_delay_p99_s'), '')}/{_fmt(ours.get('resume_delay_max_s'), ' s')} after the runs' ends"
+        f"task instances resumed p50/p99/max {_fmt(ours['resume_delay_p50_s'], '')}/"
+        f"{_fmt(ours['resume_delay_p99_s'], '')}/{_fmt(ours['resume_delay_max_s'], ' s')} after the runs' ends"
     ]
     if anchor:
         beside.append(f"{anchor['jobs']} HttpSensorTrigger (baseline): {_fmt(anchor['cpu_per_poll_steady_ms'], ' ms')} per poll")
