@@ -103,7 +103,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                       help="also 5,000 and 10,000 triggers (10,000 in a real triggerer), the Muse and Rescale mix, 1 GiB, 1,000 files, 150 s jobs for the worker cost (much longer)")
     parser.add_argument("--only", nargs="+", choices=SECTIONS, help="run only these sections")
     parser.add_argument("--json", type=Path, help="also write every figure to this JSON file")
-    parser.add_argument("--profile", type=Path, help="write a pyinstrument profile of each load variant here")
+    parser.add_argument("--profile", type=Path, help="write profiles here: pyinstrument of each load variant (section 1), "
+                        "py-spy of the real triggerer's process tree per variant (section 1c)")
     parser.add_argument("--seed", type=int, default=20261126, help="seed of the job lengths")
     return parser.parse_args(argv)
 
@@ -162,7 +163,7 @@ def _run(args: argparse.Namespace, scratch: Path) -> int:
             report.sections["mix"] = triggerer_load.run_case(emulator, profile.mix_case, args.seed, args.profile)
     if section("triggerer", "1c. Waits in one real `airflow triggerer` process: MuseJobTrigger vs HttpSensorTrigger, beside the floor"):
         with EmulatorProcess(muse_max_running=100_000) as emulator:
-            report.sections["triggerer"] = airflow_triggerer.run(emulator, profile.triggerer_case, args.seed)
+            report.sections["triggerer"] = airflow_triggerer.run(emulator, profile.triggerer_case, args.seed, args.profile)
     if section("worker", "2. Worker cost per watched job: MuseJobSensor deferrable vs reschedule vs poke, real Airflow"):
         with EmulatorProcess() as emulator:
             report.sections["worker"] = worker_cost.run(

@@ -51,6 +51,7 @@ import psutil
 from benchmarks.deployment import bench_deployment
 from benchmarks.emulator import EmulatorProcess
 from benchmarks.jobs import MUSE_SOFTWARE, Gate, submit_jobs, wait_all_running
+from benchmarks.process_profile import TreeProfile
 from benchmarks.report import median, percentile, ratio, table
 from benchmarks.triggerer_load import (
     ANCHOR_CONN_ID, MUSE_STATE_GLOB, LoadCase, PollCounter, job_ends, job_lengths, run_variant, steady_figures,
@@ -148,8 +149,13 @@ class TreeSampler:
         self.sample()
 
 
-def run(emulator: EmulatorProcess, case: TriggererCase, seed: int) -> dict[str, Any]:
-    """Run the anchor, ours and the floor, one after the other; print and return the figures."""
+def run(emulator: EmulatorProcess, case: TriggererCase, seed: int, profile_dir: Path | None = None) -> dict[str, Any]:
+    """
+    Run the anchor, ours and the floor, one after the other; print and return the figures.
+
+    With ``profile_dir``, a py-spy profile of the triggerer's process tree per variant is written
+    there (``triggerer-VARIANT.txt``) and summarized.
+    """
     env = {
         **emulator.conn_env,
         f"AIRFLOW_CONN_{ANCHOR_CONN_ID.upper()}": json.dumps({"conn_type": "http", "host": emulator.base_url}),
@@ -166,7 +172,8 @@ def run(emulator: EmulatorProcess, case: TriggererCase, seed: int) -> dict[str, 
         print(f"   deployment prepared in {time.monotonic() - started:.0f}s", flush=True)
         for variant, jobs in (("anchor", case.anchor_jobs), ("ours", case.jobs)):
             started = time.monotonic()
-            results[variant] = _run_in_triggerer(stack, emulator, case, variant, jobs, seed, stack.home)
+            profile = profile_dir / f"triggerer-{variant}.txt" if profile_dir else None
+            results[variant] = _run_in_triggerer(stack, emulator, case, variant, jobs, seed, stack.home, profile)
             print(f"   {case.name}: {variant} ({jobs} waits) done in {time.monotonic() - started:.0f}s", flush=True)
     with tempfile.TemporaryDirectory(prefix="hpc-bench-triggerer-") as workdir:
         started = time.monotonic()
@@ -178,7 +185,8 @@ def run(emulator: EmulatorProcess, case: TriggererCase, seed: int) -> dict[str, 
 
 
 def _run_in_triggerer(
-    stack: Any, emulator: EmulatorProcess, case: TriggererCase, variant: str, jobs: int, seed: int, home: Path
+    stack: Any, emulator: EmulatorProcess, case: TriggererCase, variant: str, jobs: int, seed: int, home: Path,
+    profile_path: Path | None = None,
 ) -> dict[str, Any]:
     muse_lengths, _ = job_lengths(case.load_case(jobs), seed)
     gate = Gate(home / f"{variant}.gate")
@@ -189,6 +197,7 @@ def _run_in_triggerer(
     }
     polls = PollCounter(emulator)
     sampler: TreeSampler | None = None
+    profile: TreeProfile | None = None
     if variant == "anchor":
         emulator.set_faults([{"route": MUSE_STATE_GLOB, "action": {"status": 404, "body": "json"}}])
     try:
@@ -202,6 +211,8 @@ def _run_in_triggerer(
         spawned_at = time.time()
         stack.spawn("triggerer", "triggerer", "--capacity", str(jobs))
         sampler = TreeSampler(stack.processes["triggerer"].pid).start()
+        if profile_path is not None:
+            profile = TreeProfile(stack.processes["triggerer"].pid, profile_path).start()
         ready_s = _wait_first_round(stack, emulator, home, jobs, timeout=300 + jobs / 10) - spawned_at
         released_at = gate.open(jobs)
         time.sleep(1.0)
@@ -220,6 +231,10 @@ def _run_in_triggerer(
             stack.kill("triggerer", signal.SIGTERM)
         if variant == "anchor":
             emulator.set_faults([])
+        if profile is not None:
+            print(f"   {variant}: {profile_path}", flush=True)
+            for line in profile.stop():
+                print(f"   {line}", flush=True)
     log_text = _triggerer_logs(stack, home)
     events_path = home / f"{variant}.events.json"
     _rows(stack, "events", plan_path, events_path)
