@@ -210,9 +210,10 @@ def _run_in_triggerer(
         polls.start()
         spawned_at = time.time()
         stack.spawn("triggerer", "triggerer", "--capacity", str(jobs))
-        sampler = TreeSampler(stack.processes["triggerer"].pid).start()
+        triggerer_pid = stack.processes["triggerer"].pid
+        sampler = TreeSampler(triggerer_pid).start()
         if profile_path is not None:
-            profile = TreeProfile(stack.processes["triggerer"].pid, profile_path).start()
+            profile = TreeProfile(triggerer_pid, profile_path).start()
         ready_s = _wait_first_round(stack, emulator, home, jobs, timeout=300 + jobs / 10) - spawned_at
         released_at = gate.open(jobs)
         time.sleep(1.0)

@@ -80,7 +80,38 @@ class TreeProfile:
         return summary(self.path.read_text(errors="replace"), self.pid)
 
 
-def summary(text: str, root_pid: int | None = None, top: int = 5) -> list[str]:
+class _ProcessSamples:
+    """One process's samples: by the function running, and by every function on the stack."""
+
+    def __init__(self) -> None:
+        self.on_top: Counter[str] = Counter()
+        self.anywhere: Counter[str] = Counter()
+        self.depth: dict[str, int] = {}  # the deepest level each function was seen at
+
+    def add(self, names: list[str], count: int) -> None:
+        """Count one collapsed stack, its frames from the outermost."""
+        self.on_top[names[-1]] += count
+        seen: set[str] = set()
+        for level, name in enumerate(names):
+            if name not in seen:  # a recursive function counts once per stack
+                seen.add(name)
+                self.anywhere[name] += count
+                self.depth[name] = max(self.depth.get(name, 0), level)
+
+    def report(self, top: int) -> list[str]:
+        """The ``self`` and ``total`` lines of :func:`summary`."""
+        samples = sum(self.on_top.values())
+        out = [f"    self  {n / samples:6.1%}  {name[:110]}" for name, n in self.on_top.most_common(top)]
+        # Of the functions on the same number of stacks (a chain of wrappers), the innermost.
+        innermost: dict[int, str] = {}
+        for name, n in self.anywhere.items():
+            if n < ENTRY_POINT * samples and self.depth[name] >= self.depth.get(innermost.get(n, ""), -1):
+                innermost[n] = name
+        out.extend(f"    total {n / samples:6.1%}  {innermost[n][:110]}" for n in sorted(innermost, reverse=True)[:top])
+        return out
+
+
+def summary(text: str, root_pid: int, top: int = 5) -> list[str]:
     """
     Per process of a profile (collapsed stacks), its samples and where they went.
 
@@ -89,8 +120,7 @@ def summary(text: str, root_pid: int | None = None, top: int = 5) -> list[str]:
     nothing), and of a chain of calls on the same stacks (wrappers), only the innermost. ``root_pid``
     is the process profiled; the others are its descendants.
     """
-    processes: dict[str, tuple[Counter[str], Counter[str]]] = {}
-    depth: dict[str, int] = {}
+    processes: dict[str, _ProcessSamples] = {}
     for stack in NEXT_STACK.split(text.strip()):
         stack, _, count = stack.rpartition(" ")
         sampled = list(PROCESS.finditer(stack))
@@ -102,25 +132,13 @@ def summary(text: str, root_pid: int | None = None, top: int = 5) -> list[str]:
         command, quote_semicolon, frames = rest.rpartition('";')
         if not quote_semicolon:
             command, frames = rest.removesuffix('"'), ""
-        role = "the process profiled" if pid == root_pid else "a child" if root_pid is not None else ""
-        label = f"process {pid}{', ' + role if role else ''} ({' '.join(command.split())[:80]})"
-        on_top, anywhere = processes.setdefault(label, (Counter(), Counter()))
+        role = "the process profiled" if pid == root_pid else "a child"
+        label = f"process {pid}, {role} ({' '.join(command.split())[:80]})"
         names = frames.split(";") if frames else ["(no Python frame)"]
-        on_top[names[-1]] += int(count)
-        for level, name in enumerate(names):
-            if name not in names[:level]:  # a recursive function counts once per stack
-                anywhere[name] += int(count)
-                depth[name] = max(depth.get(name, 0), level)
-    total = sum(sum(on_top.values()) for on_top, _ in processes.values())
+        processes.setdefault(label, _ProcessSamples()).add(names, int(count))
+    total = sum(sum(process.on_top.values()) for process in processes.values())
     out = [f"profile: {total} samples at {RATE}/s"]
-    for label, (on_top, anywhere) in sorted(processes.items(), key=lambda item: -sum(item[1][0].values())):
-        samples = sum(on_top.values())
-        out.append(f"  {label}: {samples} samples")
-        out.extend(f"    self  {n / samples:6.1%}  {name[:110]}" for name, n in on_top.most_common(top))
-        innermost: dict[int, str] = {}
-        for name, n in anywhere.items():
-            if n < ENTRY_POINT * samples and depth[name] >= depth.get(innermost.get(n, ""), -1):
-                innermost[n] = name
-        within = sorted(((name, n) for n, name in innermost.items()), key=lambda item: -item[1])
-        out.extend(f"    total {n / samples:6.1%}  {name[:110]}" for name, n in within[:top])
+    for label, process in sorted(processes.items(), key=lambda item: -sum(item[1].on_top.values())):
+        out.append(f"  {label}: {sum(process.on_top.values())} samples")
+        out.extend(process.report(top))
     return out
