@@ -100,12 +100,16 @@ class TreeSampler:
     CPU seconds and resident memory of a process and all its descendants, once a second.
 
     CPU is ``user + system`` of every live process plus what each reaped of its children, so a
-    process that exits between two samples still counts through its parent.
+    process that exits between two samples still counts through its parent. The root's own CPU
+    (the triggerer's supervisor, without its children) is kept beside it, so the figures can say
+    which side of the triggerer spends it: the supervisor (database reads and writes) or the
+    trigger runner (the triggers' event loop).
     """
 
     def __init__(self, pid: int) -> None:
         self.root = psutil.Process(pid)
         self.samples: list[tuple[float, float, int]] = []
+        self.root_samples: list[tuple[float, float]] = []
         self.peak_rss = 0
         self.peak_runner_rss = 0
         self._stop = threading.Event()
@@ -113,7 +117,7 @@ class TreeSampler:
 
     def sample(self) -> None:
         """Record (epoch seconds, CPU seconds, RSS bytes) of the tree."""
-        cpu, rss, largest = 0.0, 0, 0
+        cpu, rss, largest, own = 0.0, 0, 0, None
         try:
             processes = [self.root, *self.root.children(recursive=True)]
         except psutil.NoSuchProcess:
@@ -128,9 +132,14 @@ class TreeSampler:
             cpu += times.user + times.system + times.children_user + times.children_system
             rss += resident
             largest = max(largest, resident)
+            if process is self.root:
+                own = times.user + times.system
+        at = time.time()
         self.peak_rss = max(self.peak_rss, rss)
         self.peak_runner_rss = max(self.peak_runner_rss, largest)
-        self.samples.append((time.time(), cpu, rss))
+        self.samples.append((at, cpu, rss))
+        if own is not None:
+            self.root_samples.append((at, own))
 
     def _run(self) -> None:
         while not self._stop.wait(SAMPLE_SECONDS):
@@ -321,6 +330,7 @@ def summarize(
     samples = sampler.samples
     window = (released_at + case.interval / 2 + 2, released_at + case.lengths[0])
     steady = steady_figures(samples, polls.samples, window)
+    supervisor = steady_figures(sampler.root_samples, polls.samples, window)
     run_window = steady_figures(samples, polls.samples, (released_at, ended_at))
     resumed = {i["key"]: i for i in instances if i["state"] != "deferred" and i["event"] is not None}
     # Two delays from a run's end: to its trigger's event (the runner's line for it, what the floor
@@ -348,6 +358,7 @@ def summarize(
         "startup_cpu_s": cpu_at_release - start_cpu,
         "polls": run_window["polls"],
         "cpu_pct_steady": steady["cpu_pct"],
+        "supervisor_cpu_pct_steady": supervisor["cpu_pct"],
         "cpu_per_poll_steady_ms": steady["cpu_per_poll_ms"],
         "steady_polls": steady["polls"],
         "steady_window_s": steady["seconds"],
@@ -421,6 +432,11 @@ def print_case(case: TriggererCase, figures: dict[str, Any]) -> None:
     print(table(headers, rows))
     print("   start s: from the triggerer's start to every trigger's first poll; event and resumed: from a run's end")
     print("   to its trigger's event, and to its task instance resumed by the triggerer's supervisor")
+    for name, r in figures["variants"].items():
+        if r.get("supervisor_cpu_pct_steady") is not None and r["cpu_pct_steady"] is not None:
+            print(f"   {name}: of its {r['cpu_pct_steady']:.1f} % steady, the supervisor {r['supervisor_cpu_pct_steady']:.1f} % "
+                  f"(trigger assignment, database reads and writes), the trigger runner and log server "
+                  f"{r['cpu_pct_steady'] - r['supervisor_cpu_pct_steady']:.1f} %")
     for name, value in figures["ratios"].items():
         print(f"   {name}: CPU per poll (steady) {'-' if value is None else f'{value:.2f}x'}")
     for name, r in figures["variants"].items():

@@ -1,12 +1,18 @@
 """
-One streaming download, alone in its process: ``python -m benchmarks.download_worker``.
+One client's streaming downloads, in its own process: ``python -m benchmarks.download_worker``.
+
+The process reads one download per line of its standard input (JSON: ``key``, ``url``, ``dest``,
+``out``), runs it, writes its figures to ``out`` and answers ``done``; it ends at end of input.
+One process serves every repetition of a client, so its start (Airflow's imports, for the hook) is
+paid once, not per transfer, and no transfer runs while another process starts.
 
 ``--mode hook`` streams a Muse download key to a local ``ObjectStoragePath`` with
-:meth:`MuseHook.download`; ``--mode bare`` fetches the same URL with a bare ``requests`` stream,
-an md5 and a plain file write, nothing else (what any Python client that checks md5 pays);
-``--mode bare-nomd5`` does the same without the md5. Each writes the seconds taken, the CPU
-seconds, the bytes, the md5 (when computed), and the resident memory before and during the
-transfer (sampled every 20 ms) as JSON.
+:meth:`MuseHook.download` (a new hook per download, its connection read and session made before
+the clock); ``--mode bare`` fetches the same URL with a bare ``requests`` stream, an md5 and a
+plain file write, nothing else (what any Python client that checks md5 pays); ``--mode
+bare-nomd5`` does the same without the md5. Each download's figures are the seconds taken, the
+CPU seconds, the bytes, the md5 (when computed), and the resident memory before and during the
+transfer (sampled every 20 ms).
 
 The hook's time is also split by phase, with time counters around the provider's own steps
 (:class:`PhaseClock`): waiting for and reading the next chunk of the body (``read``: the socket
@@ -20,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import sys
 import threading
 import time
@@ -36,7 +41,12 @@ class PhaseClock:
     """Seconds spent in each step of the hook's download, counted by wrapping the provider's functions."""
 
     def __init__(self) -> None:
-        self.seconds: dict[str, float] = {"read": 0.0, "hash": 0.0, "write": 0.0, "commit": 0.0}
+        self.seconds: dict[str, float] = {}
+        self.reset()
+
+    def reset(self) -> None:
+        """Start counting again from zero (before each download)."""
+        self.seconds = {"read": 0.0, "hash": 0.0, "write": 0.0, "commit": 0.0}
 
     def timed(self, phase: str, function: Callable[..., Any]) -> Callable[..., Any]:
         """Return ``function`` counting its time under ``phase``."""
@@ -78,60 +88,53 @@ class PhaseClock:
         storage_sink._LocalFile.commit = self.timed("commit", storage_sink._LocalFile.commit)  # type: ignore[method-assign]
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Download once and write the figures."""
-    parser = argparse.ArgumentParser(description="Stream one Muse download key to a local file with MuseHook.")
-    parser.add_argument("--mode", choices=("hook", "bare", "bare-nomd5"), default="hook", help="hook, or bare requests")
-    parser.add_argument("--key", required=True, help="the download key")
-    parser.add_argument("--url", help="the download URL (bare mode)")
-    parser.add_argument("--ca", help="the CA to trust (bare mode)")
-    parser.add_argument("--dest", required=True, help="the local file to write")
-    parser.add_argument("--out", required=True, help="where to write the figures (JSON)")
-    args = parser.parse_args(argv)
+def hook_download(key: str, dest_path: str, clock: PhaseClock) -> dict[str, Any]:
+    """Stream ``key`` to ``dest_path`` with :meth:`MuseHook.download`, the hook and its session made before the clock."""
+    from airflow.sdk import ObjectStoragePath
 
-    clock: PhaseClock | None = None
-    if args.mode == "hook":
-        from airflow.sdk import ObjectStoragePath
-        from airflow.sdk.lineage import get_hook_lineage_collector
+    from airflow_provider_hpc.hooks.muse import MuseHook
 
-        from airflow_provider_hpc.hooks.muse import MuseHook
+    hook = MuseHook("muse_default")
+    hook.transport  # noqa: B018 - the connection is read and the session made before the clock starts
+    dest = ObjectStoragePath(f"file://{dest_path}")
+    clock.reset()
 
-        hook = MuseHook("muse_default")
-        hook.transport  # noqa: B018 - the connection is read and the session made before the clock starts
-        # Once per process, not per transfer: the hook lineage the first stored file reports to
-        # loads Airflow's plugins (a task process has loaded them already: the task runner does so
-        # to build the template context; 1.3 s and 40 MiB here) and the providers' asset factories
-        # (0.09 s). Made before the clock, as the connection is.
-        get_hook_lineage_collector()
-        dest = ObjectStoragePath(f"file://{args.dest}")
-        clock = PhaseClock()
-        clock.install()
+    def download() -> tuple[int, str]:
+        stored = hook.download(key, dest)
+        hook.close()
+        return stored.size, stored.md5
 
-        def download() -> tuple[int, str]:
-            stored = hook.download(args.key, dest)
-            hook.close()
-            return stored.size, stored.md5
+    return measure(download)
 
-    else:
-        import hashlib
 
-        import requests
+def bare_download(url: str, ca: str, dest_path: str, hashing: bool) -> dict[str, Any]:
+    """Fetch ``url`` with a bare ``requests`` stream and a plain file write, with or without md5."""
+    import hashlib
 
-        session = requests.Session()
+    import requests
 
-        hashing = args.mode == "bare"
+    # A new session per download, as the hook has: every client opens its connection in the clock.
+    session = requests.Session()
 
-        def download() -> tuple[int, str]:
-            digest, size = hashlib.md5(usedforsecurity=False), 0
-            with session.get(args.url, stream=True, verify=args.ca, timeout=60) as response, open(args.dest, "wb") as out:
-                response.raise_for_status()
-                for chunk in response.iter_content(1024 * 1024):
-                    if hashing:
-                        digest.update(chunk)
-                    out.write(chunk)
-                    size += len(chunk)
-            return size, digest.hexdigest() if hashing else ""
+    def download() -> tuple[int, str]:
+        digest, size = hashlib.md5(usedforsecurity=False), 0
+        with session.get(url, stream=True, verify=ca, timeout=60) as response, open(dest_path, "wb") as out:
+            response.raise_for_status()
+            for chunk in response.iter_content(1024 * 1024):
+                if hashing:
+                    digest.update(chunk)
+                out.write(chunk)
+                size += len(chunk)
+        return size, digest.hexdigest() if hashing else ""
 
+    try:
+        return measure(download)
+    finally:
+        session.close()
+
+
+def measure(download: Callable[[], tuple[int, str]]) -> dict[str, Any]:
+    """Run one download; return its figures: seconds, CPU seconds, bytes, md5, resident memory before and at peak."""
     base = rss_bytes()
     peak = [base]
     done = threading.Event()
@@ -148,21 +151,40 @@ def main(argv: list[str] | None = None) -> int:
     done.set()
     sampler.join()
     peak[0] = max(peak[0], rss_bytes())
-    figures = {
-        "seconds": seconds,
-        "cpu_s": cpu,
-        "bytes": size,
-        "md5": md5,
-        "rss_base": base,
-        "rss_peak": peak[0],
-        "maxrss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-    }
-    if clock is not None:
-        phases = {f"{phase}_s": value for phase, value in clock.seconds.items()}
-        phases["other_s"] = max(0.0, seconds - sum(clock.seconds.values()))
-        figures["phases"] = phases
-    with open(args.out, "w") as handle:
-        json.dump(figures, handle)
+    return {"seconds": seconds, "cpu_s": cpu, "bytes": size, "md5": md5, "rss_base": base, "rss_peak": peak[0]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Download once per line of standard input (JSON: key, url, dest, out); answer ``done`` after each."""
+    parser = argparse.ArgumentParser(description="Stream Muse downloads to local files with MuseHook, or bare requests.")
+    parser.add_argument("--mode", choices=("hook", "bare", "bare-nomd5"), default="hook", help="hook, or bare requests")
+    parser.add_argument("--ca", help="the CA to trust (bare modes)")
+    args = parser.parse_args(argv)
+
+    clock = PhaseClock()
+    if args.mode == "hook":
+        from airflow.sdk.lineage import get_hook_lineage_collector
+
+        # Once per process, not per transfer: the hook lineage the first stored file reports to
+        # loads Airflow's plugins (a task process has loaded them already: the task runner does so
+        # to build the template context; 1.3 s and 40 MiB here) and the providers' asset factories
+        # (0.09 s). Made before the clock, as the connection is.
+        get_hook_lineage_collector()
+        clock.install()
+
+    for line in sys.stdin:
+        order = json.loads(line)
+        if args.mode == "hook":
+            figures = hook_download(order["key"], order["dest"], clock)
+            phases = {f"{phase}_s": value for phase, value in clock.seconds.items()}
+            phases["other_s"] = max(0.0, figures["seconds"] - sum(clock.seconds.values()))
+            figures["phases"] = phases
+        else:
+            figures = bare_download(order["url"], args.ca, order["dest"], hashing=args.mode == "bare")
+        with open(order["out"], "w") as handle:
+            json.dump(figures, handle)
+        sys.stdout.write("done\n")
+        sys.stdout.flush()
     return 0
 
 

@@ -11,6 +11,7 @@ samples of work. Feed the file to ``flamegraph.pl`` or speedscope, or read the s
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import signal
@@ -111,6 +112,13 @@ class _ProcessSamples:
         return out
 
 
+def _short_command(command: str, width: int = 80) -> str:
+    """A command line on one line, its absolute paths cut to their last part, at most ``width`` characters."""
+    words = [os.path.basename(word) if word.startswith("/") else word for word in command.split()]
+    line = " ".join(words)
+    return line if len(line) <= width else line[: width - 3] + "..."
+
+
 def summary(text: str, root_pid: int, top: int = 5) -> list[str]:
     """
     Per process of a profile (collapsed stacks), its samples and where they went.
@@ -133,7 +141,7 @@ def summary(text: str, root_pid: int, top: int = 5) -> list[str]:
         if not quote_semicolon:
             command, frames = rest.removesuffix('"'), ""
         role = "the process profiled" if pid == root_pid else "a child"
-        label = f"process {pid}, {role} ({' '.join(command.split())[:80]})"
+        label = f"process {pid}, {role} ({_short_command(command)})"
         names = frames.split(";") if frames else ["(no Python frame)"]
         processes.setdefault(label, _ProcessSamples()).add(names, int(count))
     total = sum(sum(process.on_top.values()) for process in processes.values())

@@ -70,7 +70,8 @@ def _real_triggerer(report: Report) -> Target:
     ours, anchor, floor = variants["ours"], variants.get("anchor"), variants.get("floor")
     interval = case["interval"]
     checks = {
-        f"CPU {_fmt(ours['cpu_pct_steady'], '%')} steady": ours["cpu_pct_steady"] is not None
+        f"CPU {_fmt(ours['cpu_pct_steady'], '%')} steady (supervisor {_fmt(ours.get('supervisor_cpu_pct_steady'), '%')})":
+        ours["cpu_pct_steady"] is not None
         and ours["cpu_pct_steady"] < TRIGGERER_CPU_PCT,
         f"peak RSS {ours['rss_peak_mib']:.0f} MiB": ours["rss_peak_mib"] < TRIGGERER_RSS_MIB,
         f"{ours['events']}/{ours['jobs']} events, delay to the event's line p50/p99/max "

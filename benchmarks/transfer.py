@@ -3,9 +3,10 @@ Result transfer: one large ``run.zip`` streamed by the hook to a local ``ObjectS
 
 A Muse job writes SIZE random bytes (incompressible, so ``run.zip`` is about SIZE too) and is
 asked for ``run.zip`` with ``todownload=yes``: the download URL then serves that file. The hook
-(:meth:`MuseHook.download`), a bare ``requests`` client with and without md5 (each in its own
-process) and ``curl -o`` fetch the same URL over TLS, taking turns; each figure is the best of the
-repetitions (three by default, for every client and size). Peak resident memory is the hook
+(:meth:`MuseHook.download`), a bare ``requests`` client with and without md5 (each in a process
+of its own, started once for the section: see :class:`DownloadClient`) and ``curl -o`` fetch the
+same URL over TLS, taking turns; each figure is the best of the repetitions (three by default, for
+every client and size). Peak resident memory is the hook
 process's, sampled every 20 ms during the transfer, beside its value just before. Where the hook's
 time goes is printed for its best repetition: reading the body (socket and TLS), the md5, the
 file write, the final rename and the rest, counted inside its process (see
@@ -83,69 +84,106 @@ def curl_once(emulator: EmulatorProcess, url: str, dest: Path) -> dict[str, Any]
     return {"seconds": float(seconds), "cpu_s": cpu, "bytes": int(size), "md5": file_md5(dest)}
 
 
-def worker_once(emulator: EmulatorProcess, mode: str, key: str, url: str, dest: Path, scratch: Path) -> dict[str, Any]:
-    """Stream the download with the hook (or bare requests), in a fresh process; return its figures."""
-    out = scratch / f"{mode}.json"
-    env = {**os.environ, **emulator.conn_env}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "benchmarks.download_worker", "--mode", mode, "--key", key, "--url", url,
-         "--ca", str(emulator.ca_path), "--dest", str(dest), "--out", str(out)],
-        env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    _wait(process)
-    return json.loads(out.read_text())
+class DownloadClient:
+    """
+    One Python client (``hook``, ``bare`` or ``bare-nomd5``) in its own process for the whole section.
+
+    Each :meth:`download` hands it one transfer and waits for its figures (see
+    ``benchmarks/download_worker.py``).
+    """
+
+    def __init__(self, emulator: EmulatorProcess, mode: str) -> None:
+        self.mode = mode
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "benchmarks.download_worker", "--mode", mode, "--ca", str(emulator.ca_path)],
+            env={**os.environ, **emulator.conn_env}, cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL, text=True,
+        )
+
+    def download(self, key: str, url: str, dest: Path, scratch: Path) -> dict[str, Any]:
+        """Stream one download to ``dest``; return its figures."""
+        assert self.process.stdin is not None and self.process.stdout is not None
+        out = scratch / f"{self.mode}.json"
+        self.process.stdin.write(json.dumps({"key": key, "url": url, "dest": str(dest), "out": str(out)}) + "\n")
+        self.process.stdin.flush()
+        if self.process.stdout.readline().strip() != "done":
+            raise RuntimeError(f"the {self.mode} download client stopped (exit code {self.process.wait()})")
+        return json.loads(out.read_text())
+
+    def close(self) -> None:
+        """End the client's process (end of input), killed if it does not end by itself."""
+        if self.process.stdin is not None:
+            self.process.stdin.close()
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def _measure_size(
+    emulator: EmulatorProcess, clients: dict[str, DownloadClient], size_mib: int, repetitions: int
+) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """Fetch one file of ``size_mib`` with every client, taking turns; return its figures and each client's best run."""
+    key, url = prepare_download(emulator, size_mib * MIB)
+    runs: dict[str, list[dict[str, Any]]] = {"hook": [], "bare": [], "bare-nomd5": [], "curl": []}
+    with tempfile.TemporaryDirectory(prefix="hpc-bench-transfer-", dir=os.environ.get("HPC_BENCH_TMP")) as scratch:
+        folder = Path(scratch)
+        for _ in range(repetitions):
+            for name in runs:
+                dest = folder / f"{name}.zip"
+                if name == "curl":
+                    runs[name].append(curl_once(emulator, url, dest))
+                else:
+                    runs[name].append(clients[name].download(key, url, dest, folder))
+                    runs[name][-1]["md5_check"] = file_md5(dest)
+                dest.unlink()
+    best = {name: min(measured, key=lambda r: r["seconds"]) for name, measured in runs.items()}
+    md5s = {r["md5"] for measured in runs.values() for r in measured if r["md5"]}
+    md5s |= {r["md5_check"] for name in runs if name != "curl" for r in runs[name]}
+    result = {
+        "size_mib": size_mib,
+        "bytes": best["hook"]["bytes"],
+        **{f"{name.replace('-', '_')}_mib_s": best[name]["bytes"] / MIB / best[name]["seconds"] for name in runs},
+        **{f"{name.replace('-', '_')}_runs_s": [r["seconds"] for r in measured] for name, measured in runs.items()},
+        "hook_rss_base_mib": best["hook"]["rss_base"] / MIB,
+        "hook_rss_peak_transfer_mib": max(r["rss_peak"] for r in runs["hook"]) / MIB,
+        "bare_rss_peak_transfer_mib": max(r["rss_peak"] for r in runs["bare"]) / MIB,
+        "md5_identical": len(md5s) == 1,
+        "hook_phases": best["hook"]["phases"],
+        **{f"{name.replace('-', '_')}_cpu_s": best[name]["cpu_s"] for name in runs},
+    }
+    result["hook_vs_curl"] = result["hook_mib_s"] / result["curl_mib_s"]
+    result["bare_vs_curl"] = result["bare_mib_s"] / result["curl_mib_s"]
+    result["bare_nomd5_vs_curl"] = result["bare_nomd5_mib_s"] / result["curl_mib_s"]
+    return result, best
 
 
 def run(emulator: EmulatorProcess, sizes_mib: list[int], repetitions: int) -> dict[str, Any]:
     """Measure every size; print and return the figures."""
     rows, phase_rows, results = [], [], {}
-    for size_mib in sizes_mib:
-        key, url = prepare_download(emulator, size_mib * MIB)
-        runs: dict[str, list[dict[str, Any]]] = {"hook": [], "bare": [], "bare-nomd5": [], "curl": []}
-        with tempfile.TemporaryDirectory(prefix="hpc-bench-transfer-", dir=os.environ.get("HPC_BENCH_TMP")) as scratch:
-            folder = Path(scratch)
-            for _ in range(repetitions):
-                for name in runs:
-                    dest = folder / f"{name}.zip"
-                    if name == "curl":
-                        runs[name].append(curl_once(emulator, url, dest))
-                    else:
-                        runs[name].append(worker_once(emulator, name, key, url, dest, folder))
-                        runs[name][-1]["md5_check"] = file_md5(dest)
-                    dest.unlink()
-        best = {name: min(measured, key=lambda r: r["seconds"]) for name, measured in runs.items()}
-        md5s = {r["md5"] for measured in runs.values() for r in measured if r["md5"]}
-        md5s |= {r["md5_check"] for name in runs if name != "curl" for r in runs[name]}
-        result = {
-            "size_mib": size_mib,
-            "bytes": best["hook"]["bytes"],
-            **{f"{name.replace('-', '_')}_mib_s": best[name]["bytes"] / MIB / best[name]["seconds"] for name in runs},
-            **{f"{name.replace('-', '_')}_runs_s": [r["seconds"] for r in measured] for name, measured in runs.items()},
-            "hook_rss_base_mib": best["hook"]["rss_base"] / MIB,
-            "hook_rss_peak_transfer_mib": max(r["rss_peak"] for r in runs["hook"]) / MIB,
-            "bare_rss_peak_transfer_mib": max(r["rss_peak"] for r in runs["bare"]) / MIB,
-            "md5_identical": len(md5s) == 1,
-            "hook_phases": best["hook"]["phases"],
-            **{f"{name.replace('-', '_')}_cpu_s": best[name]["cpu_s"] for name in runs},
-        }
-        result["hook_vs_curl"] = result["hook_mib_s"] / result["curl_mib_s"]
-        result["bare_vs_curl"] = result["bare_mib_s"] / result["curl_mib_s"]
-        result["bare_nomd5_vs_curl"] = result["bare_nomd5_mib_s"] / result["curl_mib_s"]
-        results[f"{size_mib} MiB"] = result
-        rows.append((
-            f"{size_mib} MiB", result["hook_mib_s"], result["bare_mib_s"], result["bare_nomd5_mib_s"],
-            result["curl_mib_s"], result["hook_vs_curl"], result["bare_vs_curl"], result["bare_nomd5_vs_curl"],
-            result["hook_rss_base_mib"], result["hook_rss_peak_transfer_mib"], "yes" if result["md5_identical"] else "NO",
-        ))
-        phases = result["hook_phases"]
-        phase_rows.append((
-            f"{size_mib} MiB", best["hook"]["seconds"], phases["read_s"], phases["hash_s"], phases["write_s"],
-            phases["commit_s"], phases["other_s"], result["hook_cpu_s"], result["bare_cpu_s"],
-            result["bare_nomd5_cpu_s"], result["curl_cpu_s"],
-        ))
-        print(f"   {size_mib} MiB done", flush=True)
+    clients = {mode: DownloadClient(emulator, mode) for mode in ("hook", "bare", "bare-nomd5")}
+    try:
+        for size_mib in sizes_mib:
+            result, best = _measure_size(emulator, clients, size_mib, repetitions)
+            results[f"{size_mib} MiB"] = result
+            rows.append((
+                f"{size_mib} MiB", result["hook_mib_s"], result["bare_mib_s"], result["bare_nomd5_mib_s"],
+                result["curl_mib_s"], result["hook_vs_curl"], result["bare_vs_curl"], result["bare_nomd5_vs_curl"],
+                result["hook_rss_base_mib"], result["hook_rss_peak_transfer_mib"], "yes" if result["md5_identical"] else "NO",
+            ))
+            phases = result["hook_phases"]
+            phase_rows.append((
+                f"{size_mib} MiB", best["hook"]["seconds"], phases["read_s"], phases["hash_s"], phases["write_s"],
+                phases["commit_s"], phases["other_s"], result["hook_cpu_s"], result["bare_cpu_s"],
+                result["bare_nomd5_cpu_s"], result["curl_cpu_s"],
+            ))
+            print(f"   {size_mib} MiB done", flush=True)
+    finally:
+        for client in clients.values():
+            client.close()
     print(
-        f"\n-- one run.zip over TLS, best of {repetitions}, each client in its own process, taking turns; "
+        f"\n-- one run.zip over TLS, best of {repetitions}, each client in its own process (one for the section), taking turns; "
         "bare = requests stream + md5 + plain file write; nomd5 = the same without md5"
     )
     print(table(

@@ -111,14 +111,16 @@ def run_variant(
     gate = Gate(workdir / f"{tag}.gate")
     polls = PollCounter(emulator)
     try:
-        _wait_ready(read_end, child)
         if variant == "anchor":
             # HttpSensorTrigger fires on the first answer that is not a 404: Muse's state URL answers
             # 200 while the job waits, so the emulator answers 404 there for the anchor's run.
             emulator.set_faults([{"route": MUSE_STATE_GLOB, "action": {"status": 404, "body": "json"}}])
+        # The jobs are submitted while the worker imports (neither is measured): the worker's
+        # figures start at "go", once the jobs wait at the gate.
         muse_lengths, rescale_lengths = job_lengths(case, seed)
         jobs = submit_jobs(emulator, muse_lengths, rescale_lengths, gate=gate)
         wait_all_running(emulator, jobs)
+        _wait_ready(read_end, child)
         polls.start()
         released_at = gate.open(len(jobs))
         jobs_path.write_text(json.dumps([{**job.to_dict(), "released_at": released_at} for job in jobs]))

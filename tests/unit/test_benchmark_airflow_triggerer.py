@@ -17,9 +17,11 @@ BLOCKED_LINE = (
 
 
 def _summary(instances: list[dict], log_text: str = "") -> dict:
-    # From 20 s before the release on: 0.1 CPU second and 5 polls a second, so 10 % of one core, 20 ms per poll.
+    # From 20 s before the release on: 0.1 CPU second and 5 polls a second, so 10 % of one core, 20 ms per poll;
+    # of it, the supervisor's own 0.04 CPU second a second.
     sampler = SimpleNamespace(
         samples=[(RELEASED - 20 + t, 5.0 + max(0.0, t - 20) / 10, 100 * 2**20) for t in range(0, 80)],
+        root_samples=[(RELEASED - 20 + t, 2.0 + max(0.0, t - 20) * 0.04) for t in range(0, 80)],
         peak_rss=300 * 2**20, peak_runner_rss=200 * 2**20,
     )
     polls = SimpleNamespace(samples=[(RELEASED - 20 + t, 5 * max(0, t - 20)) for t in range(0, 80)])
@@ -54,6 +56,8 @@ def test_each_run_s_delays_count_from_its_end_to_its_trigger_s_event_and_to_its_
     # The task instances resumed by the supervisor: 2, 6 and 10 s after.
     assert (summary["resume_delay_p50_s"], summary["resume_delay_max_s"]) == (6.0, 10.0)
     assert round(summary["cpu_pct_steady"], 3) == 10.0
+    # The supervisor's share of it, the rest being the trigger runner's and the log server's.
+    assert round(summary["supervisor_cpu_pct_steady"], 3) == 4.0
     assert round(summary["cpu_per_poll_steady_ms"], 3) == 20.0
     assert summary["rss_peak_mib"] == 300
 

@@ -56,6 +56,16 @@ def test_the_summary_says_per_process_which_functions_ran_and_under_which() -> N
     assert out[9].split() == ["total", "83.3%", "poll", "(muse.py:7)"]
 
 
+def test_a_long_command_line_keeps_its_arguments_and_says_where_it_was_cut() -> None:
+    command = "/opt/very/long/prefix/of/a/virtual/environment/bin/python /opt/very/long/prefix/bin/airflow triggerer --capacity 10000"
+    out = summary(f'process 7:"{command}";run (runner.py:3) 5', root_pid=7)
+    # The paths lose their folders, not the arguments: the capacity is read whole.
+    assert out[1] == "  process 7, the process profiled (python airflow triggerer --capacity 10000): 5 samples"
+    long_argument = "x" * 100
+    out = summary(f'process 7:"python {long_argument}";run (runner.py:3) 5', root_pid=7)
+    assert out[1] == f"  process 7, the process profiled (python {'x' * 70}...): 5 samples"
+
+
 def test_a_profile_covers_the_process_and_its_children(tmp_path: Path) -> None:
     tree = subprocess.Popen([sys.executable, "-c", TREE])
     profile = TreeProfile(tree.pid, tmp_path / "tree.txt").start()
