@@ -1,7 +1,7 @@
 """
 ``python -m benchmarks [--quick | --full] [--only SECTION ...] [--json FILE] [--profile DIR]``
 
-The quick mode (the default, what ``make bench`` runs) keeps to a few minutes on two cores; ``--full``
+The quick mode (the default, what ``make bench`` runs) takes about twelve minutes on two cores; ``--full``
 adds the large sizes (5,000 and 10,000 triggers, a 1 GiB transfer, 1,000 output files, 150 s jobs for the
 worker cost) and the mix of Muse and Rescale triggers in one loop, and takes much longer. Everything
 binds 127.0.0.1 and stops by itself; the emulator is started and stopped here, and so is the private
@@ -56,11 +56,11 @@ def profiles() -> dict[str, Profile]:
     from benchmarks.triggerer_load import LoadCase
 
     # The quick mode keeps every target's smallest size, with runs as short as a steady window
-    # of a few polls allows, so that the whole of it stays under ten minutes on 2 cores.
+    # of a few polls allows, toward ten minutes on 2 cores (docs/benchmarks.md gives the time measured).
     quick_load = (
         LoadCase("1000 triggers", 1000, 0, 5.0, (15.0, 25.0)),
         # Polls 17 s apart, longer than aiohttp's default 15 s keep-alive: whether the pooled
-        # connections last from one round to the next (the connections target), in two rounds.
+        # connections last from one round to the next (the connections target), in three polls.
         LoadCase("100 triggers at 17s", 100, 0, 17.0, (18.0, 26.0), ("ours", "floor")),
     )
     # The real triggerer, polls 10 s apart (the full mode runs 10,000 at Airflow's 30 s).
@@ -98,7 +98,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description="Benchmarks of airflow-provider-hpc against its local emulator (see docs/benchmarks.md).",
     )
     mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="the default: a few minutes on two cores")
+    mode.add_argument("--quick", action="store_true", help="the default: about twelve minutes on two cores")
     mode.add_argument("--full", action="store_true",
                       help="also 5,000 and 10,000 triggers (10,000 in a real triggerer), the Muse and Rescale mix, 1 GiB, 1,000 files, 150 s jobs for the worker cost (much longer)")
     parser.add_argument("--only", nargs="+", choices=SECTIONS, help="run only these sections")

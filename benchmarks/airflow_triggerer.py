@@ -116,7 +116,7 @@ class TreeSampler:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def sample(self) -> None:
-        """Record (epoch seconds, CPU seconds, RSS bytes) of the tree."""
+        """Record (epoch seconds, CPU seconds, RSS bytes) of the tree, and (epoch seconds, CPU seconds) of its root alone."""
         cpu, rss, largest, own = 0.0, 0, 0, None
         try:
             processes = [self.root, *self.root.children(recursive=True)]

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import threading
 import time
@@ -160,6 +161,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mode", choices=("hook", "bare", "bare-nomd5"), default="hook", help="hook, or bare requests")
     parser.add_argument("--ca", help="the CA to trust (bare modes)")
     args = parser.parse_args(argv)
+    # The answers go to the parent on the original standard output, and anything else printed
+    # (Airflow's console log handler writes to sys.stdout) to standard error, the client's log.
+    answers = os.fdopen(os.dup(sys.stdout.fileno()), "w")
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
 
     clock = PhaseClock()
     if args.mode == "hook":
@@ -183,8 +188,8 @@ def main(argv: list[str] | None = None) -> int:
             figures = bare_download(order["url"], args.ca, order["dest"], hashing=args.mode == "bare")
         with open(order["out"], "w") as handle:
             json.dump(figures, handle)
-        sys.stdout.write("done\n")
-        sys.stdout.flush()
+        answers.write("done\n")
+        answers.flush()
     return 0
 
 

@@ -2,7 +2,8 @@
 One variant of the triggerer load, alone in its process: ``python -m benchmarks.load_worker``.
 
 The parent starts this process, which imports what its variant needs and says ``ready`` on the
-handshake pipe; the parent then submits the jobs and sends ``go JOBS_FILE`` on stdin. From then
+handshake pipe; the parent submits the jobs meanwhile, waits for ``ready`` and sends ``go
+JOBS_FILE`` on stdin once every job waits at the gate. From then
 on, everything this process spends is the variant's cost: CPU (``time.process_time``), resident
 memory (``/proc/self/statm``, sampled from the loop), and TCP connections opened (every
 ``loop.create_connection`` call, which aiohttp makes for each new connection).

@@ -114,7 +114,7 @@ class _ProcessSamples:
 
 def _short_command(command: str, width: int = 80) -> str:
     """A command line on one line, its absolute paths cut to their last part, at most ``width`` characters."""
-    words = [os.path.basename(word) if word.startswith("/") else word for word in command.split()]
+    words = [os.path.basename(word.rstrip("/")) or word if word.startswith("/") else word for word in command.split()]
     line = " ".join(words)
     return line if len(line) <= width else line[: width - 3] + "..."
 

@@ -6,15 +6,16 @@ asked for ``run.zip`` with ``todownload=yes``: the download URL then serves that
 (:meth:`MuseHook.download`), a bare ``requests`` client with and without md5 (each in a process
 of its own, started once for the section: see :class:`DownloadClient`) and ``curl -o`` fetch the
 same URL over TLS, taking turns; each figure is the best of the repetitions (three by default, for
-every client and size). Peak resident memory is the hook
-process's, sampled every 20 ms during the transfer, beside its value just before. Where the hook's
-time goes is printed for its best repetition: reading the body (socket and TLS), the md5, the
-file write, the final rename and the rest, counted inside its process (see
-``benchmarks/download_worker.py``), beside the CPU seconds of every client.
+every client and size). Peak resident memory is the hook process's, sampled every 20 ms during its
+transfers of a size, beside its lowest value before any of them. Where the hook's time goes is
+printed for its best repetition: reading the body (socket and TLS), the md5, the file write, the
+final rename and the rest, counted inside its process (see ``benchmarks/download_worker.py``),
+beside the CPU seconds of every client.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -89,31 +90,55 @@ class DownloadClient:
     One Python client (``hook``, ``bare`` or ``bare-nomd5``) in its own process for the whole section.
 
     Each :meth:`download` hands it one transfer and waits for its figures (see
-    ``benchmarks/download_worker.py``).
+    ``benchmarks/download_worker.py``). Its own output goes to ``log``, whose end is in the error
+    when the client stops before answering. Use it as a context manager: the process ends with it.
+
+    :param ca_path: the CA the bare clients trust (``None``: the system's).
+    :param env: environment variables added to this process's (the hook's connection).
+    :param log: where the client's output (standard error) goes.
     """
 
-    def __init__(self, emulator: EmulatorProcess, mode: str) -> None:
+    def __init__(self, mode: str, ca_path: str | None, env: dict[str, str], log: Path) -> None:
         self.mode = mode
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "benchmarks.download_worker", "--mode", mode, "--ca", str(emulator.ca_path)],
-            env={**os.environ, **emulator.conn_env}, cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL, text=True,
-        )
+        self.log = log
+        command = [sys.executable, "-m", "benchmarks.download_worker", "--mode", mode]
+        if ca_path:
+            command += ["--ca", str(ca_path)]
+        with open(log, "wb") as output:
+            self.process = subprocess.Popen(
+                command, env={**os.environ, **env}, cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                stderr=output, text=True,
+            )
+
+    def __enter__(self) -> DownloadClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     def download(self, key: str, url: str, dest: Path, scratch: Path) -> dict[str, Any]:
         """Stream one download to ``dest``; return its figures."""
         assert self.process.stdin is not None and self.process.stdout is not None
         out = scratch / f"{self.mode}.json"
-        self.process.stdin.write(json.dumps({"key": key, "url": url, "dest": str(dest), "out": str(out)}) + "\n")
-        self.process.stdin.flush()
-        if self.process.stdout.readline().strip() != "done":
-            raise RuntimeError(f"the {self.mode} download client stopped (exit code {self.process.wait()})")
+        try:
+            self.process.stdin.write(json.dumps({"key": key, "url": url, "dest": str(dest), "out": str(out)}) + "\n")
+            self.process.stdin.flush()
+            answer = self.process.stdout.readline().strip()
+        except (BrokenPipeError, ValueError):  # gone: its pipe broken, or closed after an earlier failure
+            answer = ""
+        if answer != "done":
+            self.close()
+            tail = self.log.read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"the {self.mode} download client stopped (exit code {self.process.returncode}):\n{tail}")
         return json.loads(out.read_text())
 
     def close(self) -> None:
-        """End the client's process (end of input), killed if it does not end by itself."""
-        if self.process.stdin is not None:
-            self.process.stdin.close()
+        """End the client's process (end of input), killed if it does not end by itself; never raises."""
+        try:
+            if self.process.stdin is not None and not self.process.stdin.closed:
+                self.process.stdin.close()
+        except BrokenPipeError:
+            pass  # it is gone already: what was left unsent does not matter
         try:
             self.process.wait(30)
         except subprocess.TimeoutExpired:
@@ -146,7 +171,9 @@ def _measure_size(
         "bytes": best["hook"]["bytes"],
         **{f"{name.replace('-', '_')}_mib_s": best[name]["bytes"] / MIB / best[name]["seconds"] for name in runs},
         **{f"{name.replace('-', '_')}_runs_s": [r["seconds"] for r in measured] for name, measured in runs.items()},
-        "hook_rss_base_mib": best["hook"]["rss_base"] / MIB,
+        # The lowest RSS before any of the hook's downloads of this size: memory a download kept
+        # in the client's process shows as growth of the later ones.
+        "hook_rss_base_mib": min(r["rss_base"] for r in runs["hook"]) / MIB,
         "hook_rss_peak_transfer_mib": max(r["rss_peak"] for r in runs["hook"]) / MIB,
         "bare_rss_peak_transfer_mib": max(r["rss_peak"] for r in runs["bare"]) / MIB,
         "md5_identical": len(md5s) == 1,
@@ -162,8 +189,12 @@ def _measure_size(
 def run(emulator: EmulatorProcess, sizes_mib: list[int], repetitions: int) -> dict[str, Any]:
     """Measure every size; print and return the figures."""
     rows, phase_rows, results = [], [], {}
-    clients = {mode: DownloadClient(emulator, mode) for mode in ("hook", "bare", "bare-nomd5")}
-    try:
+    with contextlib.ExitStack() as stack:
+        logs = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="hpc-bench-clients-", dir=os.environ.get("HPC_BENCH_TMP"))))
+        clients = {
+            mode: stack.enter_context(DownloadClient(mode, emulator.ca_path, emulator.conn_env, logs / f"{mode}.log"))
+            for mode in ("hook", "bare", "bare-nomd5")
+        }
         for size_mib in sizes_mib:
             result, best = _measure_size(emulator, clients, size_mib, repetitions)
             results[f"{size_mib} MiB"] = result
@@ -179,9 +210,6 @@ def run(emulator: EmulatorProcess, sizes_mib: list[int], repetitions: int) -> di
                 result["bare_nomd5_cpu_s"], result["curl_cpu_s"],
             ))
             print(f"   {size_mib} MiB done", flush=True)
-    finally:
-        for client in clients.values():
-            client.close()
     print(
         f"\n-- one run.zip over TLS, best of {repetitions}, each client in its own process (one for the section), taking turns; "
         "bare = requests stream + md5 + plain file write; nomd5 = the same without md5"
