@@ -24,6 +24,7 @@ from typing import Any
 
 SECTIONS = ("load", "mix", "triggerer", "worker", "transfer", "harvest", "economy")
 MIX_TITLE = "1b. Triggerer load, Muse and Rescale triggers in one loop"
+ECONOMY_TITLE = "4. Request economy: default backoff vs fixed 5 s"
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,7 @@ class Profile:
     harvest_files: int
     harvest_file_size: int = 256 * 1024
     harvest_latency: float = 0.020
-    economy_scale: float = 1 / 60
+    economy_scale: float | None = 1 / 60  # None: the mode has no economy section
     economy_jobs_per_length: int = 4
     # Worker cost: M sensors watching M Muse runs of T seconds, every mode checking every P seconds.
     # P stays above the supervisor's 5 s end lag ([workers] min_heartbeat_interval): at 5 s, Airflow
@@ -47,6 +48,7 @@ class Profile:
     worker_jobs: int = 3
     worker_length: float = 20.0
     worker_poke_interval: float = 10.0
+    worker_modes: tuple[str, ...] = ("deferrable", "end_from_trigger", "reschedule", "poke")
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -67,10 +69,13 @@ def profiles() -> dict[str, Profile]:
     quick_triggerer = TriggererCase("500 waits in airflow triggerer", 500, 500, 10.0, (20.0, 28.0))
     return {
         "quick": Profile(
-            # The mix of Muse and Rescale triggers, no target of its own, is in --full only.
+            # What carries no target is in --full only: the mix of Muse and Rescale triggers, the
+            # worker cost's poke mode (target 5 compares the deferred modes with reschedule) and
+            # the request economy.
             name="quick", load_cases=quick_load, mix_case=None, triggerer_case=quick_triggerer,
             transfer_sizes_mib=(64, 256),
-            transfer_repetitions=3, harvest_files=200, economy_scale=1 / 90,
+            transfer_repetitions=3, harvest_files=200, economy_scale=None,
+            worker_modes=("deferrable", "end_from_trigger", "reschedule"),
         ),
         "full": Profile(
             name="full",
@@ -156,7 +161,7 @@ def _run(args: argparse.Namespace, scratch: Path) -> int:
             report.sections["load"] = [
                 triggerer_load.run_case(emulator, case, args.seed, args.profile) for case in profile.load_cases
             ]
-    if profile.mix_case is None and "mix" in sections and args.only:
+    if profile.mix_case is None and "mix" in sections:
         print(f"\n== {MIX_TITLE}: in --full only")
     if profile.mix_case is not None and section("mix", MIX_TITLE):
         with EmulatorProcess(muse_max_running=100_000) as emulator:
@@ -167,7 +172,8 @@ def _run(args: argparse.Namespace, scratch: Path) -> int:
     if section("worker", "2. Worker cost per watched job: MuseJobSensor deferrable vs reschedule vs poke, real Airflow"):
         with EmulatorProcess() as emulator:
             report.sections["worker"] = worker_cost.run(
-                emulator, profile.worker_jobs, profile.worker_length, profile.worker_poke_interval
+                emulator, profile.worker_jobs, profile.worker_length, profile.worker_poke_interval,
+                profile.worker_modes,
             )
     if section("transfer", "3a. Result transfer: MuseHook.download vs curl -o, same URL"):
         with EmulatorProcess() as emulator:
@@ -179,7 +185,9 @@ def _run(args: argparse.Namespace, scratch: Path) -> int:
             report.sections["harvest"] = harvest.run(
                 emulator, profile.harvest_files, profile.harvest_file_size, profile.harvest_latency
             )
-    if section("economy", "4. Request economy: default backoff vs fixed 5 s"):
+    if profile.economy_scale is None and "economy" in sections:
+        print(f"\n== {ECONOMY_TITLE}: in --full only")
+    if profile.economy_scale is not None and section("economy", ECONOMY_TITLE):
         with EmulatorProcess(time_scale=profile.economy_scale) as emulator:
             report.sections["economy"] = economy.run(
                 emulator, profile.economy_scale, profile.economy_jobs_per_length, args.seed

@@ -358,8 +358,12 @@ def summarise(raw: Mapping[str, Mapping[str, Any]], idle: Mapping[str, float], j
     return {"per_mode": per_mode, "ratios": ratios}
 
 
-def run(emulator: EmulatorProcess, jobs: int, length: float, poke_interval: float) -> dict[str, Any]:
-    """Run every mode on one deployment, one after the other; print and return the figures."""
+def run(emulator: EmulatorProcess, jobs: int, length: float, poke_interval: float,
+        modes: Sequence[str] = MODES) -> dict[str, Any]:
+    """Run ``modes`` (each of :data:`MODES`) on one deployment, one after the other; print and return the figures."""
+    unknown = sorted(set(modes) - set(MODES))
+    if unknown or not set(DEFERRED_MODES) <= set(modes):
+        raise ValueError(f"modes must hold {DEFERRED_MODES} and only modes of {MODES}: {list(modes)}")
     raw: dict[str, Any] = {}
     warmup: dict[str, Any] = {}
     startup = time.monotonic()
@@ -383,7 +387,7 @@ def run(emulator: EmulatorProcess, jobs: int, length: float, poke_interval: floa
         warmup = _run_mode(stack, deployment, emulator, "deferrable", jobs, WARMUP_LENGTH)
         print(f"   warm-up (deferrable, runs of {WARMUP_LENGTH:g}s, not counted): DAG run {warmup['dag_run_s']:.0f}s",
               flush=True)
-        for mode in MODES:
+        for mode in modes:
             raw[mode] = _run_mode(stack, deployment, emulator, mode, jobs, length)
             print(f"   {mode}: DAG run {raw[mode]['dag_run_s']:.0f}s, {raw[mode]['task_starts']} task processes", flush=True)
         idle = _idle_rates(deployment)
@@ -408,6 +412,9 @@ def _print(summary: Mapping[str, Any], idle: Mapping[str, float], jobs: int, len
     ]
     print(table(("mode", "DAG run s", "task starts/job", "reschedules/job", "slot-s/job", "worker CPU s/job",
                  "worker CPU s/start", "triggerer CPU s/job", "sched+API CPU s/job", "total CPU s/job"), rows))
+    left_out = [mode for mode in MODES if mode not in per_mode]
+    if left_out:
+        print(f"   not run in this mode: {', '.join(left_out)} (python -m benchmarks --full runs every mode)")
     print("   idle rates (CPU s per s, subtracted above): "
           + ", ".join(f"{name} {rate:.3f}" for name, rate in idle.items()))
     for name, values in summary["ratios"].items():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.worker_cost import ProcSample, busy_seconds, split_scheduler_tree, subtree, summarise
+from benchmarks.worker_cost import ProcSample, busy_seconds, run, split_scheduler_tree, subtree, summarise
 
 SCHEDULER = 100
 
@@ -54,3 +54,19 @@ def test_summarise_subtracts_idle_and_gives_ratios() -> None:
     assert deferred["task_starts_per_job"] == 2
     assert figures["ratios"]["reschedule/deferrable"]["worker_cpu_s_per_job"] == 10.0
     assert figures["ratios"]["poke/deferrable"]["slot_s_per_job"] == 10.0
+
+
+def test_summarise_without_poke_compares_reschedule_only() -> None:
+    # The quick mode leaves poke out: its ratios are absent, not zero.
+    cpu = {"workers": 2.0, "triggerer": 1.0, "scheduler": 1.0, "api": 1.0}
+    one = {"cpu_s": cpu, "window_s": 10.0, "slot_s": 10.0, "task_starts": 2, "task_reschedule_rows": 0, "dag_run_s": 9.0}
+    raw = {"deferrable": one, "end_from_trigger": one, "reschedule": {**one, "task_starts": 6}}
+    figures = summarise(raw, {"workers": 0.0, "triggerer": 0.0, "scheduler": 0.0, "api": 0.0}, jobs=2)
+    assert sorted(figures["ratios"]) == ["reschedule/deferrable", "reschedule/end_from_trigger"]
+
+
+@pytest.mark.parametrize("modes", [("reschedule", "poke"), ("deferrable", "end_from_trigger", "sleep")])
+def test_run_refuses_modes_before_starting_anything(modes: tuple[str, ...]) -> None:
+    # No emulator and no deployment are needed to refuse: the check comes first.
+    with pytest.raises(ValueError, match="modes must hold"):
+        run(None, jobs=1, length=1.0, poke_interval=1.0, modes=modes)  # type: ignore[arg-type]
