@@ -109,7 +109,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--only", nargs="+", choices=SECTIONS, help="run only these sections")
     parser.add_argument("--json", type=Path, help="also write every figure to this JSON file")
     parser.add_argument("--profile", type=Path, help="write profiles here: pyinstrument of each load variant (section 1), "
-                        "py-spy of the real triggerer's process tree per variant (section 1c)")
+                        "py-spy of the real triggerer's process tree per variant (section 1c), pyinstrument of one "
+                        "more hook download per size, not counted (section 3a)")
     parser.add_argument("--seed", type=int, default=20261126, help="seed of the job lengths")
     return parser.parse_args(argv)
 
@@ -178,7 +179,7 @@ def _run(args: argparse.Namespace, scratch: Path) -> int:
     if section("transfer", "3a. Result transfer: MuseHook.download vs curl -o, same URL"):
         with EmulatorProcess() as emulator:
             report.sections["transfer"] = transfer.run(
-                emulator, list(profile.transfer_sizes_mib), profile.transfer_repetitions
+                emulator, list(profile.transfer_sizes_mib), profile.transfer_repetitions, args.profile
             )
     if section("harvest", "3b. Parallel harvest of Rescale output files"):
         with EmulatorProcess() as emulator:

@@ -89,8 +89,14 @@ class PhaseClock:
         storage_sink._LocalFile.commit = self.timed("commit", storage_sink._LocalFile.commit)  # type: ignore[method-assign]
 
 
-def hook_download(key: str, dest_path: str, clock: PhaseClock) -> dict[str, Any]:
-    """Stream ``key`` to ``dest_path`` with :meth:`MuseHook.download`, the hook and its session made before the clock."""
+def hook_download(key: str, dest_path: str, clock: PhaseClock, profile_path: str | None = None) -> dict[str, Any]:
+    """
+    Stream ``key`` to ``dest_path`` with :meth:`MuseHook.download`, the hook and its session made before the clock.
+
+    With ``profile_path``, pyinstrument profiles the download and writes its call tree there: the
+    time in C (the md5, the socket and TLS reads, the file writes) shows as the ``[self]`` time of
+    the provider's function that called it. The profiler's cost is in the figures returned then.
+    """
     from airflow.sdk import ObjectStoragePath
 
     from airflow_provider_hpc.hooks.muse import MuseHook
@@ -105,11 +111,26 @@ def hook_download(key: str, dest_path: str, clock: PhaseClock) -> dict[str, Any]
         hook.close()
         return stored.size, stored.md5
 
-    return measure(download)
+    if profile_path is None:
+        return measure(download)
+    from pyinstrument import Profiler
+
+    profiler = Profiler(interval=0.0005, async_mode="disabled")
+    profiler.start()
+    try:
+        return measure(download)
+    finally:
+        profiler.stop()
+        with open(profile_path, "w") as report:
+            report.write(profiler.output_text(unicode=False, color=False))
 
 
-def bare_download(url: str, ca: str, dest_path: str, hashing: bool) -> dict[str, Any]:
-    """Fetch ``url`` with a bare ``requests`` stream and a plain file write, with or without md5."""
+def bare_download(url: str, ca: str | None, dest_path: str, hashing: bool) -> dict[str, Any]:
+    """
+    Fetch ``url`` with a bare ``requests`` stream and a plain file write, with or without md5.
+
+    ``ca`` is the CA file to trust; ``None`` trusts the system's store.
+    """
     import hashlib
 
     import requests
@@ -156,7 +177,7 @@ def measure(download: Callable[[], tuple[int, str]]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Download once per line of standard input (JSON: key, url, dest, out); answer ``done`` after each."""
+    """Download once per line of standard input (JSON: key, url, dest, out, and profile for the hook); answer ``done`` after each."""
     parser = argparse.ArgumentParser(description="Stream Muse downloads to local files with MuseHook, or bare requests.")
     parser.add_argument("--mode", choices=("hook", "bare", "bare-nomd5"), default="hook", help="hook, or bare requests")
     parser.add_argument("--ca", help="the CA to trust (bare modes)")
@@ -180,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     for line in sys.stdin:
         order = json.loads(line)
         if args.mode == "hook":
-            figures = hook_download(order["key"], order["dest"], clock)
+            figures = hook_download(order["key"], order["dest"], clock, order.get("profile"))
             phases = {f"{phase}_s": value for phase, value in clock.seconds.items()}
             phases["other_s"] = max(0.0, figures["seconds"] - sum(clock.seconds.values()))
             figures["phases"] = phases

@@ -116,12 +116,15 @@ class DownloadClient:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def download(self, key: str, url: str, dest: Path, scratch: Path) -> dict[str, Any]:
-        """Stream one download to ``dest``; return its figures."""
+    def download(self, key: str, url: str, dest: Path, scratch: Path, profile: Path | None = None) -> dict[str, Any]:
+        """Stream one download to ``dest``; return its figures (with ``profile``, the hook's pyinstrument tree goes there)."""
         assert self.process.stdin is not None and self.process.stdout is not None
         out = scratch / f"{self.mode}.json"
+        order = {"key": key, "url": url, "dest": str(dest), "out": str(out)}
+        if profile is not None:
+            order["profile"] = str(profile)
         try:
-            self.process.stdin.write(json.dumps({"key": key, "url": url, "dest": str(dest), "out": str(out)}) + "\n")
+            self.process.stdin.write(json.dumps(order) + "\n")
             self.process.stdin.flush()
             answer = self.process.stdout.readline().strip()
         except (BrokenPipeError, ValueError):  # gone: its pipe broken, or closed after an earlier failure
@@ -147,9 +150,14 @@ class DownloadClient:
 
 
 def _measure_size(
-    emulator: EmulatorProcess, clients: dict[str, DownloadClient], size_mib: int, repetitions: int
+    emulator: EmulatorProcess, clients: dict[str, DownloadClient], size_mib: int, repetitions: int,
+    profile_dir: Path | None = None,
 ) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
-    """Fetch one file of ``size_mib`` with every client, taking turns; return its figures and each client's best run."""
+    """
+    Fetch one file of ``size_mib`` with every client, taking turns; return its figures and each client's best run.
+
+    With ``profile_dir``, the hook fetches it once more, profiled, after the measured runs (not counted).
+    """
     key, url = prepare_download(emulator, size_mib * MIB)
     runs: dict[str, list[dict[str, Any]]] = {"hook": [], "bare": [], "bare-nomd5": [], "curl": []}
     with tempfile.TemporaryDirectory(prefix="hpc-bench-transfer-", dir=os.environ.get("HPC_BENCH_TMP")) as scratch:
@@ -163,6 +171,11 @@ def _measure_size(
                     runs[name].append(clients[name].download(key, url, dest, folder))
                     runs[name][-1]["md5_check"] = file_md5(dest)
                 dest.unlink()
+        if profile_dir is not None:
+            profile = profile_dir / f"transfer-hook-{size_mib}MiB.txt"
+            clients["hook"].download(key, url, folder / "hook.zip", folder, profile)
+            (folder / "hook.zip").unlink()
+            print(f"   {size_mib} MiB: the hook's download profiled (not counted): {profile}", flush=True)
     best = {name: min(measured, key=lambda r: r["seconds"]) for name, measured in runs.items()}
     md5s = {r["md5"] for measured in runs.values() for r in measured if r["md5"]}
     md5s |= {r["md5_check"] for name in runs if name != "curl" for r in runs[name]}
@@ -186,8 +199,8 @@ def _measure_size(
     return result, best
 
 
-def run(emulator: EmulatorProcess, sizes_mib: list[int], repetitions: int) -> dict[str, Any]:
-    """Measure every size; print and return the figures."""
+def run(emulator: EmulatorProcess, sizes_mib: list[int], repetitions: int, profile_dir: Path | None = None) -> dict[str, Any]:
+    """Measure every size; print and return the figures (with ``profile_dir``, a pyinstrument profile of the hook per size)."""
     rows, phase_rows, results = [], [], {}
     with contextlib.ExitStack() as stack:
         logs = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="hpc-bench-clients-", dir=os.environ.get("HPC_BENCH_TMP"))))
@@ -196,7 +209,7 @@ def run(emulator: EmulatorProcess, sizes_mib: list[int], repetitions: int) -> di
             for mode in ("hook", "bare", "bare-nomd5")
         }
         for size_mib in sizes_mib:
-            result, best = _measure_size(emulator, clients, size_mib, repetitions)
+            result, best = _measure_size(emulator, clients, size_mib, repetitions, profile_dir)
             results[f"{size_mib} MiB"] = result
             rows.append((
                 f"{size_mib} MiB", result["hook_mib_s"], result["bare_mib_s"], result["bare_nomd5_mib_s"],
