@@ -1,9 +1,11 @@
 """
 ``python -m benchmarks [--quick | --full] [--only SECTION ...] [--json FILE] [--profile DIR]``
 
-The quick mode (the default, what ``make bench`` runs) takes about twelve minutes on two cores; ``--full``
-adds the large sizes (5,000 and 10,000 triggers, a 1 GiB transfer, 1,000 output files, 150 s jobs for the
-worker cost) and the mix of Muse and Rescale triggers in one loop, and takes much longer. Everything
+The quick mode (the default, what ``make bench`` runs) prints every target at its smallest size in
+about eight minutes on two cores (docs/benchmarks.md gives the times measured); ``--full`` adds the
+large sizes (5,000 and 10,000 triggers, a 1 GiB transfer, 1,000 output files, 150 s jobs for the
+worker cost), the mix of Muse and Rescale triggers in one loop, the worker cost's poke mode and the
+request economy, and takes much longer. Everything
 binds 127.0.0.1 and stops by itself; the emulator is started and stopped here, and so is the private
 Airflow deployment of the ``worker`` section.
 """
@@ -103,9 +105,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description="Benchmarks of airflow-provider-hpc against its local emulator (see docs/benchmarks.md).",
     )
     mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="the default: about twelve minutes on two cores")
+    mode.add_argument("--quick", action="store_true", help="the default: every target at its smallest size, about eight minutes on two cores")
     mode.add_argument("--full", action="store_true",
-                      help="also 5,000 and 10,000 triggers (10,000 in a real triggerer), the Muse and Rescale mix, 1 GiB, 1,000 files, 150 s jobs for the worker cost (much longer)")
+                      help="also 5,000 and 10,000 triggers (10,000 in a real triggerer), the Muse and Rescale mix, 1 GiB, 1,000 files, 150 s jobs and poke mode for the worker cost, the request economy (much longer)")
     parser.add_argument("--only", nargs="+", choices=SECTIONS, help="run only these sections")
     parser.add_argument("--json", type=Path, help="also write every figure to this JSON file")
     parser.add_argument("--profile", type=Path, help="write profiles here: pyinstrument of each load variant (section 1), "
