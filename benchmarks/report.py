@@ -112,12 +112,20 @@ class Target:
     :param measured: the figure measured, in words (with its unit).
     :param met: ``True``, ``False``, or ``None`` when this run did not measure it.
     :param note: what limits it, or why it was not measured.
+    :param judged_at: the smaller size this run judged it at, when not the target's own (the quick mode's).
     """
 
     name: str
     measured: str
     met: bool | None
     note: str = ""
+    judged_at: str = ""
+
+    @property
+    def result(self) -> str:
+        """``met``, ``MISSED`` or ``not measured``, with the size judged when it is not the target's."""
+        word = {True: "met", False: "MISSED", None: "not measured"}[self.met]
+        return f"{word} at {self.judged_at}" if self.judged_at and self.met is not None else word
 
 
 @dataclass
@@ -133,7 +141,7 @@ class Report:
         """Print the targets, met or missed."""
         print("\n== Targets")
         rows = [
-            (t.name, t.measured, {True: "met", False: "MISSED", None: "not measured"}[t.met], t.note)
+            (t.name, t.measured, t.result, t.note)
             for t in self.targets
         ]
         print(table(("target", "measured", "result", "note"), rows))

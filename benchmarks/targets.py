@@ -93,12 +93,13 @@ def _real_triggerer(report: Report) -> Target:
         beside.append(f"bare floor at {floor['jobs']}: {_fmt(floor['cpu_per_poll_steady_ms'], ' ms')} per poll")
     measured = f"{case['name']}: " + ", ".join(checks) + f"; ours {_fmt(ours['cpu_per_poll_steady_ms'], ' ms')} per poll; " + "; ".join(beside)
     missed = [label for label, ok in checks.items() if not ok]
-    if ours["jobs"] < TRIGGERER_WAITS:
-        return Target(name, measured, None, f"judged at {TRIGGERER_WAITS} waits (--full); this run had {ours['jobs']}"
-                      + (f"; short here: {', '.join(missed)}" if missed else ""))
     note = "the triggerer's whole process tree (supervisor, trigger runner, log server)"
     if missed:
         note = f"missed: {', '.join(missed)}; see docs/benchmarks.md, section 1c"
+    if ours["jobs"] < TRIGGERER_WAITS:
+        # The quick mode's smaller size, judged by the same thresholds: the target's own size is --full's.
+        note += f"; {TRIGGERER_WAITS} waits in --full"
+        return Target(name, measured, not missed, note, judged_at=f"{ours['jobs']} waits")
     return Target(name, measured, not missed, note)
 
 
