@@ -5,9 +5,10 @@ A Muse job writes SIZE random bytes (incompressible, so ``run.zip`` is about SIZ
 asked for ``run.zip`` with ``todownload=yes``: the download URL then serves that file. The hook
 (:meth:`MuseHook.download`), a bare ``requests`` client with and without md5 (each in a process
 of its own, started once for the section: see :class:`DownloadClient`) and ``curl -o`` fetch the
-same URL over TLS, taking turns; each figure is the best of the repetitions (three by default, for
-every client and size). Peak resident memory is the hook process's, sampled every 20 ms during its
-transfers of a size, beside its lowest value before any of them. Where the hook's time goes is
+same URL over TLS, taking turns (each repetition starting with the next client); each figure is
+the best of the repetitions (three by default, for every client and size). Peak resident memory is
+the hook process's, sampled every 20 ms during its transfers of a size, beside its lowest value
+before any of them. Where the hook's time goes is
 printed for its best repetition: reading the body (socket and TLS), the md5, the file write, the
 final rename and the rest, counted inside its process (see ``benchmarks/download_worker.py``),
 beside the CPU seconds of every client.
@@ -162,8 +163,14 @@ def _measure_size(
     runs: dict[str, list[dict[str, Any]]] = {"hook": [], "bare": [], "bare-nomd5": [], "curl": []}
     with tempfile.TemporaryDirectory(prefix="hpc-bench-transfer-", dir=os.environ.get("HPC_BENCH_TMP")) as scratch:
         folder = Path(scratch)
-        for _ in range(repetitions):
-            for name in runs:
+        names = list(runs)
+        for repetition in range(repetitions):
+            # Each repetition starts with the next client: none always follows the same one. On a
+            # virtual machine, the page cache a write fills can cost several times more some
+            # seconds than others (pages the guest handed back to its host; docs/benchmarks.md,
+            # section 3a), and a fixed order could leave the same client at the same moment.
+            shift = repetition % len(names)
+            for name in names[shift:] + names[:shift]:
                 dest = folder / f"{name}.zip"
                 if name == "curl":
                     runs[name].append(curl_once(emulator, url, dest))
