@@ -1,8 +1,9 @@
 """
 ``python -m benchmarks [--quick | --full] [--only SECTION ...] [--json FILE] [--profile DIR]``
 
-The quick mode (the default, what ``make bench`` runs) prints every target at its smallest size in
-about eight minutes on two cores (docs/benchmarks.md gives the times measured); ``--full`` adds the
+The quick mode (the default, what ``make bench`` runs) prints every target, judged at its own
+smaller sizes (the 5,000-trigger target in ``--full`` only), in about eight minutes on two cores
+(docs/benchmarks.md gives the times measured); ``--full`` adds the
 large sizes (5,000 and 10,000 triggers, a 1 GiB transfer, 1,000 output files, 150 s jobs for the
 worker cost), the mix of Muse and Rescale triggers in one loop, the worker cost's poke mode and the
 request economy, and takes much longer. Everything
@@ -42,15 +43,15 @@ class Profile:
     harvest_files: int
     harvest_file_size: int = 256 * 1024
     harvest_latency: float = 0.020
-    economy_scale: float | None = 1 / 60  # None: the mode has no economy section
-    economy_jobs_per_length: int = 4
+    economy_scale: float | None = None  # None: the mode has no economy section
+    economy_jobs_per_length: int = 8
     # Worker cost: M sensors watching M Muse runs of T seconds, every mode checking every P seconds.
     # P stays above the supervisor's 5 s end lag ([workers] min_heartbeat_interval): at 5 s, Airflow
     # 3.3's scheduler fails reschedule-mode sensors on the late executor event (apache/airflow#71172).
     worker_jobs: int = 3
     worker_length: float = 20.0
     worker_poke_interval: float = 10.0
-    worker_modes: tuple[str, ...] = ("deferrable", "end_from_trigger", "reschedule", "poke")
+    worker_modes: tuple[str, ...] = ()  # set by profiles(), from worker_cost.MODES
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -58,9 +59,10 @@ def profiles() -> dict[str, Profile]:
     """The quick and the full mode."""
     from benchmarks.airflow_triggerer import TriggererCase
     from benchmarks.triggerer_load import LoadCase
+    from benchmarks.worker_cost import MODES
 
     # The quick mode keeps every target's smallest size, with runs as short as a steady window
-    # of a few polls allows, toward ten minutes on 2 cores (docs/benchmarks.md gives the time measured).
+    # of a few polls allows, under ten minutes on 2 cores (docs/benchmarks.md gives the time measured).
     quick_load = (
         LoadCase("1000 triggers", 1000, 0, 5.0, (15.0, 25.0)),
         # Polls 17 s apart, longer than aiohttp's default 15 s keep-alive: whether the pooled
@@ -77,7 +79,7 @@ def profiles() -> dict[str, Profile]:
             name="quick", load_cases=quick_load, mix_case=None, triggerer_case=quick_triggerer,
             transfer_sizes_mib=(64, 256),
             transfer_repetitions=3, harvest_files=200, economy_scale=None,
-            worker_modes=("deferrable", "end_from_trigger", "reschedule"),
+            worker_modes=tuple(mode for mode in MODES if mode != "poke"),
         ),
         "full": Profile(
             name="full",
@@ -93,7 +95,7 @@ def profiles() -> dict[str, Profile]:
             triggerer_case=TriggererCase("10000 waits in airflow triggerer", 10000, 1000, 30.0, (120.0, 240.0)),
             transfer_sizes_mib=(64, 256, 1024), transfer_repetitions=3, harvest_files=1000,
             economy_scale=1 / 20, economy_jobs_per_length=8,
-            worker_jobs=6, worker_length=150.0,
+            worker_jobs=6, worker_length=150.0, worker_modes=MODES,
         ),
     }
 
@@ -105,7 +107,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description="Benchmarks of airflow-provider-hpc against its local emulator (see docs/benchmarks.md).",
     )
     mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="the default: every target at its smallest size, about eight minutes on two cores")
+    mode.add_argument("--quick", action="store_true", help="the default: every target at smaller sizes, about eight minutes on two cores")
     mode.add_argument("--full", action="store_true",
                       help="also 5,000 and 10,000 triggers (10,000 in a real triggerer), the Muse and Rescale mix, 1 GiB, 1,000 files, 150 s jobs and poke mode for the worker cost, the request economy (much longer)")
     parser.add_argument("--only", nargs="+", choices=SECTIONS, help="run only these sections")
@@ -172,7 +174,7 @@ def _run(args: argparse.Namespace, scratch: Path) -> int:
     if section("triggerer", "1c. Waits in one real `airflow triggerer` process: MuseJobTrigger vs HttpSensorTrigger, beside the floor"):
         with EmulatorProcess(muse_max_running=100_000) as emulator:
             report.sections["triggerer"] = airflow_triggerer.run(emulator, profile.triggerer_case, args.seed, args.profile)
-    if section("worker", "2. Worker cost per watched job: MuseJobSensor deferrable vs reschedule vs poke, real Airflow"):
+    if section("worker", f"2. Worker cost per watched job: MuseJobSensor {' vs '.join(profile.worker_modes)}, real Airflow"):
         with EmulatorProcess() as emulator:
             report.sections["worker"] = worker_cost.run(
                 emulator, profile.worker_jobs, profile.worker_length, profile.worker_poke_interval,

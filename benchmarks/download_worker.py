@@ -2,7 +2,8 @@
 One client's streaming downloads, in its own process: ``python -m benchmarks.download_worker``.
 
 The process reads one download per line of its standard input (JSON: ``key``, ``url``, ``dest``,
-``out``), runs it, writes its figures to ``out`` and answers ``done``; it ends at end of input.
+``out``, and for the hook an optional ``profile``: where to write a pyinstrument call tree of that
+download), runs it, writes its figures to ``out`` and answers ``done``; it ends at end of input.
 One process serves every repetition of a client, so its start (Airflow's imports, for the hook) is
 paid once, not per transfer, and no transfer runs while another process starts.
 
@@ -94,8 +95,8 @@ def hook_download(key: str, dest_path: str, clock: PhaseClock, profile_path: str
     Stream ``key`` to ``dest_path`` with :meth:`MuseHook.download`, the hook and its session made before the clock.
 
     With ``profile_path``, pyinstrument profiles the download and writes its call tree there: the
-    time in C (the md5, the socket and TLS reads, the file writes) shows as the ``[self]`` time of
-    the provider's function that called it. The profiler's cost is in the figures returned then.
+    time in C (the md5, the socket and TLS reads, the file writes) shows as the built-in call under
+    the provider's function that made it. The profiler's cost is in the figures returned then.
     """
     from airflow.sdk import ObjectStoragePath
 
@@ -129,7 +130,7 @@ def bare_download(url: str, ca: str | None, dest_path: str, hashing: bool) -> di
     """
     Fetch ``url`` with a bare ``requests`` stream and a plain file write, with or without md5.
 
-    ``ca`` is the CA file to trust; ``None`` trusts the system's store.
+    ``ca`` is the CA file to trust; ``None`` trusts requests' own bundle (certifi).
     """
     import hashlib
 

@@ -5,7 +5,7 @@ A Muse job writes SIZE random bytes (incompressible, so ``run.zip`` is about SIZ
 asked for ``run.zip`` with ``todownload=yes``: the download URL then serves that file. The hook
 (:meth:`MuseHook.download`), a bare ``requests`` client with and without md5 (each in a process
 of its own, started once for the section: see :class:`DownloadClient`) and ``curl -o`` fetch the
-same URL over TLS, taking turns (each repetition starting with the next client); each figure is
+same URL over TLS, taking turns (see :func:`turn_order`); each figure is
 the best of the repetitions (three by default, for every client and size). Peak resident memory is
 the hook process's, sampled every 20 ms during its transfers of a size, beside its lowest value
 before any of them. Where the hook's time goes is
@@ -119,6 +119,8 @@ class DownloadClient:
 
     def download(self, key: str, url: str, dest: Path, scratch: Path, profile: Path | None = None) -> dict[str, Any]:
         """Stream one download to ``dest``; return its figures (with ``profile``, the hook's pyinstrument tree goes there)."""
+        if profile is not None and self.mode != "hook":
+            raise ValueError(f"only the hook client profiles its downloads, not {self.mode}")
         assert self.process.stdin is not None and self.process.stdout is not None
         out = scratch / f"{self.mode}.json"
         order = {"key": key, "url": url, "dest": str(dest), "out": str(out)}
@@ -150,27 +152,27 @@ class DownloadClient:
             self.process.wait()
 
 
-def _measure_size(
-    emulator: EmulatorProcess, clients: dict[str, DownloadClient], size_mib: int, repetitions: int,
-    profile_dir: Path | None = None,
-) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+def turn_order(names: list[str], repetition: int) -> list[str]:
     """
-    Fetch one file of ``size_mib`` with every client, taking turns; return its figures and each client's best run.
+    The clients' order in one repetition: each repetition starts with the next client.
 
-    With ``profile_dir``, the hook fetches it once more, profiled, after the measured runs (not counted).
+    No client holds the same place in every repetition: on a virtual machine the page cache a
+    write fills can cost several times more at some moments than at others (docs/benchmarks.md,
+    section 3a), and a fixed order could leave the same client at the same moment every time.
     """
-    key, url = prepare_download(emulator, size_mib * MIB)
+    shift = repetition % len(names)
+    return names[shift:] + names[:shift]
+
+
+def _measure_size(
+    emulator: EmulatorProcess, clients: dict[str, DownloadClient], key: str, url: str, size_mib: int, repetitions: int
+) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """Fetch one file of ``size_mib`` with every client, taking turns; return its figures and each client's best run."""
     runs: dict[str, list[dict[str, Any]]] = {"hook": [], "bare": [], "bare-nomd5": [], "curl": []}
     with tempfile.TemporaryDirectory(prefix="hpc-bench-transfer-", dir=os.environ.get("HPC_BENCH_TMP")) as scratch:
         folder = Path(scratch)
-        names = list(runs)
         for repetition in range(repetitions):
-            # Each repetition starts with the next client: none always follows the same one. On a
-            # virtual machine, the page cache a write fills can cost several times more some
-            # seconds than others (pages the guest handed back to its host; docs/benchmarks.md,
-            # section 3a), and a fixed order could leave the same client at the same moment.
-            shift = repetition % len(names)
-            for name in names[shift:] + names[:shift]:
+            for name in turn_order(list(runs), repetition):
                 dest = folder / f"{name}.zip"
                 if name == "curl":
                     runs[name].append(curl_once(emulator, url, dest))
@@ -178,11 +180,6 @@ def _measure_size(
                     runs[name].append(clients[name].download(key, url, dest, folder))
                     runs[name][-1]["md5_check"] = file_md5(dest)
                 dest.unlink()
-        if profile_dir is not None:
-            profile = profile_dir / f"transfer-hook-{size_mib}MiB.txt"
-            clients["hook"].download(key, url, folder / "hook.zip", folder, profile)
-            (folder / "hook.zip").unlink()
-            print(f"   {size_mib} MiB: the hook's download profiled (not counted): {profile}", flush=True)
     best = {name: min(measured, key=lambda r: r["seconds"]) for name, measured in runs.items()}
     md5s = {r["md5"] for measured in runs.values() for r in measured if r["md5"]}
     md5s |= {r["md5_check"] for name in runs if name != "curl" for r in runs[name]}
@@ -206,6 +203,22 @@ def _measure_size(
     return result, best
 
 
+def _profile_hook(hook: DownloadClient, downloads: dict[int, tuple[str, str]], profile_dir: Path) -> None:
+    """
+    Download each size once more with the hook, under pyinstrument, not counted.
+
+    After every size is measured: the profiler's imports and data stay in the hook's process, and
+    would be in the memory figures of the sizes after.
+    """
+    with tempfile.TemporaryDirectory(prefix="hpc-bench-transfer-", dir=os.environ.get("HPC_BENCH_TMP")) as scratch:
+        folder = Path(scratch)
+        for size_mib, (key, url) in downloads.items():
+            profile = profile_dir / f"transfer-hook-{size_mib}MiB.txt"
+            hook.download(key, url, folder / "hook.zip", folder, profile)
+            (folder / "hook.zip").unlink()
+            print(f"   {size_mib} MiB: the hook's download profiled (not counted): {profile}", flush=True)
+
+
 def run(emulator: EmulatorProcess, sizes_mib: list[int], repetitions: int, profile_dir: Path | None = None) -> dict[str, Any]:
     """Measure every size; print and return the figures (with ``profile_dir``, a pyinstrument profile of the hook per size)."""
     rows, phase_rows, results = [], [], {}
@@ -215,8 +228,10 @@ def run(emulator: EmulatorProcess, sizes_mib: list[int], repetitions: int, profi
             mode: stack.enter_context(DownloadClient(mode, emulator.ca_path, emulator.conn_env, logs / f"{mode}.log"))
             for mode in ("hook", "bare", "bare-nomd5")
         }
+        downloads: dict[int, tuple[str, str]] = {}
         for size_mib in sizes_mib:
-            result, best = _measure_size(emulator, clients, size_mib, repetitions, profile_dir)
+            downloads[size_mib] = prepare_download(emulator, size_mib * MIB)
+            result, best = _measure_size(emulator, clients, *downloads[size_mib], size_mib, repetitions)
             results[f"{size_mib} MiB"] = result
             rows.append((
                 f"{size_mib} MiB", result["hook_mib_s"], result["bare_mib_s"], result["bare_nomd5_mib_s"],
@@ -230,6 +245,8 @@ def run(emulator: EmulatorProcess, sizes_mib: list[int], repetitions: int, profi
                 result["bare_nomd5_cpu_s"], result["curl_cpu_s"],
             ))
             print(f"   {size_mib} MiB done", flush=True)
+        if profile_dir is not None:
+            _profile_hook(clients["hook"], downloads, profile_dir)
     print(
         f"\n-- one run.zip over TLS, best of {repetitions}, each client in its own process (one for the section), taking turns; "
         "bare = requests stream + md5 + plain file write; nomd5 = the same without md5"

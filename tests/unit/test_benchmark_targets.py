@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
-from benchmarks.report import Report
-from benchmarks.targets import TRIGGERER_WAITS, evaluate
+from benchmarks.report import Report, Target
+from benchmarks.targets import TRIGGERER_WAITS, _real_triggerer
 
 
 def _report(waits: int, cpu_pct: float, blocked: int = 0) -> Report:
@@ -23,8 +23,8 @@ def _report(waits: int, cpu_pct: float, blocked: int = 0) -> Report:
     return report
 
 
-def _triggerer_target(report: Report):
-    return evaluate(report, None)[0]
+def _triggerer_target(report: Report) -> Target:
+    return _real_triggerer(report)
 
 
 @pytest.mark.parametrize(("cpu_pct", "blocked", "result"), [(3.7, 0, "met at 500 waits"), (3.7, 1, "MISSED at 500 waits"), (30.0, 0, "MISSED at 500 waits")])

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.transfer import DownloadClient
+from benchmarks.transfer import DownloadClient, turn_order
 
 BODY = bytes(range(256)) * 4096  # 1 MiB
 
@@ -62,3 +62,12 @@ def test_a_client_that_fails_says_so_with_the_end_of_its_log(server: str, tmp_pa
         # A second order to a client that is gone is the same clear error, not a broken pipe.
         with pytest.raises(RuntimeError, match="download client stopped"):
             client.download("", f"{server}/file.bin", tmp_path / "again.bin", tmp_path)
+
+
+def test_each_repetition_starts_with_the_next_client() -> None:
+    names = ["hook", "bare", "bare-nomd5", "curl"]
+    orders = [turn_order(names, repetition) for repetition in range(5)]
+    assert orders[0] == names and orders[4] == names
+    # Every client is first once in four repetitions, and every order holds each client once.
+    assert sorted(order[0] for order in orders[:4]) == sorted(names)
+    assert all(sorted(order) == sorted(names) for order in orders)

@@ -65,8 +65,19 @@ def test_summarise_without_poke_compares_reschedule_only() -> None:
     assert sorted(figures["ratios"]) == ["reschedule/deferrable", "reschedule/end_from_trigger"]
 
 
-@pytest.mark.parametrize("modes", [("reschedule", "poke"), ("deferrable", "end_from_trigger", "sleep")])
+@pytest.mark.parametrize("modes", [
+    ("reschedule", "poke"), ("deferrable", "end_from_trigger"), ("deferrable", "end_from_trigger", "reschedule", "sleep"),
+    ("deferrable", "end_from_trigger", "reschedule", "reschedule"),
+])
 def test_run_refuses_modes_before_starting_anything(modes: tuple[str, ...]) -> None:
     # No emulator and no deployment are needed to refuse: the check comes first.
     with pytest.raises(ValueError, match="modes must hold"):
         run(None, jobs=1, length=1.0, poke_interval=1.0, modes=modes)  # type: ignore[arg-type]
+
+
+def test_both_modes_run_what_target_5_compares() -> None:
+    from benchmarks.__main__ import profiles
+
+    for profile in profiles().values():
+        assert {"deferrable", "end_from_trigger", "reschedule"} <= set(profile.worker_modes)
+    assert "poke" in profiles()["full"].worker_modes and "poke" not in profiles()["quick"].worker_modes

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 from benchmarks.emulator import EmulatorProcess
+import pytest
+
 from benchmarks.transfer import DownloadClient, file_md5, prepare_download
 
 SIZE = 8 * 1024 * 1024  # long enough for the hash to be sampled: 1 MiB of md5 takes about 1.5 ms
@@ -26,4 +27,11 @@ def test_the_hook_client_profiles_the_download_it_is_asked_to(tmp_path: Path) ->
     # The call tree goes down from the hook's download to the md5 of each chunk.
     for step in ("MuseHook.download", "AtomicWrite.write", "StreamMd5.update"):
         assert step in tree, step
-    assert hashlib.md5((tmp_path / "plain.zip").read_bytes()).hexdigest() == plain["md5"]
+    assert [path.name for path in tmp_path.glob("*.txt")] == ["hook.txt"]
+
+
+def test_only_the_hook_client_profiles(tmp_path: Path) -> None:
+    with DownloadClient("bare", None, {}, tmp_path / "bare.log") as client:
+        with pytest.raises(ValueError, match="only the hook client profiles"):
+            client.download("", "http://127.0.0.1:9/", tmp_path / "x.zip", tmp_path, tmp_path / "bare.txt")
+    assert not (tmp_path / "bare.txt").exists()
