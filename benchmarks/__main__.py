@@ -26,8 +26,6 @@ from pathlib import Path
 from typing import Any
 
 SECTIONS = ("load", "mix", "triggerer", "worker", "transfer", "harvest", "economy")
-MIX_TITLE = "1b. Triggerer load, Muse and Rescale triggers in one loop"
-ECONOMY_TITLE = "4. Request economy: default backoff vs fixed 5 s"
 
 
 @dataclass(frozen=True)
@@ -94,7 +92,7 @@ def profiles() -> dict[str, Profile]:
             mix_case=LoadCase("mix", 400, 100, 5.0, (20.0, 40.0), ("ours", "floor")),
             triggerer_case=TriggererCase("10000 waits in airflow triggerer", 10000, 1000, 30.0, (120.0, 240.0)),
             transfer_sizes_mib=(64, 256, 1024), transfer_repetitions=3, harvest_files=1000,
-            economy_scale=1 / 20, economy_jobs_per_length=8,
+            economy_scale=1 / 20,
             worker_jobs=6, worker_length=150.0, worker_modes=MODES,
         ),
     }
@@ -155,8 +153,12 @@ def _run(args: argparse.Namespace, scratch: Path) -> int:
     if args.profile:
         args.profile.mkdir(parents=True, exist_ok=True)
 
-    def section(name: str, title: str) -> bool:
+    def section(name: str, title: str, in_mode: bool = True) -> bool:
+        """Whether to run section ``name``, its title printed; a section asked for but not in this mode says so."""
         if name not in sections:
+            return False
+        if not in_mode:
+            print(f"\n== {title}: in --full only")
             return False
         print(f"\n== {title} [{time.monotonic() - started:.0f}s]", flush=True)
         return True
@@ -166,9 +168,7 @@ def _run(args: argparse.Namespace, scratch: Path) -> int:
             report.sections["load"] = [
                 triggerer_load.run_case(emulator, case, args.seed, args.profile) for case in profile.load_cases
             ]
-    if profile.mix_case is None and "mix" in sections:
-        print(f"\n== {MIX_TITLE}: in --full only")
-    if profile.mix_case is not None and section("mix", MIX_TITLE):
+    if section("mix", "1b. Triggerer load, Muse and Rescale triggers in one loop", profile.mix_case is not None):
         with EmulatorProcess(muse_max_running=100_000) as emulator:
             report.sections["mix"] = triggerer_load.run_case(emulator, profile.mix_case, args.seed, args.profile)
     if section("triggerer", "1c. Waits in one real `airflow triggerer` process: MuseJobTrigger vs HttpSensorTrigger, beside the floor"):
@@ -190,9 +190,7 @@ def _run(args: argparse.Namespace, scratch: Path) -> int:
             report.sections["harvest"] = harvest.run(
                 emulator, profile.harvest_files, profile.harvest_file_size, profile.harvest_latency
             )
-    if profile.economy_scale is None and "economy" in sections:
-        print(f"\n== {ECONOMY_TITLE}: in --full only")
-    if profile.economy_scale is not None and section("economy", ECONOMY_TITLE):
+    if section("economy", "4. Request economy: default backoff vs fixed 5 s", profile.economy_scale is not None):
         with EmulatorProcess(time_scale=profile.economy_scale) as emulator:
             report.sections["economy"] = economy.run(
                 emulator, profile.economy_scale, profile.economy_jobs_per_length, args.seed

@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from benchmarks.load_worker import rss_bytes
+from benchmarks.load_worker import profiled, rss_bytes
 
 SAMPLE_SECONDS = 0.02
 
@@ -94,9 +94,8 @@ def hook_download(key: str, dest_path: str, clock: PhaseClock, profile_path: str
     """
     Stream ``key`` to ``dest_path`` with :meth:`MuseHook.download`, the hook and its session made before the clock.
 
-    With ``profile_path``, pyinstrument profiles the download and writes its call tree there: the
-    time in C (the md5, the socket and TLS reads, the file writes) shows as the built-in call under
-    the provider's function that made it. The profiler's cost is in the figures returned then.
+    With ``profile_path``, pyinstrument profiles the download and writes its call tree there
+    (:func:`~benchmarks.load_worker.profiled`); the profiler's cost is in the figures returned then.
     """
     from airflow.sdk import ObjectStoragePath
 
@@ -112,18 +111,8 @@ def hook_download(key: str, dest_path: str, clock: PhaseClock, profile_path: str
         hook.close()
         return stored.size, stored.md5
 
-    if profile_path is None:
+    with profiled(profile_path):
         return measure(download)
-    from pyinstrument import Profiler
-
-    profiler = Profiler(interval=0.0005, async_mode="disabled")
-    profiler.start()
-    try:
-        return measure(download)
-    finally:
-        profiler.stop()
-        with open(profile_path, "w") as report:
-            report.write(profiler.output_text(unicode=False, color=False))
 
 
 def bare_download(url: str, ca: str | None, dest_path: str, hashing: bool) -> dict[str, Any]:

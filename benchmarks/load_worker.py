@@ -27,7 +27,8 @@ import os
 import resource
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
@@ -249,18 +250,30 @@ async def run_all(work: Work, close: Callable[[], Awaitable[None]], probe: Probe
     return {"events": events, "errors": errors}
 
 
-def _profiler(path: str | None) -> Any:
-    """Start a pyinstrument profiler when asked and installed (``--profile``), else return ``None``."""
+@contextmanager
+def profiled(path: str | None) -> Iterator[None]:
+    """
+    Profile the block with pyinstrument when asked and installed (``--profile``); write its call tree to ``path``.
+
+    Time in C shows as the built-in call under the Python function that made it.
+    """
     if not path:
-        return None
+        yield
+        return
     try:
         from pyinstrument import Profiler
     except ImportError:
         print("--profile needs pyinstrument (pip install pyinstrument); not profiling", file=sys.stderr)
-        return None
+        yield
+        return
     profiler = Profiler(interval=0.0005, async_mode="disabled")
     profiler.start()
-    return profiler
+    try:
+        yield
+    finally:
+        profiler.stop()
+        with open(path, "w") as report:
+            report.write(profiler.output_text(unicode=False, color=False))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -291,12 +304,8 @@ def main(argv: list[str] | None = None) -> int:
     cpu_start, wall_start, started_at = time.process_time(), time.monotonic(), time.time()
     probe.sample()
     work, close = build(spec, jobs)
-    profiler = _profiler(spec.get("profile"))
-    outcome = asyncio.run(run_all(work, close, probe))
-    if profiler is not None:
-        profiler.stop()
-        with open(spec["profile"], "w") as report:
-            report.write(profiler.output_text(unicode=False, color=False))
+    with profiled(spec.get("profile")):
+        outcome = asyncio.run(run_all(work, close, probe))
     figures = {
         "variant": spec["variant"],
         "jobs": len(jobs),
